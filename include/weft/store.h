@@ -1,0 +1,222 @@
+// The rendezvous store: a small key-value service the ranks of a job use to
+// find each other (addresses, host identities), to agree on group membership
+// and to publish failures (abort records).
+//
+// Rendezvous is not transport: the store carries a few small records per rank
+// at start-up and on failure, never training data.
+//
+// Semantics shared by every implementation:
+//  * Keys are strings; values are byte strings (any bytes, including NUL).
+//  * Every call takes a timeout; kDefaultTimeout uses the store's default
+//    (StoreOptions::timeout). A call that cannot finish in time throws
+//    weft::TimeoutError naming the call and key; a store that cannot be
+//    reached or answers garbage throws weft::StoreError.
+//  * All methods are thread-safe: one Store object may be shared by threads.
+//  * get() and wait() block until the keys exist (or the deadline passes);
+//    try_get() never waits.
+//  * add() treats an absent key as 0 and the value as a decimal int64; it is
+//    atomic with respect to every other call on the same store.
+//  * compare_set() is atomic: see its comment.
+//
+// Implementations: MemoryStore (one process: tests with threads as ranks),
+// FileStore (a directory shared by the ranks, e.g. NFS or one machine),
+// TcpStore (client of a TcpStoreServer, the default under `weft run`) and
+// PrefixStore (namespacing on top of any other).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "weft/timeout.h"
+
+namespace weft {
+
+// Largest key and value the stores accept (and the TCP store reads from the
+// wire before allocating anything).
+inline constexpr size_t kMaxStoreKeyBytes = 4096;
+inline constexpr size_t kMaxStoreValueBytes = 64u << 20;
+
+// Result of Store::compare_set.
+struct CompareSetResult {
+  bool swapped = false;                // true if the value was replaced
+  std::optional<std::string> current;  // the value stored after the call (nullopt: absent)
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  // Stores value under key, replacing any previous value.
+  virtual void set(std::string_view key, std::string_view value,
+                   Timeout timeout = kDefaultTimeout) = 0;
+
+  // Returns the value of key, waiting until the key exists.
+  virtual std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) = 0;
+
+  // Returns the value of key, or nullopt if it does not exist; never waits
+  // for the key (the timeout bounds only the round trip).
+  virtual std::optional<std::string> try_get(std::string_view key,
+                                             Timeout timeout = kDefaultTimeout) = 0;
+
+  // Atomically adds delta to the integer under key (absent = 0) and returns
+  // the new value. StoreError if the current value is not an integer.
+  virtual int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) = 0;
+
+  // Atomically: if the key's current value equals `expected` (nullopt means
+  // "the key is absent"), stores `desired`. Returns whether it did and the
+  // value stored afterwards.
+  virtual CompareSetResult compare_set(std::string_view key,
+                                       const std::optional<std::string>& expected,
+                                       std::string_view desired,
+                                       Timeout timeout = kDefaultTimeout) = 0;
+
+  // Waits until every key in keys exists.
+  virtual void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) = 0;
+
+  // Deletes key; returns whether it existed.
+  virtual bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) = 0;
+
+  // The timeout used when a call passes kDefaultTimeout.
+  virtual Timeout default_timeout() const = 0;
+};
+
+// Default timeout of every store call (WEFT_STORE_TIMEOUT, in seconds).
+inline constexpr Timeout kDefaultStoreTimeout = std::chrono::seconds(300);
+
+// In-process store: a map guarded by a mutex. For tests that run ranks as
+// threads of one process.
+class MemoryStore : public Store {
+ public:
+  explicit MemoryStore(Timeout default_timeout = kDefaultStoreTimeout);
+  ~MemoryStore() override;
+  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
+  CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
+                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+  void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
+  bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  Timeout default_timeout() const override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// A store in a directory that every rank can read and write (a local
+// directory, or a shared file system). One file per key; writes are atomic
+// (write to a temporary file, then rename); add and compare_set serialize on
+// an flock()ed lock file. Waiting polls with a bounded back-off (at most
+// 10 ms between looks).
+class FileStore : public Store {
+ public:
+  // Creates the directory if needed.
+  explicit FileStore(std::string path, Timeout default_timeout = kDefaultStoreTimeout);
+  ~FileStore() override;
+  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
+  CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
+                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+  void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
+  bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  Timeout default_timeout() const override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Puts every key of an underlying store under "<prefix>/". Used to give each
+// communicator (and each generation of it) its own key space.
+class PrefixStore : public Store {
+ public:
+  PrefixStore(std::string prefix, std::shared_ptr<Store> base);
+  ~PrefixStore() override;
+  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
+  CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
+                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+  void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
+  bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  Timeout default_timeout() const override;
+
+  const std::string& prefix() const { return prefix_; }
+  const std::shared_ptr<Store>& base() const { return base_; }
+
+ private:
+  std::string key(std::string_view k) const;
+  std::string prefix_;
+  std::shared_ptr<Store> base_;
+};
+
+// Options of the TCP store, client and server side.
+struct TcpStoreOptions {
+  // Default deadline of every call (client) / of a client's handshake (server).
+  Timeout timeout = kDefaultStoreTimeout;
+  // Shared secret of the job. When non-empty, a connection must prove it
+  // knows the token (HMAC-SHA256 challenge-response, both ways) before any
+  // request is served. Empty: unauthenticated, which the server and client
+  // accept only when allow_unauthenticated is true (and log).
+  std::string job_token;
+  bool allow_unauthenticated = false;
+};
+
+// Client of a TcpStoreServer. One connection per client object, shared by
+// its threads (requests are serialized; a waiting get() does not block the
+// server for other clients). Connection errors that may be transient
+// (refused, reset, unreachable) are retried with back-off until the call's
+// deadline; a request that was sent but not answered is not retried (except
+// idempotent ones: get, try_get, wait, set).
+class TcpStore : public Store {
+ public:
+  // Does not connect yet: the first call (or connect()) does.
+  TcpStore(std::string host, uint16_t port, TcpStoreOptions options = {});
+  ~TcpStore() override;
+  // Connects now (with retries until the deadline); throws like any call.
+  void connect(Timeout timeout = kDefaultTimeout);
+  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
+  CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
+                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+  void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
+  bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  Timeout default_timeout() const override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The server of the TCP store: one epoll thread serving any number of
+// clients. Embedded in `weft run` and, under other launchers, in rank 0.
+class TcpStoreServer {
+ public:
+  // Binds host:port (port 0 = an ephemeral port; host "" or "0.0.0.0" = all
+  // IPv4 interfaces, "::" = all interfaces) and starts serving.
+  TcpStoreServer(const std::string& host, uint16_t port, TcpStoreOptions options = {});
+  ~TcpStoreServer();  // stops the server and closes every connection
+  TcpStoreServer(const TcpStoreServer&) = delete;
+  TcpStoreServer& operator=(const TcpStoreServer&) = delete;
+
+  uint16_t port() const;
+  // Number of keys currently stored (for tests and diagnostics).
+  size_t num_keys() const;
+  void stop();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace weft

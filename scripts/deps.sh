@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Weft needs that are missing (as root, with
+# apt-get). `deps.sh` installs what building, testing and the demo need;
+# `deps.sh bench` adds the peers the benchmarks compare against.
+set -euo pipefail
+packages=(
+  cmake ninja-build g++ make pkg-config
+  libssl-dev libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev
+  libgtest-dev libgmock-dev
+  libtorch-dev dataset-fashion-mnist
+  iproute2 procps
+)
+if [ "${1:-}" = bench ]; then
+  packages+=(libgloo-dev libopenmpi-dev openmpi-bin python3-torch libbenchmark-dev)
+fi
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "deps.sh: installing ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "deps.sh: these Debian packages are missing and installing them needs root: ${missing[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

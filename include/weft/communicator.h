@@ -132,12 +132,15 @@ class Communicator {
   // The error that broke the communicator, or null while it is healthy.
   std::exception_ptr error() const;
 
-  // Internal: the group behind this facade.
-  explicit Communicator(std::shared_ptr<comm::Group> group);
+  // Internal: the group behind this facade. The communicator that owns its
+  // world (made by create() or init(), not by split()) closes it when
+  // destroyed.
+  Communicator(std::shared_ptr<comm::Group> group, bool owns_world);
   const std::shared_ptr<comm::Group>& group() const { return group_; }
 
  private:
   std::shared_ptr<comm::Group> group_;
+  bool owns_world_ = false;
 };
 
 }  // namespace weft

@@ -42,10 +42,12 @@ std::string hex_prefix(std::span<const uint8_t> b, size_t n) {
 }
 
 // Both sides compute the proofs over the encoded hello and the nonces.
-Mac server_proof(const std::string& token, std::span<const uint8_t> hello, const Nonce& server_nonce) {
+Mac server_proof(const std::string& token, std::span<const uint8_t> hello,
+                 const Nonce& server_nonce) {
   return hmac(token, kServerLabel, hello, server_nonce);
 }
-Mac client_proof(const std::string& token, std::span<const uint8_t> hello, const Nonce& server_nonce) {
+Mac client_proof(const std::string& token, std::span<const uint8_t> hello,
+                 const Nonce& server_nonce) {
   return hmac(token, kClientLabel, hello, server_nonce);
 }
 
@@ -108,16 +110,18 @@ void client_handshake(int fd, Kind kind, const Context& context, const Credentia
                          "handshake");
     }
     if (st == net::IoStatus::Closed) {
-      throw ProtocolError(fmt::format("{} closed the connection during the handshake ({})", peer, step));
+      throw ProtocolError(
+          fmt::format("{} closed the connection during the handshake ({})", peer, step));
     }
-    throw ProtocolError(fmt::format("handshake with {} failed ({}): {}", peer, step, net::errno_string(err)));
+    throw ProtocolError(
+        fmt::format("handshake with {} failed ({}): {}", peer, step, net::errno_string(err)));
   };
   const bool use_token = !creds.token.empty();
   if (!use_token && !creds.allow_unauthenticated) {
-    throw ProtocolError(fmt::format(
-        "refusing to connect to {} without a job token: set WEFT_JOB_TOKEN, or allow "
-        "unauthenticated connections explicitly (WEFT_ALLOW_UNAUTHENTICATED=1)",
-        peer));
+    throw ProtocolError(
+        fmt::format("refusing to connect to {} without a job token: set WEFT_JOB_TOKEN, or allow "
+                    "unauthenticated connections explicitly (WEFT_ALLOW_UNAUTHENTICATED=1)",
+                    peer));
   }
   Hello h;
   h.kind = kind;
@@ -131,31 +135,28 @@ void client_handshake(int fd, Kind kind, const Context& context, const Credentia
   std::array<uint8_t, kChallengeBytes> ch{};
   io(net::read_exact(fd, ch.data(), ch.size(), deadline, &err), err, "reading challenge");
   if (bytes::get_u32(&ch[0]) != kChallengeMagic) {
-    throw ProtocolError(fmt::format("{} is not a Weft endpoint (unexpected reply {})", peer,
-                                    hex_prefix(ch, 8)));
+    throw ProtocolError(
+        fmt::format("{} is not a Weft endpoint (unexpected reply {})", peer, hex_prefix(ch, 8)));
   }
   uint16_t version = bytes::get_u16(&ch[4]);
   auto status = static_cast<Status>(bytes::get_u16(&ch[6]));
   if (status != Status::Ok) {
-    throw ProtocolError(fmt::format("{} refused the connection: {} (its handshake version {}, ours {})",
-                                    peer, status_text(status), version, kHandshakeVersion));
+    throw ProtocolError(
+        fmt::format("{} refused the connection: {} (its handshake version {}, ours {})", peer,
+                    status_text(status), version, kHandshakeVersion));
   }
   const bool server_token = (bytes::get_u32(&ch[8]) & kFlagToken) != 0;
   Nonce server_nonce{};
   std::memcpy(server_nonce.data(), &ch[16], kNonceBytes);
   Mac their_proof{};
   std::memcpy(their_proof.data(), &ch[48], kMacBytes);
+  // The client answers before judging the server's proof, so that a server
+  // facing a wrong token can say so in its log ("wrong job token").
   Mac my_proof{};
+  bool server_proved = true;
   if (use_token) {
-    if (!server_token) {
-      throw ProtocolError(fmt::format(
-          "{} did not authenticate itself with the job token: refusing to talk to it", peer));
-    }
-    if (!equal(their_proof, server_proof(creds.token, hello, server_nonce))) {
-      throw ProtocolError(fmt::format(
-          "{} failed to prove it knows the job token (wrong token, or not this job's endpoint)",
-          peer));
-    }
+    server_proved =
+        server_token && equal(their_proof, server_proof(creds.token, hello, server_nonce));
     my_proof = client_proof(creds.token, hello, server_nonce);
   } else if (server_token) {
     throw ProtocolError(fmt::format("{} requires a job token: set WEFT_JOB_TOKEN", peer));
@@ -174,6 +175,12 @@ void client_handshake(int fd, Kind kind, const Context& context, const Credentia
   if (vs != Status::Ok) {
     throw ProtocolError(fmt::format("{} refused the connection: {}", peer, status_text(vs)));
   }
+  if (!server_proved) {
+    throw ProtocolError(fmt::format(
+        "{} failed to prove it knows the job token (wrong token, or not this job's endpoint): "
+        "refusing to talk to it",
+        peer));
+  }
 }
 
 ServerHandshake::ServerHandshake(Credentials creds, Kind kind,
@@ -189,7 +196,8 @@ size_t ServerHandshake::want() const {
   return 0;
 }
 
-std::vector<uint8_t> ServerHandshake::fail(Status status, std::string why, bool reply_with_verdict) {
+std::vector<uint8_t> ServerHandshake::fail(Status status, std::string why,
+                                           bool reply_with_verdict) {
   state_ = State::Done;
   accepted_ = false;
   error_ = std::move(why);
@@ -222,8 +230,9 @@ std::vector<uint8_t> ServerHandshake::feed(std::span<const uint8_t> b) {
       return ch;
     };
     if (hello_.version != kHandshakeVersion) {
-      return refuse(Status::BadVersion, fmt::format("speaks handshake version {} (this build speaks {})",
-                                                    hello_.version, kHandshakeVersion));
+      return refuse(Status::BadVersion,
+                    fmt::format("speaks handshake version {} (this build speaks {})",
+                                hello_.version, kHandshakeVersion));
     }
     if (hello_.kind != kind_) {
       return refuse(Status::WrongKind,

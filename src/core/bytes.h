@@ -33,3 +33,19 @@ inline uint64_t get_u64(const uint8_t* p) {
 }
 
 }  // namespace weft::bytes
+
+namespace weft::bytes {
+
+// FNV-1a, 64 bits: a stable hash of bytes (identifiers that every process
+// must compute identically; not for security).
+inline uint64_t fnv1a64(const void* data, size_t n, uint64_t seed = 0xcbf29ce484222325ull) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  uint64_t h = seed;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+}  // namespace weft::bytes

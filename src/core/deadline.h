@@ -14,13 +14,17 @@ class Deadline {
   using Clock = std::chrono::steady_clock;
 
   Deadline() : when_(Clock::time_point::max()) {}
-  explicit Deadline(Clock::time_point when) : when_(when) {}
+  explicit Deadline(Clock::time_point when, Timeout budget = Timeout::zero())
+      : when_(when), budget_(budget) {}
   // Now + timeout. A negative timeout is treated as zero.
   static Deadline after(Timeout timeout) {
-    return Deadline(Clock::now() + std::max(timeout, Timeout::zero()));
+    timeout = std::max(timeout, Timeout::zero());
+    return Deadline(Clock::now() + timeout, timeout);
   }
 
   Clock::time_point when() const { return when_; }
+  // The timeout this deadline was made from (for messages: "timed out after 30 s").
+  Timeout budget() const { return budget_; }
   bool expired() const { return Clock::now() >= when_; }
   // Time left, never negative.
   std::chrono::nanoseconds remaining() const {
@@ -38,6 +42,7 @@ class Deadline {
 
  private:
   Clock::time_point when_;
+  Timeout budget_{0};
 };
 
 // kDefaultTimeout (or any negative value) -> the given default.

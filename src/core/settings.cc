@@ -29,6 +29,8 @@ constexpr std::array kSettings = {
     Setting{"WEFT_SOCKETS_PER_PEER", "1", "TCP connections per pair of ranks (1..16)"},
     Setting{"WEFT_SOCKET_BUFFER", "4M", "SO_SNDBUF/SO_RCVBUF of data connections (0: kernel)"},
     Setting{"WEFT_MAX_UNEXPECTED", "256M", "bytes of early messages held per peer"},
+    Setting{"WEFT_SPIN_US", "20", "bounded poll before a waiter sleeps, microseconds (0: none)"},
+    Setting{"WEFT_REDUCE_ISA", "auto", "reduction kernels ISA cap: auto, avx512, avx2 or generic"},
     Setting{"WEFT_LOG_LEVEL", "warn", "trace, debug, info, warn, error or off"},
 };
 

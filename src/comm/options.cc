@@ -1,0 +1,23 @@
+#include "weft/options.h"
+
+#include "core/settings.h"
+
+namespace weft {
+
+CommOptions CommOptions::from_env() {
+  CommOptions o;
+  o.timeout = settings::get_seconds("WEFT_TIMEOUT", o.timeout);
+  o.job_token = settings::get_string("WEFT_JOB_TOKEN", "");
+  o.allow_unauthenticated = settings::get_bool("WEFT_ALLOW_UNAUTHENTICATED", false);
+  o.ifname = settings::get_string("WEFT_IFNAME", "");
+  o.address = settings::get_string("WEFT_ADDRESS", "");
+  o.host_id = settings::get_string("WEFT_HOST_ID", "");
+  o.sockets_per_peer = static_cast<int>(settings::get_int("WEFT_SOCKETS_PER_PEER", 1, 1, 16));
+  o.socket_buffer_bytes =
+      settings::get_bytes("WEFT_SOCKET_BUFFER", o.socket_buffer_bytes, 0, 1ull << 30);
+  o.max_unexpected_bytes =
+      settings::get_bytes("WEFT_MAX_UNEXPECTED", o.max_unexpected_bytes, 1u << 20, 1ull << 40);
+  return o;
+}
+
+}  // namespace weft

@@ -1,0 +1,73 @@
+#include "comm/work.h"
+
+#include <fmt/format.h>
+
+#include "core/log.h"
+#include "weft/errors.h"
+
+namespace weft::comm {
+
+using transport::tcp::AbortKind;
+
+void abort_world(Group& group, const std::string& reason) {
+  World& w = group.world();
+  std::string msg = fmt::format("rank {}: {}", w.rank(), reason);
+  w.abort(std::make_exception_ptr(AbortedError(msg)), AbortKind::Aborted, w.rank(), reason, true);
+}
+
+void P2PWork::wait(Timeout timeout) {
+  Deadline d = timeout.count() < 0 ? deadline_ : deadline_.min(Deadline::after(timeout));
+  group_->wait(req_, d);
+}
+
+bool P2PWork::test() {
+  if (req_->done()) return true;
+  // Give communication a chance to move, without blocking.
+  group_->world().engine().wait([&] { return req_->done(); }, Deadline::after(Timeout(0)));
+  return req_->done();
+}
+
+void P2PWork::abort() { abort_world(*group_, "aborted by the application (Work::abort)"); }
+
+void CollectiveWork::finish(std::exception_ptr error) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    done_ = true;
+    error_ = std::move(error);
+  }
+  cv_.notify_all();
+}
+
+void CollectiveWork::wait(Timeout timeout) {
+  Deadline d = timeout.count() < 0 ? deadline_ : deadline_.min(Deadline::after(timeout));
+  std::unique_lock<std::mutex> lk(mu_);
+  if (!cv_.wait_until(lk, d.when(), [&] { return done_; })) {
+    lk.unlock();
+    World& w = group_->world();
+    std::string msg = fmt::format("rank {}: {} timed out after {}", w.rank(), description_,
+                                  format_timeout(d.budget()));
+    auto err = std::make_exception_ptr(TimeoutError(msg, -1, description_));
+    w.abort(err, AbortKind::Timeout, -1, msg, true);
+    // The collective fails fast now; its buffers are released when it returns.
+    lk.lock();
+    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return done_; })) {
+      WEFT_ERROR("{}: still running 60 s after its communicator was aborted", description_);
+    }
+    std::rethrow_exception(err);
+  }
+  if (error_) std::rethrow_exception(error_);
+}
+
+bool CollectiveWork::test() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return done_;
+}
+
+std::exception_ptr CollectiveWork::error() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return done_ ? error_ : nullptr;
+}
+
+void CollectiveWork::abort() { abort_world(*group_, "aborted by the application (Work::abort)"); }
+
+}  // namespace weft::comm

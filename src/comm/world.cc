@@ -1,0 +1,386 @@
+#include "comm/world.h"
+
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/bytes.h"
+#include "core/log.h"
+#include "core/settings.h"
+#include "core/socket.h"
+#include "weft/errors.h"
+#include "weft/types.h"
+
+namespace weft::comm {
+
+using transport::tcp::AbortKind;
+
+namespace {
+
+std::string read_first_line(const char* path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+std::string local_hostname() {
+  char buf[256] = {0};
+  if (gethostname(buf, sizeof buf - 1) != 0) return "unknown";
+  return buf;
+}
+
+Timeout remaining_ms(const Deadline& d) {
+  auto ms = std::chrono::duration_cast<Timeout>(d.remaining());
+  return std::max(ms, Timeout(1));
+}
+
+RankInfo parse_rank_info(int rank, const std::string& text) {
+  try {
+    auto j = nlohmann::json::parse(text);
+    RankInfo info;
+    info.address = j.at("address").get<std::string>();
+    info.host_id = j.at("host_id").get<std::string>();
+    info.hostname = j.at("hostname").get<std::string>();
+    info.pid = j.value("pid", 0);
+    if (info.address.empty() || info.address.size() > 256 || info.host_id.size() > 512 ||
+        info.hostname.size() > 256) {
+      throw std::runtime_error("field out of bounds");
+    }
+    return info;
+  } catch (const std::exception& e) {
+    throw StoreError(fmt::format("the rendezvous record of rank {} is invalid ({}): '{}'", rank,
+                                 e.what(), text.substr(0, 200)));
+  }
+}
+
+}  // namespace
+
+std::string default_host_id() {
+  std::string boot = read_first_line("/proc/sys/kernel/random/boot_id");
+  if (boot.empty()) boot = local_hostname();
+  struct stat st {};
+  std::string netns = "?";
+  if (::stat("/proc/self/ns/net", &st) == 0) netns = std::to_string(st.st_ino);
+  return boot + "/netns:" + netns;
+}
+
+World::World(int rank, int size, std::shared_ptr<Store> store, CommOptions options,
+             uint32_t generation)
+    : rank_(rank),
+      size_(size),
+      options_(std::move(options)),
+      generation_(generation),
+      store_(std::move(store)) {
+  std::string ident = fmt::format("{}\n{}", options_.name, generation_);
+  id_ = bytes::fnv1a64(ident.data(), ident.size());
+}
+
+std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> store,
+                                     CommOptions options, const std::string& store_host) {
+  if (size < 1) throw InvalidArgument(fmt::format("world size must be at least 1 (got {})", size));
+  if (rank < 0 || rank >= size) {
+    throw InvalidArgument(
+        fmt::format("rank {} is out of range for a world of size {}", rank, size));
+  }
+  if (!store) throw InvalidArgument("Communicator::create needs a store");
+  if (options.job_token.empty() && !options.allow_unauthenticated) {
+    throw InvalidArgument(
+        "no job token: set WEFT_JOB_TOKEN (weft run does), or allow unauthenticated connections "
+        "explicitly with WEFT_ALLOW_UNAUTHENTICATED=1");
+  }
+  if (options.job_token.empty()) {
+    WEFT_WARN(
+        "rank {}: running UNAUTHENTICATED (no job token): any process that reaches this "
+        "job's ports can join it or inject data",
+        rank);
+  }
+  if (options.name.empty() || options.name.find('/') != std::string::npos) {
+    throw InvalidArgument(fmt::format("invalid communicator name '{}'", options.name));
+  }
+  const Deadline deadline = Deadline::after(options.timeout);
+  uint32_t generation = options.generation;
+  if (generation == 0) {
+    // The k-th time these ranks create a communicator of this name, each of them gets generation k.
+    int64_t joins =
+        store->add(fmt::format("weft/{}/joins", options.name), 1, remaining_ms(deadline));
+    generation = static_cast<uint32_t>((joins - 1) / size + 1);
+  }
+  auto prefixed =
+      std::make_shared<PrefixStore>(fmt::format("weft/{}/g{}", options.name, generation), store);
+  std::shared_ptr<World> w(new World(rank, size, prefixed, std::move(options), generation));
+  w->bootstrap(store_host, deadline);
+  return w;
+}
+
+void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
+  std::string ip = options_.address;
+  if (ip.empty() && !options_.ifname.empty()) ip = net::interface_address(options_.ifname);
+  if (ip.empty()) {
+    ip = "127.0.0.1";
+    if (!store_host.empty()) {
+      auto addrs = net::resolve(store_host, 1);
+      if (!addrs.front().is_loopback())
+        ip = net::route_source_address(addrs.front());
+      else if (addrs.front().family() == AF_INET6)
+        ip = "::1";
+    }
+  }
+
+  transport::EngineOptions eo;
+  eo.spin = std::chrono::microseconds(settings::get_int("WEFT_SPIN_US", 20, 0, 10000));
+  engine_ = std::make_unique<transport::Engine>(eo);
+
+  transport::tcp::TcpOptions to;
+  to.rank = rank_;
+  to.size = size_;
+  to.world_id = id_;
+  to.generation = generation_;
+  to.credentials = {options_.job_token, options_.allow_unauthenticated};
+  to.sockets_per_peer = options_.sockets_per_peer;
+  to.socket_buffer_bytes = options_.socket_buffer_bytes;
+  to.max_unexpected_bytes = options_.max_unexpected_bytes;
+  to.listen_ip = ip;
+  to.handshake_timeout = std::min<Timeout>(options_.timeout, std::chrono::seconds(10));
+
+  transport::tcp::TcpEvents ev;
+  ev.on_peer_failure = [this](int peer, std::exception_ptr err) {
+    std::string what;
+    try {
+      std::rethrow_exception(err);
+    } catch (const std::exception& e) {
+      what = e.what();
+    }
+    abort(err, AbortKind::PeerFailure, peer, what, true);
+  };
+  ev.on_abort = [this](int from, AbortKind kind, int failed_rank, std::string reason) {
+    std::string host = failed_rank >= 0 && failed_rank < size_ ? hostname(failed_rank) : "?";
+    std::string text = fmt::format("rank {} reported: {}", from, reason);
+    std::exception_ptr err;
+    switch (kind) {
+      case AbortKind::Timeout:
+        err = std::make_exception_ptr(TimeoutError(text, failed_rank, ""));
+        break;
+      case AbortKind::Mismatch: err = std::make_exception_ptr(MismatchError(text)); break;
+      case AbortKind::Aborted:
+        err = std::make_exception_ptr(PeerError(text, from, hostname(from), ""));
+        break;
+      case AbortKind::PeerFailure:
+      default: err = std::make_exception_ptr(PeerError(text, failed_rank, host, "")); break;
+    }
+    abort(err, kind, failed_rank, text, false);
+  };
+  ev.on_mismatch = [this](std::exception_ptr err) {
+    std::string what;
+    try {
+      std::rethrow_exception(err);
+    } catch (const std::exception& e) {
+      what = e.what();
+    }
+    abort(err, AbortKind::Mismatch, -1, what, true);
+  };
+  ev.describe_op = [](const transport::OpDesc& d) {
+    static const char* kKinds[] = {"send/recv", "barrier",   "broadcast",  "allreduce",
+                                   "reduce",    "allgather", "allgatherv", "reduce_scatter",
+                                   "gather",    "scatter",   "alltoall",   "alltoallv"};
+    const char* kind = d.kind < std::size(kKinds) ? kKinds[d.kind] : "collective";
+    if (d.kind == 0) return std::string(kind);
+    return fmt::format("{} #{} ({} x {}, {}, root {})", kind, d.seq,
+                       dtype_name(static_cast<DType>(d.dtype)), d.count,
+                       reduce_op_name(static_cast<ReduceOp>(d.op)), d.root);
+  };
+  tcp_ = std::make_unique<transport::tcp::TcpTransport>(*engine_, to, ev);
+
+  RankInfo me;
+  me.address = tcp_->listen_address();
+  me.host_id = options_.host_id.empty() ? default_host_id() : options_.host_id;
+  me.hostname = local_hostname();
+  me.pid = static_cast<int>(getpid());
+  nlohmann::json j = {
+      {"address", me.address}, {"host_id", me.host_id}, {"hostname", me.hostname}, {"pid", me.pid}};
+  store_->set(fmt::format("rank/{}", rank_), j.dump(), remaining_ms(deadline));
+  WEFT_DEBUG("rank {}: listening on {} (host {})", rank_, me.address, me.host_id);
+
+  std::vector<std::string> keys;
+  for (int r = 0; r < size_; ++r) keys.push_back(fmt::format("rank/{}", r));
+  store_->wait(keys, remaining_ms(deadline));
+  ranks_.resize(static_cast<size_t>(size_));
+  for (int r = 0; r < size_; ++r) {
+    ranks_[static_cast<size_t>(r)] =
+        r == rank_
+            ? me
+            : parse_rank_info(r, store_->get(keys[static_cast<size_t>(r)], remaining_ms(deadline)));
+  }
+  local_rank_ = 0;
+  local_size_ = 0;
+  for (int r = 0; r < size_; ++r) {
+    if (ranks_[static_cast<size_t>(r)].host_id == me.host_id) {
+      if (r < rank_) ++local_rank_;
+      ++local_size_;
+    }
+  }
+  std::vector<std::string> addresses, hosts;
+  for (auto& ri : ranks_) {
+    addresses.push_back(ri.address);
+    hosts.push_back(ri.hostname);
+  }
+  tcp_->connect_all(addresses, hosts, deadline);
+}
+
+World::~World() { shutdown(); }
+
+void World::shutdown() {
+  std::call_once(shutdown_once_, [this] { shutdown_once(); });
+}
+
+void World::shutdown_once() {
+  {
+    std::lock_guard<std::mutex> lk(exec_mu_);
+    exec_stop_ = true;
+  }
+  exec_cv_.notify_all();
+  bool healthy = error() == nullptr;
+  if (tcp_) {
+    // Operations still in flight fail here; peers see a goodbye, not a failure.
+    {
+      std::lock_guard<std::mutex> lk(error_mu_);
+      if (!error_) {
+        error_ = std::make_exception_ptr(
+            AbortedError(fmt::format("rank {}: the communicator was destroyed", rank_)));
+      }
+    }
+    tcp_->fail_all(error());
+  }
+  if (executor_.joinable()) executor_.join();
+  if (tcp_ && healthy) tcp_->close(Deadline::after(std::chrono::seconds(2)));
+  if (engine_) engine_->stop();
+  tcp_.reset();
+  engine_.reset();
+  if (abort_writer_.joinable()) abort_writer_.join();
+  keep_alive_.clear();
+}
+
+void World::start(const transport::RequestPtr& req) {
+  if (req->is_send()) {
+    tcp_->isend(req);
+  } else {
+    tcp_->irecv(req);
+  }
+}
+
+void World::wait(const transport::RequestPtr& req, const Deadline& deadline) {
+  if (!req->done()) {
+    bool ok = engine_->wait([&] { return req->done(); }, deadline);
+    if (!ok && !req->done()) fail_timeout(req->describe(), req->peer(), deadline.budget());
+  }
+  if (!req->ok()) std::rethrow_exception(req->error());
+}
+
+std::exception_ptr World::error() const {
+  std::lock_guard<std::mutex> lk(error_mu_);
+  return error_;
+}
+
+void World::throw_if_failed() const {
+  auto e = error();
+  if (e) std::rethrow_exception(e);
+}
+
+void World::abort(std::exception_ptr error, AbortKind kind, int culprit, const std::string& reason,
+                  bool propagate) {
+  bool first = false;
+  {
+    std::lock_guard<std::mutex> lk(error_mu_);
+    if (!error_) {
+      error_ = error;
+      first = true;
+    }
+  }
+  if (first) {
+    WEFT_ERROR("rank {}: communicator '{}' (generation {}) aborted: {}", rank_, options_.name,
+               generation_, reason);
+    if (propagate && tcp_) {
+      tcp_->broadcast_abort(kind, culprit, fmt::format("rank {}: {}", rank_, reason));
+      std::string host = culprit >= 0 && culprit < size_ ? hostname(culprit) : "?";
+      write_abort_record(
+          fmt::format("rank {} (host {}): {} [reported by rank {}]", culprit, host, reason, rank_));
+    }
+  }
+  // Also when already aborted: returns only once no request can be written to any more.
+  if (tcp_) tcp_->fail_all(this->error());
+  if (engine_) engine_->wake();
+}
+
+void World::abort_with(std::exception_ptr error) {
+  std::string what;
+  AbortKind kind = AbortKind::Aborted;
+  int culprit = rank_;
+  try {
+    std::rethrow_exception(error);
+  } catch (const PeerError& e) {
+    what = e.what();
+    kind = AbortKind::PeerFailure;
+    culprit = e.rank();
+  } catch (const TimeoutError& e) {
+    what = e.what();
+    kind = AbortKind::Timeout;
+    culprit = e.rank();
+  } catch (const MismatchError& e) {
+    what = e.what();
+    kind = AbortKind::Mismatch;
+    culprit = -1;
+  } catch (const std::exception& e) {
+    what = e.what();
+  }
+  abort(error, kind, culprit, what, true);
+}
+
+void World::write_abort_record(const std::string& record) {
+  if (abort_writer_.joinable()) return;
+  auto store = store_;
+  abort_writer_ = std::thread([store, record] {
+    try {
+      store->compare_set("abort", std::nullopt, record, std::chrono::seconds(2));
+    } catch (const std::exception& e) {
+      WEFT_DEBUG("could not write the abort record to the store: {}", e.what());
+    }
+  });
+}
+
+void World::fail_timeout(const std::string& op, int peer, Timeout waited) {
+  std::string msg =
+      fmt::format("rank {}: {} timed out after {} waiting for rank {} (host {})", rank_, op,
+                  format_timeout(waited), peer, peer >= 0 && peer < size_ ? hostname(peer) : "?");
+  auto err = std::make_exception_ptr(TimeoutError(msg, peer, op));
+  abort(err, AbortKind::Timeout, peer, msg, true);
+  std::rethrow_exception(err);
+}
+
+void World::submit(std::function<void()> task) {
+  std::lock_guard<std::mutex> lk(exec_mu_);
+  if (!executor_.joinable()) {
+    executor_ = std::thread([this] { executor_loop(); });
+  }
+  exec_queue_.push_back(std::move(task));
+  exec_cv_.notify_one();
+}
+
+void World::executor_loop() {
+  pthread_setname_np(pthread_self(), "weft-collective");
+  std::unique_lock<std::mutex> lk(exec_mu_);
+  for (;;) {
+    exec_cv_.wait(lk, [&] { return exec_stop_ || !exec_queue_.empty(); });
+    if (exec_queue_.empty()) return;  // stopping and drained
+    auto task = std::move(exec_queue_.front());
+    exec_queue_.pop_front();
+    lk.unlock();
+    task();  // tasks report their own errors through their Work
+    lk.lock();
+  }
+}
+
+}  // namespace weft::comm

@@ -1,0 +1,130 @@
+// A World: the ranks of one top-level communicator in one generation, and
+// everything they share: the store, the progress engine, the transport
+// connections, the host map, the failure state, and the thread that runs
+// asynchronous collectives. Groups (communicators) are views on a World.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/deadline.h"
+#include "transport/engine.h"
+#include "transport/request.h"
+#include "transport/tcp/tcp_transport.h"
+#include "weft/options.h"
+#include "weft/store.h"
+
+namespace weft::comm {
+
+// What every rank publishes about itself at rendezvous.
+struct RankInfo {
+  std::string address;   // transport listen address, "ip:port"
+  std::string host_id;   // ranks with the same host id share memory
+  std::string hostname;  // for messages
+  int pid = 0;
+};
+
+// This process's host identity: WEFT_HOST_ID / options.host_id if set, else
+// the boot id plus the network namespace inode (emulated hosts differ).
+std::string default_host_id();
+
+class World : public std::enable_shared_from_this<World> {
+ public:
+  // Rendezvous through the store and connect the full mesh. `store_host`
+  // (optional) is the store's address, used to choose which local address
+  // to advertise.
+  static std::shared_ptr<World> create(int rank, int size, std::shared_ptr<Store> store,
+                                       CommOptions options, const std::string& store_host = "");
+  ~World();
+  World(const World&) = delete;
+  World& operator=(const World&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  uint32_t generation() const { return generation_; }
+  uint64_t id() const { return id_; }
+  const CommOptions& options() const { return options_; }
+  const std::vector<RankInfo>& ranks() const { return ranks_; }
+  const std::string& hostname(int rank) const { return ranks_[static_cast<size_t>(rank)].hostname; }
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
+  Store& store() { return *store_; }
+  const std::shared_ptr<Store>& world_store() const { return store_; }
+  transport::Engine& engine() { return *engine_; }
+  transport::tcp::TcpTransport& tcp() { return *tcp_; }
+
+  // Starts a point-to-point request (world ranks).
+  void start(const transport::RequestPtr& req);
+
+  // Waits for a request; on failure rethrows its error; on timeout fails it
+  // with TimeoutError naming `op` and the peer, and aborts the world.
+  void wait(const transport::RequestPtr& req, const Deadline& deadline);
+
+  // ---- failure ----
+  // The error that broke the world (null while healthy).
+  std::exception_ptr error() const;
+  void throw_if_failed() const;
+  // Breaks the world with `error`: fails every pending and later request.
+  // When `propagate`, peers are told (Abort frames) and an abort record is
+  // written to the store so that every rank learns which rank failed.
+  void abort(std::exception_ptr error, transport::tcp::AbortKind kind, int culprit,
+             const std::string& reason, bool propagate);
+  // Aborts (and propagates) because an operation failed with `error`; the
+  // kind of abort and the culprit are taken from the error's type.
+  void abort_with(std::exception_ptr error);
+  // A timeout while waiting for `peer`: builds the TimeoutError and aborts.
+  [[noreturn]] void fail_timeout(const std::string& op, int peer, Timeout waited);
+
+  // Fails what is still in flight (AbortedError), says goodbye to the peers,
+  // stops the threads and closes the connections. Idempotent; the
+  // destructor calls it.
+  void shutdown();
+  // Keeps `object` alive as long as the world (e.g. the store server rank 0 runs).
+  void keep_alive(std::shared_ptr<void> object) { keep_alive_.push_back(std::move(object)); }
+
+  // ---- asynchronous collectives ----
+  // Runs task on the collective thread, in submission order.
+  void submit(std::function<void()> task);
+
+ private:
+  World(int rank, int size, std::shared_ptr<Store> store, CommOptions options, uint32_t generation);
+  void bootstrap(const std::string& store_host, const Deadline& deadline);
+  void executor_loop();
+  void shutdown_once();
+  void write_abort_record(const std::string& record);
+
+  const int rank_;
+  const int size_;
+  const CommOptions options_;
+  const uint32_t generation_;
+  uint64_t id_ = 0;
+  std::shared_ptr<Store> store_;  // prefixed: weft/<name>/g<generation>
+  std::vector<RankInfo> ranks_;
+  int local_rank_ = 0;
+  int local_size_ = 1;
+
+  std::unique_ptr<transport::Engine> engine_;
+  std::unique_ptr<transport::tcp::TcpTransport> tcp_;
+
+  mutable std::mutex error_mu_;
+  std::exception_ptr error_;  // GUARDED_BY(error_mu_)
+  std::thread abort_writer_;  // writes the store record without blocking progress
+
+  std::mutex exec_mu_;
+  std::condition_variable exec_cv_;
+  std::deque<std::function<void()>> exec_queue_;  // GUARDED_BY(exec_mu_)
+  bool exec_stop_ = false;                        // GUARDED_BY(exec_mu_)
+  std::thread executor_;
+  std::once_flag shutdown_once_;
+  std::vector<std::shared_ptr<void>> keep_alive_;
+};
+
+}  // namespace weft::comm

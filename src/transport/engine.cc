@@ -1,0 +1,359 @@
+#include "transport/engine.h"
+
+#include <fmt/format.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "core/log.h"
+#include "weft/errors.h"
+
+namespace weft::transport {
+namespace {
+
+thread_local const Engine* tl_owner = nullptr;
+
+// Marks the current thread as the progress owner for a scope.
+class OwnerScope {
+ public:
+  explicit OwnerScope(const Engine* e) : prev_(tl_owner) { tl_owner = e; }
+  ~OwnerScope() { tl_owner = prev_; }
+
+ private:
+  const Engine* prev_;
+};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+}  // namespace
+
+Engine::Engine(EngineOptions options) : options_(std::move(options)) {
+  epoll_fd_.reset(::epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_fd_.valid()) throw Error(fmt::format("epoll_create1: {}", net::errno_string(errno)));
+  wake_fd_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!wake_fd_.valid()) throw Error(fmt::format("eventfd: {}", net::errno_string(errno)));
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = wake_fd_.get();
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev) != 0) {
+    throw Error(fmt::format("epoll_ctl: {}", net::errno_string(errno)));
+  }
+  background_ = std::thread([this] { background_loop(); });
+}
+
+Engine::~Engine() { stop(); }
+
+void Engine::stop() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  interrupt();
+  if (background_.joinable()) background_.join();
+}
+
+bool Engine::in_progress_thread() const { return tl_owner == this; }
+
+void Engine::run_tasks() {
+  if (!have_tasks_.load(std::memory_order_acquire)) return;
+  std::vector<std::function<void()>> tasks;
+  {
+    std::lock_guard<std::mutex> lk(tasks_mu_);
+    tasks.swap(tasks_);
+    have_tasks_.store(false, std::memory_order_release);
+  }
+  for (auto& t : tasks) t();
+}
+
+void Engine::post(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lk(tasks_mu_);
+    tasks_.push_back(std::move(fn));
+    have_tasks_.store(true, std::memory_order_release);
+  }
+  interrupt();
+  kick();
+}
+
+bool Engine::run_in_progress(std::function<void()> fn, const Deadline& deadline) {
+  if (in_progress_thread()) {
+    fn();
+    return true;
+  }
+  auto ran = std::make_shared<std::atomic<bool>>(false);
+  {
+    std::lock_guard<std::mutex> lk(tasks_mu_);
+    tasks_.push_back([fn = std::move(fn), ran] {
+      fn();
+      ran->store(true, std::memory_order_seq_cst);
+    });
+    have_tasks_.store(true, std::memory_order_release);
+  }
+  interrupt();
+  if (stopping_.load()) {
+    // Nobody else will run it: do it here (no handler can run any more).
+    run_tasks();
+    return ran->load();
+  }
+  return wait([&] { return ran->load(std::memory_order_seq_cst); }, deadline);
+}
+
+void Engine::add(int fd, uint32_t events, std::shared_ptr<Handler> handler) {
+  {
+    std::lock_guard<std::mutex> lk(handlers_mu_);
+    handlers_[fd] = std::move(handler);
+  }
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    int err = errno;
+    std::lock_guard<std::mutex> lk(handlers_mu_);
+    handlers_.erase(fd);
+    throw Error(fmt::format("epoll_ctl(ADD, fd {}): {}", fd, net::errno_string(err)));
+  }
+}
+
+void Engine::modify(int fd, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_MOD, fd, &ev) != 0 && errno != ENOENT) {
+    WEFT_WARN("epoll_ctl(MOD, fd {}): {}", fd, net::errno_string(errno));
+  }
+}
+
+void Engine::remove(int fd) {
+  ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  std::shared_ptr<Handler> released;
+  {
+    std::lock_guard<std::mutex> lk(handlers_mu_);
+    auto it = handlers_.find(fd);
+    if (it != handlers_.end()) {
+      released = std::move(it->second);
+      handlers_.erase(it);
+    }
+  }
+  // `released` dies here, outside the lock; a dispatch in flight holds its own reference.
+}
+
+void Engine::add_timer(Deadline when, std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lk(timers_mu_);
+    timers_.push(Timer{when, timer_seq_++, std::move(fn)});
+  }
+  interrupt();  // the owner may be blocked with a longer timeout
+}
+
+int Engine::next_timer_ms(int cap_ms) {
+  std::lock_guard<std::mutex> lk(timers_mu_);
+  if (timers_.empty()) return cap_ms;
+  int ms = timers_.top().when.poll_ms();
+  return cap_ms < 0 ? ms : std::min(ms, cap_ms);
+}
+
+void Engine::run_due_timers() {
+  for (;;) {
+    std::function<void()> fn;
+    {
+      std::lock_guard<std::mutex> lk(timers_mu_);
+      if (timers_.empty() || !timers_.top().when.expired()) return;
+      fn = timers_.top().fn;
+      timers_.pop();
+    }
+    fn();
+  }
+}
+
+void Engine::interrupt() {
+  uint64_t one = 1;
+  ssize_t n = ::write(wake_fd_.get(), &one, sizeof one);
+  (void)n;
+}
+
+int Engine::progress_once(int timeout_ms) {
+  constexpr int kMaxEvents = 64;
+  epoll_event events[kMaxEvents];
+  run_tasks();
+  if (have_tasks_.load(std::memory_order_acquire)) timeout_ms = 0;
+  int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, next_timer_ms(timeout_ms));
+  if (n < 0) {
+    if (errno != EINTR) WEFT_ERROR("epoll_wait: {}", net::errno_string(errno));
+    n = 0;
+  }
+  int handled = 0;
+  for (int i = 0; i < n; ++i) {
+    int fd = events[i].data.fd;
+    if (fd == wake_fd_.get()) {
+      uint64_t v;
+      while (::read(wake_fd_.get(), &v, sizeof v) > 0) {
+      }
+      continue;
+    }
+    std::shared_ptr<Handler> h;
+    {
+      std::lock_guard<std::mutex> lk(handlers_mu_);
+      auto it = handlers_.find(fd);
+      if (it != handlers_.end()) h = it->second;
+    }
+    if (h) {
+      h->on_event(events[i].events);
+      ++handled;
+    }
+  }
+  run_due_timers();
+  run_tasks();
+  return handled;
+}
+
+bool Engine::run_as_owner(const std::function<bool()>& done, const Deadline& deadline) {
+  OwnerScope owner(this);
+  for (;;) {
+    if (done()) return true;
+    if (deadline.expired()) return false;
+    if (progress_once(0) > 0) continue;
+    // Bounded poll: catches a reply that is microseconds away without a
+    // sleep/wake-up round trip, and never lasts longer than options_.spin.
+    bool progressed = false;
+    if (options_.spin.count() > 0) {
+      auto until = Deadline::Clock::now() + options_.spin;
+      while (Deadline::Clock::now() < until) {
+        for (int i = 0; i < 32; ++i) cpu_relax();
+        if (done() || progress_once(0) > 0) {
+          progressed = true;
+          break;
+        }
+      }
+    }
+    if (progressed) continue;
+    // Block in the kernel until an event, a wake-up, a timer or the deadline.
+    owner_blocked_.store(true, std::memory_order_seq_cst);
+    if (done()) {
+      owner_blocked_.store(false, std::memory_order_relaxed);
+      return true;
+    }
+    progress_once(std::min(deadline.poll_ms(), 1000));
+    owner_blocked_.store(false, std::memory_order_relaxed);
+  }
+}
+
+bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
+  if (done()) return true;
+  std::unique_lock<std::mutex> lk(mu_);
+  fg_wanting_.fetch_add(1);
+  bool result = false;
+  for (;;) {
+    if (!token_held_) {
+      token_held_ = true;
+      lk.unlock();
+      try {
+        result = run_as_owner(done, deadline);
+      } catch (...) {
+        lk.lock();
+        token_held_ = false;
+        fg_wanting_.fetch_sub(1);
+        last_fg_release_ = Deadline::Clock::now();
+        cv_.notify_all();
+        throw;
+      }
+      lk.lock();
+      token_held_ = false;
+      cv_.notify_all();  // the next waiter (or the background thread) takes over
+      break;
+    }
+    if (bg_owns_) interrupt();  // ask the background thread to hand the token over
+    sleepers_.fetch_add(1);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (done()) {
+      sleepers_.fetch_sub(1);
+      result = true;
+      break;
+    }
+    bool timed_out = cv_.wait_until(lk, deadline.when()) == std::cv_status::timeout;
+    sleepers_.fetch_sub(1);
+    if (done()) {
+      result = true;
+      break;
+    }
+    if (timed_out && deadline.expired()) {
+      result = false;
+      break;
+    }
+  }
+  fg_wanting_.fetch_sub(1);
+  last_fg_release_ = Deadline::Clock::now();
+  cv_.notify_all();
+  return result;
+}
+
+void Engine::wake() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (owner_blocked_.load(std::memory_order_seq_cst)) interrupt();
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    std::lock_guard<std::mutex> lk(mu_);
+    cv_.notify_all();
+  }
+}
+
+void Engine::notify_completion() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    std::lock_guard<std::mutex> lk(mu_);
+    cv_.notify_all();
+  }
+}
+
+void Engine::kick() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (token_held_) {
+      // The owner (background or foreground) will see the newly armed events.
+      return;
+    }
+    kicked_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Engine::background_loop() {
+  pthread_setname_np(pthread_self(), options_.thread_name.substr(0, 15).c_str());
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!stopping_) {
+    if (token_held_ || fg_wanting_.load() > 0) {
+      cv_.wait(lk);
+      continue;
+    }
+    auto resume = last_fg_release_ + options_.idle_grace;
+    if (!kicked_ && Deadline::Clock::now() < resume) {
+      cv_.wait_until(lk, resume);
+      continue;
+    }
+    kicked_ = false;
+    token_held_ = true;
+    bg_owns_ = true;
+    lk.unlock();
+    OwnerScope owner(this);
+    while (fg_wanting_.load(std::memory_order_seq_cst) == 0 && !stopping_.load()) {
+      owner_blocked_.store(true, std::memory_order_seq_cst);
+      if (fg_wanting_.load(std::memory_order_seq_cst) > 0) {
+        owner_blocked_.store(false);
+        break;
+      }
+      progress_once(-1);
+      owner_blocked_.store(false, std::memory_order_relaxed);
+    }
+    lk.lock();
+    bg_owns_ = false;
+    token_held_ = false;
+    cv_.notify_all();
+  }
+}
+
+}  // namespace weft::transport

@@ -1,0 +1,159 @@
+// The progress engine: one epoll set per communicator world, and the rule
+// for which thread drives it.
+//
+// Communication threads never spin: whoever makes progress blocks in
+// epoll_wait. At any moment at most one thread holds the "progress token"
+// and may call epoll_wait and run the handlers:
+//  * a thread waiting for a request (Engine::wait) takes the token and
+//    drives progress itself, so a blocking collective does its socket I/O on
+//    the caller's thread with no hand-off between threads (latency);
+//  * when no thread waits, a background thread holds it, so that transfers
+//    started asynchronously keep moving while the application computes. The
+//    background thread takes the token back only after a short grace period
+//    (EngineOptions::idle_grace), so back-to-back blocking calls do not pay
+//    for waking it up and interrupting it each time;
+//  * other waiters sleep on a condition variable and are woken when any
+//    request completes.
+// Before blocking in epoll_wait a waiter polls for a short, bounded time
+// (EngineOptions::spin, default a few tens of microseconds), which saves a
+// wake-up on small messages; it never spins longer than that.
+#pragma once
+
+#include <sys/epoll.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <queue>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "core/deadline.h"
+#include "core/socket.h"
+
+namespace weft::transport {
+
+// Something registered in the epoll set. on_event runs on the thread that
+// holds the progress token, never on two threads at once.
+class Handler {
+ public:
+  virtual ~Handler() = default;
+  virtual void on_event(uint32_t events) = 0;
+};
+
+struct EngineOptions {
+  // Bounded poll before sleeping in epoll_wait (WEFT_SPIN_US).
+  std::chrono::microseconds spin{20};
+  // How long the background thread leaves the token to foreground waiters
+  // after the last one finished.
+  std::chrono::microseconds idle_grace{2000};
+  // Name of the background thread (pthread name, 15 chars max).
+  std::string thread_name = "weft-progress";
+};
+
+class Engine {
+ public:
+  explicit Engine(EngineOptions options = {});
+  // Stops the background thread. Handlers must have been removed.
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Registers fd with the given epoll events (EPOLLIN, EPOLLOUT...); the
+  // engine keeps the handler alive while registered. Thread-safe.
+  void add(int fd, uint32_t events, std::shared_ptr<Handler> handler);
+  void modify(int fd, uint32_t events);
+  // Unregisters fd (the handler is released once no thread dispatches to it).
+  void remove(int fd);
+
+  // Runs fn on the progress thread at (or soon after) `when`. Thread-safe.
+  void add_timer(Deadline when, std::function<void()> fn);
+
+  // Waits until done() is true or the deadline passes, making progress
+  // meanwhile. Returns done()'s final value. done() is called often and
+  // must be cheap; it is called without any engine lock held.
+  bool wait(const std::function<bool()>& done, const Deadline& deadline);
+
+  // Wakes every waiter so that it re-checks its condition (call after a
+  // request was completed or failed outside of a handler, e.g. an inline
+  // send or an abort). Cheap when nobody sleeps.
+  void wake();
+  // Same, from inside a handler: only sleeping waiters need waking.
+  void notify_completion();
+
+  // Hands the background thread the token as soon as possible, because
+  // queued work needs progress while nobody waits (e.g. a partially written
+  // asynchronous send).
+  void kick();
+
+  // Runs fn on the progress thread, between handler calls, and returns once
+  // it ran (or the deadline passed: then returns false and fn may still run
+  // later). Runs fn at once when the caller already is the progress owner.
+  // Used for everything that must not race with handlers, e.g. failing the
+  // receive a handler is filling.
+  bool run_in_progress(std::function<void()> fn, const Deadline& deadline);
+  // Queues fn to run on the progress thread soon; does not wait.
+  void post(std::function<void()> fn);
+  // True on the thread that holds the progress token.
+  bool in_progress_thread() const;
+
+  // Stops the background thread; afterwards nothing makes progress. Call
+  // before destroying the objects whose handlers are registered.
+  void stop();
+
+ private:
+  // One epoll_wait (timeout in ms, 0 = poll) plus due timers; returns the
+  // number of events handled.
+  int progress_once(int timeout_ms);
+  bool run_as_owner(const std::function<bool()>& done, const Deadline& deadline);
+  void background_loop();
+  void interrupt();
+  int next_timer_ms(int cap_ms);
+  void run_due_timers();
+  void run_tasks();
+
+  struct Timer {
+    Deadline when;
+    uint64_t seq;
+    std::function<void()> fn;
+    bool operator>(const Timer& o) const {
+      return when.when() != o.when.when() ? when.when() > o.when.when() : seq > o.seq;
+    }
+  };
+
+  EngineOptions options_;
+  net::Fd epoll_fd_;
+  net::Fd wake_fd_;  // eventfd: interrupts epoll_wait
+
+  std::mutex handlers_mu_;
+  std::unordered_map<int, std::shared_ptr<Handler>> handlers_;
+
+  std::mutex tasks_mu_;
+  std::vector<std::function<void()>> tasks_;
+  std::atomic<bool> have_tasks_{false};
+
+  std::mutex timers_mu_;
+  std::priority_queue<Timer, std::vector<Timer>, std::greater<>> timers_;
+  uint64_t timer_seq_ = 0;
+
+  // Token state, guarded by mu_.
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool token_held_ = false;
+  bool bg_owns_ = false;
+  std::atomic<bool> stopping_{false};
+  bool kicked_ = false;
+  std::atomic<int> fg_wanting_{0};  // threads in wait(); written under mu_
+  Deadline::Clock::time_point last_fg_release_{};
+  std::atomic<int> sleepers_{0};            // waiters asleep on cv_
+  std::atomic<bool> owner_blocked_{false};  // the token holder may be blocked in epoll_wait
+
+  std::thread background_;
+};
+
+}  // namespace weft::transport

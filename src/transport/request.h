@@ -1,0 +1,80 @@
+// A point-to-point request (one send or one receive) and the descriptor of
+// the operation it belongs to.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <string>
+
+namespace weft::transport {
+
+class Engine;
+
+// What a message belongs to, carried in every data frame so that a receiver
+// can tell that two ranks disagree about the operation (MismatchError) and
+// name both calls. kind 0 means plain point-to-point.
+struct OpDesc {
+  uint8_t kind = 0;   // collective kind (collectives layer numbering); 0: p2p
+  uint8_t dtype = 0;  // weft::DType
+  uint8_t op = 0;     // weft::ReduceOp
+  uint8_t flags = 0;
+  uint32_t root = 0;
+  uint64_t count = 0;  // element count of the call
+  uint64_t seq = 0;    // position in the communicator's sequence of collectives
+
+  bool operator==(const OpDesc&) const = default;
+};
+
+// One send or receive. Created by the issuing thread, completed by whichever
+// thread makes progress (see Engine). Thread-safe state transitions.
+class Request {
+ public:
+  enum class State : uint8_t { Pending = 0, Done = 1, Failed = 2 };
+
+  Request(bool is_send, int peer, uint64_t comm_id, uint64_t tag, size_t bytes)
+      : is_send_(is_send), peer_(peer), comm_id_(comm_id), tag_(tag), bytes_(bytes) {}
+
+  bool is_send() const { return is_send_; }
+  int peer() const { return peer_; }  // world rank of the peer
+  uint64_t comm_id() const { return comm_id_; }
+  uint64_t tag() const { return tag_; }
+  size_t bytes() const { return bytes_; }
+
+  State state() const { return state_.load(std::memory_order_acquire); }
+  bool done() const { return state() != State::Pending; }
+  bool ok() const { return state() == State::Done; }
+  std::exception_ptr error() const { return done() ? error_ : nullptr; }
+
+  // Transitions Pending -> Done / Failed; later calls are ignored. Return
+  // whether this call made the transition. The engine wakes waiters.
+  bool complete();
+  bool fail(std::exception_ptr error);
+
+  // Description used in error messages: "send to rank 3 (tag 7, 4096 bytes)".
+  std::string describe() const;
+
+  // Receive side: where the payload goes, and the descriptor expected.
+  void* recv_data = nullptr;
+  // Send side: the payload.
+  const void* send_data = nullptr;
+  OpDesc desc;
+  // Name of the operation the request belongs to, for messages ("allreduce #3").
+  std::string op_name;
+
+ private:
+  const bool is_send_;
+  const int peer_;
+  const uint64_t comm_id_;
+  const uint64_t tag_;
+  const size_t bytes_;
+  std::atomic<State> state_{State::Pending};
+  std::atomic<bool> claimed_{false};
+  std::exception_ptr error_;
+};
+
+using RequestPtr = std::shared_ptr<Request>;
+
+}  // namespace weft::transport

@@ -1,0 +1,152 @@
+// The TCP transport: a full mesh of authenticated, non-blocking TCP
+// connections between the ranks of one world, driven by an Engine.
+//
+// Messages are framed (frame.h) and matched on the receiving side by
+// (communicator id, tag) in the order they were sent (per pair of ranks and
+// tag). A receive that is posted before its message arrives gets the payload
+// straight from the socket into its buffer; a message that arrives first is
+// held in memory up to EngineOptions::max_unexpected_bytes per peer, and
+// beyond that the connection stops reading until a receive is posted
+// (back-pressure on the sender, never unbounded memory).
+//
+// Sends are written inline on the caller's thread when the connection is
+// idle; what does not fit in the socket buffer is queued and written by the
+// progress owner when the socket becomes writable.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/auth.h"
+#include "core/socket.h"
+#include "transport/engine.h"
+#include "transport/request.h"
+#include "transport/tcp/frame.h"
+
+namespace weft::transport::tcp {
+
+struct TcpOptions {
+  int rank = 0;
+  int size = 1;
+  uint64_t world_id = 0;  // identifies the world (name + generation) in handshakes
+  uint32_t generation = 0;
+  auth::Credentials credentials;
+  int sockets_per_peer = 1;
+  size_t socket_buffer_bytes = 4u << 20;
+  size_t max_unexpected_bytes = 256u << 20;
+  // IP address to listen on ("127.0.0.1", "10.0.0.2", "::1"...).
+  std::string listen_ip = "127.0.0.1";
+  // How long an accepted connection may take to complete its handshake.
+  Timeout handshake_timeout = std::chrono::seconds(10);
+};
+
+// Upcalls into the communicator layer. They run on the progress thread and
+// must not block for long.
+struct TcpEvents {
+  // A peer failed (connection reset or closed without goodbye, protocol
+  // violation by an authenticated peer). `error` is a PeerError.
+  std::function<void(int peer, std::exception_ptr error)> on_peer_failure;
+  // A peer reported that the world is aborting (Abort frame).
+  std::function<void(int from, AbortKind kind, int failed_rank, std::string reason)> on_abort;
+  // Two ranks disagree about an operation (MismatchError).
+  std::function<void(std::exception_ptr error)> on_mismatch;
+  // Formats an operation descriptor for mismatch messages.
+  std::function<std::string(const OpDesc&)> describe_op;
+};
+
+class TcpTransport {
+ public:
+  // Starts listening on options.listen_ip (ephemeral port).
+  TcpTransport(Engine& engine, TcpOptions options, TcpEvents events);
+  // Closes every connection (without goodbye: call close() first for a
+  // graceful exit) and unregisters from the engine.
+  ~TcpTransport();
+  TcpTransport(const TcpTransport&) = delete;
+  TcpTransport& operator=(const TcpTransport&) = delete;
+
+  // "ip:port" other ranks connect to.
+  std::string listen_address() const;
+
+  // Builds the full mesh: connects to every lower rank (addresses[r] is rank
+  // r's listen_address(); hosts[r] its hostname for messages) and waits for
+  // every higher rank to connect. Throws TimeoutError / ProtocolError /
+  // PeerError when the mesh is not complete by the deadline.
+  void connect_all(const std::vector<std::string>& addresses, const std::vector<std::string>& hosts,
+                   const Deadline& deadline);
+
+  // Starts a send / posts a receive. Never blocks for long (an inline
+  // non-blocking write at most). A request on a failed or departed peer, or
+  // after fail_all(), fails at once.
+  void isend(const RequestPtr& req);
+  void irecv(const RequestPtr& req);
+
+  // Fails every pending request with `error` (the first error given wins)
+  // and every later one too. Returns once no handler can touch the buffers
+  // of the failed requests any more.
+  void fail_all(std::exception_ptr error);
+  // Sends an Abort frame to every connected peer (best effort).
+  void broadcast_abort(AbortKind kind, int failed_rank, const std::string& reason);
+  // Graceful goodbye to every peer (Bye frames, flushed within the deadline).
+  void close(const Deadline& deadline);
+
+  std::string host_of(int rank) const;
+  int rank() const { return options_.rank; }
+  int size() const { return options_.size; }
+  const TcpOptions& options() const { return options_; }
+
+ private:
+  class Connection;
+  class Listener;
+  class Acceptor;
+  struct Peer;
+  struct Unexpected;
+  friend class Connection;
+  friend class Listener;
+  friend class Acceptor;
+
+  Connection* connection_for(Peer& peer, uint64_t tag);
+  void attach(int peer_rank, int index, net::Fd fd);
+  void on_accepted(net::Fd fd, std::string remote);
+  void on_handshake_done(Acceptor* acceptor, bool ok);
+  std::string check_hello(const auth::Hello& hello);
+  // Fails the peer's requests and closes its connections; reports upward.
+  void peer_failed(Peer& peer, const std::string& reason, bool report);
+  void peer_said_bye(Peer& peer);
+  void fail_all_in_progress();
+  std::exception_ptr peer_error(const Peer& peer, const std::string& reason) const;
+  // Called with peer.mu held: completes posted receives whose unexpected
+  // message is now complete. Returns mismatch errors to report once the
+  // lock is released.
+  std::vector<std::exception_ptr> deliver_unexpected_locked(Peer& peer);
+  std::exception_ptr mismatch(const Peer& peer, const Request& req, const FrameHeader& h) const;
+
+  Engine& engine_;
+  TcpOptions options_;
+  TcpEvents events_;
+  net::Fd listen_fd_;
+  std::string listen_address_;
+  std::shared_ptr<Listener> listener_;
+
+  std::vector<std::unique_ptr<Peer>> peers_;  // indexed by rank; peers_[rank()] unused
+  mutable std::mutex hosts_mu_;
+  std::vector<std::string> hosts_;  // GUARDED_BY(hosts_mu_)
+
+  std::mutex mesh_mu_;  // guards acceptors_ and connection attachment
+  std::vector<std::shared_ptr<Acceptor>> acceptors_;
+  std::atomic<int> connections_ready_{0};
+
+  std::mutex fail_mu_;
+  std::exception_ptr failed_;  // set by fail_all
+  std::atomic<bool> failed_flag_{false};
+  bool fail_done_ = false;  // progress thread only
+};
+
+}  // namespace weft::transport::tcp

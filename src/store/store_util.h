@@ -1,0 +1,73 @@
+// Helpers shared by the store implementations: argument checks, deadlines,
+// names of calls for messages, and the integer arithmetic of add().
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/deadline.h"
+#include "weft/store.h"
+
+namespace weft::store {
+
+// Limits of wait(): number of keys and bytes of the encoded key list.
+inline constexpr size_t kMaxWaitKeys = 65536;
+inline constexpr size_t kMaxWaitListBytes = 16u << 20;
+
+// A mutex that can be waited for until a deadline. (std::timed_mutex would
+// do, but ThreadSanitizer does not see its pthread_mutex_clocklock and then
+// reports false races.)
+class TimedMutex {
+ public:
+  bool try_lock_until(Deadline::Clock::time_point when) {
+    std::unique_lock lock(mu_);
+    if (!free_.wait_until(lock, when, [&] { return !held_; })) return false;
+    held_ = true;
+    return true;
+  }
+  void unlock() {
+    {
+      std::lock_guard lock(mu_);
+      held_ = false;
+    }
+    free_.notify_one();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable free_;
+  bool held_ = false;
+};
+
+// The deadline of a call: timeout (kDefaultTimeout -> def) from now, capped
+// far in the future so that huge timeouts do not overflow the clock.
+Deadline deadline_for(Timeout timeout, Timeout def);
+
+// A key for messages: quoted, non-printable bytes escaped, long keys cut.
+std::string quote(std::string_view key);
+// "store get('key')" and "store wait('a', 'b')".
+std::string call_name(std::string_view op, std::string_view key);
+std::string call_name(std::string_view op, const std::vector<std::string>& keys);
+
+// InvalidArgument when a key or value is above kMaxStoreKeyBytes /
+// kMaxStoreValueBytes, or a wait() list above kMaxWaitKeys / kMaxWaitListBytes.
+// `op` is the call ("set"); the message names it with the key.
+void check_key(std::string_view op, std::string_view key);
+void check_value(std::string_view op, std::string_view key, size_t bytes);
+void check_wait_keys(const std::vector<std::string>& keys);
+
+// Throws TimeoutError "<call> timed out after <timeout><detail>" (rank -1).
+[[noreturn]] void throw_timeout(const std::string& call, Timeout timeout,
+                                std::string_view detail = {});
+
+// The value of add(): the current value (absent = 0) parsed as a decimal
+// int64, plus delta. StoreError when the value is not an integer or the sum
+// overflows.
+int64_t add_to_value(std::string_view key, const std::string* current, int64_t delta);
+
+}  // namespace weft::store

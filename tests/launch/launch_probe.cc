@@ -5,7 +5,9 @@
 //   partial           a last line without newline on stdout and on stderr
 //   longline BYTES    BYTES 'x' on stdout without a newline
 //   exit R CODE       rank R exits with CODE; the others wait forever
-//   kill R            rank R kills itself with SIGKILL; the others wait forever
+//   kill R            rank R kills itself with SIGKILL once the others are
+//                     ready; they read the abort record from the store,
+//                     print it and exit 0
 //   sleep             prints "ready pid=P" and waits forever
 //   trapterm          same, ignoring SIGTERM and SIGINT
 #include <signal.h>
@@ -17,6 +19,9 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "core/socket.h"
+#include "weft/store.h"
 
 namespace {
 
@@ -106,11 +111,35 @@ int main(int argc, char** argv) {
     wait_forever();
   }
   if (mode == "kill" && argc == 3) {
-    if (r == std::atoi(argv[2])) {
-      put(1, "killing myself\n");
-      ::raise(SIGKILL);
+    const int victim = std::atoi(argv[2]);
+    try {
+      auto [host, port] = weft::net::split_host_port(env("WEFT_STORE"), "WEFT_STORE");
+      weft::TcpStoreOptions options;
+      options.job_token = env("WEFT_JOB_TOKEN");
+      weft::TcpStore store(host, port, options);
+      if (r == victim) {
+        // Once every other rank is ready to read the record.
+        std::vector<std::string> keys;
+        for (int i = 0; i < std::atoi(env("WEFT_WORLD_SIZE").c_str()); ++i) {
+          if (i != victim) keys.push_back("ready/" + std::to_string(i));
+        }
+        store.wait(keys, std::chrono::seconds(120));
+        put(1, "killing myself\n");
+        ::raise(SIGKILL);
+      }
+      // The launcher sends SIGTERM right after the record: hold it until the
+      // record is printed.
+      sigset_t set;
+      sigemptyset(&set);
+      sigaddset(&set, SIGTERM);
+      sigprocmask(SIG_BLOCK, &set, nullptr);
+      store.set("ready/" + rs, "1");
+      put(1, "abort: " + store.get("weft/abort", std::chrono::seconds(120)) + "\n");
+    } catch (const std::exception& e) {
+      put(2, std::string("store error: ") + e.what() + "\n");
+      return 1;
     }
-    wait_forever();
+    return 0;
   }
   if (mode == "sleep") wait_forever();
   if (mode == "trapterm") {

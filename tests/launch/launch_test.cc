@@ -124,7 +124,7 @@ TEST(Launch, EachRankGetsItsEnvironment) {
   ASSERT_EQ(w.wait(), 0) << w.all();
   static const std::regex re(
       R"(^\[(\d+)\] rank=(\d+) size=4 local_rank=(\d+) local_size=4 nnodes=1 node_rank=0 )"
-      R"(store=(\S*) token_len=64 token_head=(\w{8}) timeout=12 log_level=info )"
+      R"(store=(127\.0\.0\.1:\d+) token_len=64 token_head=(\w{8}) timeout=12 log_level=info )"
       R"(extra=a=b$)");
   std::set<int> ranks;
   std::set<std::string> stores, tokens;
@@ -233,15 +233,24 @@ TEST(Launch, FailedExitCodeStopsTheOthers) {
   EXPECT_TRUE(all_gone(ready_pids(w.out())));
 }
 
-TEST(Launch, KilledWorkerIsNamed) {
-  Weft w({"run", "-n", "4", probe_bin(), "kill", "2"});
+TEST(Launch, KilledWorkerIsNamedAndAbortRecordPublished) {
+  // The surviving ranks hold SIGTERM until they printed the record; a long
+  // grace lets them finish on a loaded machine.
+  Weft w({"run", "-n", "4", "--grace", "60", probe_bin(), "kill", "2"});
   EXPECT_EQ(w.wait(), 128 + SIGKILL) << w.all();
   std::string err = w.err();
   EXPECT_NE(err.find("rank 2 (pid "), std::string::npos) << err;
   EXPECT_NE(err.find("was killed by signal 9 (SIGKILL); stopping the other 3 workers"),
             std::string::npos)
       << err;
-  EXPECT_TRUE(all_gone(ready_pids(w.out())));
+  static const std::regex re(
+      R"(^\[(\d)\] abort: rank 2 \(host [^,]+, pid \d+\) was killed by signal 9 \(SIGKILL\)$)");
+  std::set<int> seen;
+  for (const auto& line : lines_of(w.out())) {
+    std::smatch m;
+    if (std::regex_match(line, m, re)) seen.insert(std::stoi(m[1]));
+  }
+  EXPECT_EQ(seen, (std::set<int>{0, 1, 3})) << w.all();
 }
 
 TEST(Launch, SigtermStopsTheWorkers) {

@@ -1,0 +1,487 @@
+// The DataParallel engine (see weft/train.h): gradient buckets launched in
+// order as they fill, the model check at start, and flat collectives over
+// the whole model for broadcast and averaging.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <set>
+
+#include "core/log.h"
+#include "weft/errors.h"
+#include "weft/train.h"
+
+namespace weft::train {
+namespace {
+
+constexpr size_t kAlign = 64;
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+std::shared_ptr<void> allocate_zeroed(size_t bytes) {
+  bytes = std::max(bytes, kAlign);
+  void* p = ::operator new (bytes, std::align_val_t{kAlign});
+  std::memset(p, 0, bytes);
+  return {p, [](void* q) { ::operator delete (q, std::align_val_t{kAlign}); }};
+}
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::vector<std::string> split_lines(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start < s.size()) {
+    size_t end = s.find('\n', start);
+    if (end == std::string::npos) end = s.size();
+    out.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
+// Broadcasts a string from root (length first).
+std::string broadcast_string(Communicator& comm, std::string s, int root) {
+  int64_t len = static_cast<int64_t>(s.size());
+  comm.broadcast(Buffer(&len, 1, DType::Int64), root);
+  s.resize(static_cast<size_t>(len));
+  if (len > 0) comm.broadcast(Buffer(s.data(), s.size(), DType::UInt8), root);
+  return s;
+}
+
+// Waits for every work still held when destroyed, swallowing errors: buffers
+// of collectives in flight must not be released (or reused) before they
+// complete, also when an earlier wait threw.
+class DrainGuard {
+ public:
+  explicit DrainGuard(std::vector<WorkPtr>& works) : works_(works) {}
+  ~DrainGuard() {
+    for (WorkPtr& w : works_) {
+      if (!w) continue;
+      try {
+        w->wait();
+      } catch (const std::exception& e) {
+        WEFT_DEBUG("DataParallel: {} failed while unwinding: {}", w->describe(), e.what());
+      }
+      w.reset();
+    }
+  }
+  DrainGuard(const DrainGuard&) = delete;
+  DrainGuard& operator=(const DrainGuard&) = delete;
+
+ private:
+  std::vector<WorkPtr>& works_;
+};
+
+}  // namespace
+
+// A set of tensors packed into flat, per-dtype groups.
+struct DataParallel::Flat {
+  struct Entry {
+    void* data = nullptr;
+    size_t offset = 0;  // bytes into storage
+    size_t bytes = 0;
+  };
+  struct Group {
+    DType dtype = DType::Float32;
+    size_t offset = 0;  // bytes into storage
+    size_t numel = 0;
+    std::vector<Entry> entries;
+  };
+  std::vector<Group> groups;
+  std::shared_ptr<void> storage;
+
+  std::byte* at(size_t offset) const { return static_cast<std::byte*>(storage.get()) + offset; }
+  void copy_in(const Group& g) const {
+    for (const Entry& e : g.entries) {
+      if (e.bytes > 0) std::memcpy(at(e.offset), e.data, e.bytes);
+    }
+  }
+  void copy_out(const Group& g) const {
+    for (const Entry& e : g.entries) {
+      if (e.bytes > 0) std::memcpy(e.data, at(e.offset), e.bytes);
+    }
+  }
+
+  // Packs tensors (as Parameters: dtype, shape, data) into groups of about
+  // group_bytes each.
+  static std::unique_ptr<Flat> make(std::vector<Parameter> tensors, size_t group_bytes) {
+    for (Parameter& t : tensors) t.trainable = true;
+    auto flat = std::make_unique<Flat>();
+    size_t total = 0;
+    for (const Bucket& b : assign_buckets(tensors, {group_bytes, group_bytes})) {
+      Group g{b.dtype, total, b.numel, {}};
+      for (size_t k = 0; k < b.params.size(); ++k) {
+        const Parameter& t = tensors[b.params[k]];
+        g.entries.push_back({t.data, total + b.offsets[k] * dtype_size(b.dtype), t.bytes()});
+      }
+      total += align_up(b.bytes());
+      flat->groups.push_back(std::move(g));
+    }
+    flat->storage = allocate_zeroed(total);
+    return flat;
+  }
+};
+
+DataParallel::DataParallel(std::shared_ptr<Communicator> comm, std::vector<Parameter> params,
+                           std::vector<StateBuffer> buffers, DataParallelOptions options)
+    : comm_(std::move(comm)),
+      params_(std::move(params)),
+      buffers_(std::move(buffers)),
+      options_(std::move(options)) {
+  if (!comm_) throw InvalidArgument("DataParallel: the communicator is null");
+  std::set<std::string> names;
+  for (const Parameter& p : params_) {
+    if (!dtype_is_floating(p.dtype)) {
+      throw InvalidArgument(
+          fmt::format("DataParallel: parameter '{}' has dtype {}: parameters must "
+                      "be floating-point",
+                      p.name, dtype_name(p.dtype)));
+    }
+    if (p.data == nullptr && p.numel() > 0) {
+      throw InvalidArgument(fmt::format("DataParallel: parameter '{}' has no data", p.name));
+    }
+    if (!names.insert(p.name).second) {
+      throw InvalidArgument(fmt::format("DataParallel: two tensors are named '{}'", p.name));
+    }
+  }
+  for (const StateBuffer& b : buffers_) {
+    if (b.data == nullptr && b.numel() > 0) {
+      throw InvalidArgument(fmt::format("DataParallel: buffer '{}' has no data", b.name));
+    }
+    if (!names.insert(b.name).second) {
+      throw InvalidArgument(fmt::format("DataParallel: two tensors are named '{}'", b.name));
+    }
+  }
+  if (options_.policy) {
+    policy_ = options_.policy;
+  } else if (options_.sync == SyncMode::BSP) {
+    policy_ = std::make_shared<BspPolicy>();
+  } else {
+    policy_ = std::make_shared<LocalSgdPolicy>(options_.local_steps, options_.warmup_steps);
+  }
+
+  buckets_ = assign_buckets(params_, options_.buckets);
+  slots_.resize(params_.size());
+  size_t total = 0;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    bucket_offset_.push_back(total);
+    total += align_up(buckets_[b].bytes());
+    for (size_t k = 0; k < buckets_[b].params.size(); ++k) {
+      slots_[buckets_[b].params[k]] = Slot{b, buckets_[b].offsets[k]};
+    }
+  }
+  grad_storage_ = allocate_zeroed(total);
+  ready_.assign(params_.size(), 0);
+  step_grad_.assign(params_.size(), nullptr);
+  pending_.assign(buckets_.size(), 0);
+  works_.resize(buckets_.size());
+
+  param_flat_ = Flat::make(params_, options_.buckets.bucket_bytes);
+  std::vector<Parameter> floating;
+  for (const StateBuffer& b : buffers_) {
+    if (dtype_is_floating(b.dtype)) floating.push_back({b.name, b.dtype, b.shape, b.data});
+  }
+  buffer_flat_ = Flat::make(std::move(floating), options_.buckets.bucket_bytes);
+
+  check_model();
+  if (options_.broadcast_initial) broadcast_model(0);
+}
+
+DataParallel::~DataParallel() { drain(); }
+
+void DataParallel::drain() noexcept {
+  for (WorkPtr& w : works_) {
+    if (!w) continue;
+    try {
+      w->wait(options_.timeout);
+    } catch (const std::exception& e) {
+      WEFT_WARN("DataParallel: a gradient allreduce failed during shutdown: {}", e.what());
+    }
+    w.reset();
+  }
+}
+
+void DataParallel::check_model() {
+  if (comm_->size() == 1) return;
+  std::vector<std::string> mine;
+  for (const Parameter& p : params_) {
+    mine.push_back(fmt::format("parameter '{}' {}{}", p.name, describe_shape(p.dtype, p.shape),
+                               p.trainable ? "" : " (frozen)"));
+  }
+  for (const StateBuffer& b : buffers_) {
+    mine.push_back(fmt::format("buffer '{}' {}", b.name, describe_shape(b.dtype, b.shape)));
+  }
+  std::string joined;
+  for (const std::string& line : mine) joined += line + "\n";
+  const std::vector<std::string> ref = split_lines(broadcast_string(*comm_, joined, 0));
+
+  const size_t n = std::max(mine.size(), ref.size());
+  size_t first = n;
+  for (size_t k = 0; k < n; ++k) {
+    if (k >= mine.size() || k >= ref.size() || mine[k] != ref[k]) {
+      first = k;
+      break;
+    }
+  }
+  const auto size = static_cast<int64_t>(comm_->size());
+  int64_t key = first == n ? std::numeric_limits<int64_t>::max()
+                           : static_cast<int64_t>(first) * size + comm_->rank();
+  comm_->allreduce(Buffer(&key, 1, DType::Int64), ReduceOp::Min);
+  if (key == std::numeric_limits<int64_t>::max()) return;
+
+  const int bad_rank = static_cast<int>(key % size);
+  const auto k = static_cast<size_t>(key / size);
+  auto missing = [](size_t count) {
+    return fmt::format("nothing (it has only {} parameters and buffers)", count);
+  };
+  std::string theirs;
+  if (comm_->rank() == bad_rank) theirs = k < mine.size() ? mine[k] : missing(mine.size());
+  theirs = broadcast_string(*comm_, theirs, bad_rank);
+  const std::string at_root = k < ref.size() ? ref[k] : missing(ref.size());
+  throw InvalidArgument(fmt::format(
+      "DataParallel: the model differs across ranks at entry {} of its parameters and buffers: "
+      "rank 0 has {}, rank {} has {} (every rank must build the same model: the same parameters "
+      "and buffers, in the same order, with the same names, dtypes and shapes)",
+      k, at_root, bad_rank, theirs));
+}
+
+void* DataParallel::slot_data(size_t index) const {
+  const Slot& s = slots_[index];
+  return static_cast<std::byte*>(grad_storage_.get()) + bucket_offset_[s.bucket] +
+         s.offset * dtype_size(params_[index].dtype);
+}
+
+Buffer DataParallel::grad_slot(size_t index) const {
+  if (index >= params_.size()) {
+    throw InvalidArgument(fmt::format(
+        "DataParallel: parameter index {} out of range ({} parameters)", index, params_.size()));
+  }
+  if (slots_[index].bucket == SIZE_MAX) {
+    throw InvalidArgument(fmt::format(
+        "DataParallel: parameter '{}' is frozen: it has no gradient slot", params_[index].name));
+  }
+  return Buffer(slot_data(index), params_[index].numel(), params_[index].dtype);
+}
+
+void DataParallel::open_step_locked() {
+  averaging_ = policy_->average_gradients(step_) && comm_->size() > 1;
+  phase_ = Phase::Open;
+  if (!averaging_) return;
+  std::fill(ready_.begin(), ready_.end(), 0);
+  std::fill(step_grad_.begin(), step_grad_.end(), nullptr);
+  for (size_t b = 0; b < buckets_.size(); ++b) pending_[b] = buckets_[b].params.size();
+  next_launch_ = 0;
+}
+
+void DataParallel::grad_ready(size_t index) {
+  if (index >= params_.size()) (void)grad_slot(index);  // throws the range error
+  grad_ready(index, params_[index].grad);
+}
+
+void DataParallel::grad_ready(size_t index, void* grad) {
+  std::lock_guard lock(mu_);
+  if (index >= params_.size() || slots_[index].bucket == SIZE_MAX) (void)grad_slot(index);
+  if (phase_ == Phase::Idle) open_step_locked();
+  if (!averaging_) return;
+  if (phase_ == Phase::Finished) {
+    throw InvalidArgument(fmt::format(
+        "DataParallel: gradient of '{}' reported after finish_gradients() in step {}: call "
+        "end_step() after the optimizer update, before the next backward pass",
+        params_[index].name, step_));
+  }
+  mark_ready_locked(index, grad);
+}
+
+void DataParallel::mark_ready_locked(size_t index, void* grad) {
+  if (ready_[index]) {
+    throw InvalidArgument(fmt::format(
+        "DataParallel: gradient of '{}' reported twice in step {} (is backward run twice per "
+        "step? accumulating gradients over several backward passes needs finish_gradients() "
+        "and end_step() in between)",
+        params_[index].name, step_));
+  }
+  ready_[index] = 1;
+  step_grad_[index] = grad;
+  void* slot = slot_data(index);
+  if (grad != nullptr && grad != slot) std::memcpy(slot, grad, params_[index].bytes());
+  if (--pending_[slots_[index].bucket] == 0) launch_in_order_locked();
+}
+
+void DataParallel::launch_in_order_locked() {
+  const AllreduceOptions opts{ReduceOp::Avg, options_.timeout};
+  while (next_launch_ < buckets_.size() && pending_[next_launch_] == 0) {
+    const Bucket& b = buckets_[next_launch_];
+    void* data = static_cast<std::byte*>(grad_storage_.get()) + bucket_offset_[next_launch_];
+    works_[next_launch_] = comm_->allreduce_async(Buffer(data, b.numel, b.dtype), opts);
+    stats_.bucket_allreduces += 1;
+    stats_.bytes_allreduced += b.bytes();
+    ++next_launch_;
+  }
+}
+
+void DataParallel::finish_gradients() {
+  std::lock_guard lock(mu_);
+  if (phase_ == Phase::Idle) open_step_locked();
+  if (phase_ == Phase::Finished) return;
+  phase_ = Phase::Finished;
+  if (!averaging_) return;
+  // Parameters never reported contribute their gradient buffer as it is.
+  for (size_t b = next_launch_; b < buckets_.size(); ++b) {
+    if (pending_[b] == 0) continue;
+    for (size_t i : buckets_[b].params) {
+      if (!ready_[i]) mark_ready_locked(i, params_[i].grad);
+    }
+  }
+  launch_in_order_locked();
+  std::vector<WorkPtr> buffer_works;
+  DrainGuard guard(buffer_works);
+  if (options_.sync_buffers) buffer_works = start_buffer_sync(true, 0);
+  wait_all(works_);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    void* g = step_grad_[i];
+    if (g != nullptr && slots_[i].bucket != SIZE_MAX && g != slot_data(i)) {
+      std::memcpy(g, slot_data(i), params_[i].bytes());
+    }
+  }
+  if (options_.sync_buffers) finish_buffer_sync(buffer_works, true, 0);
+  stats_.averaged_steps += 1;
+}
+
+void DataParallel::end_step() {
+  finish_gradients();
+  {
+    std::lock_guard lock(mu_);
+    phase_ = Phase::Idle;
+  }
+  policy_->after_update(step_, *this);
+  ++step_;
+  stats_.steps += 1;
+}
+
+void DataParallel::check_idle(const char* what) const {
+  std::lock_guard lock(mu_);
+  if (phase_ != Phase::Idle) {
+    throw InvalidArgument(fmt::format(
+        "DataParallel::{} called inside step {} (after a gradient was reported): call it between "
+        "end_step() and the next backward pass",
+        what, step_));
+  }
+}
+
+void DataParallel::synchronize() {
+  check_idle("synchronize");
+  if (synced_at_ != step_ && policy_->parameters_may_differ(step_)) average_parameters();
+}
+
+void DataParallel::average_parameters() {
+  check_idle("average_parameters");
+  stats_.parameter_averages += 1;
+  synced_at_ = step_;
+  if (comm_->size() == 1) return;
+  auto works = start_flat(*param_flat_, true, 0);
+  DrainGuard guard(works);
+  std::vector<WorkPtr> buffer_works;
+  DrainGuard buffer_guard(buffer_works);
+  if (options_.sync_buffers) buffer_works = start_buffer_sync(true, 0);
+  finish_flat(*param_flat_, works, true, 0);
+  if (options_.sync_buffers) finish_buffer_sync(buffer_works, true, 0);
+}
+
+void DataParallel::sync_buffers() {
+  check_idle("sync_buffers");
+  if (comm_->size() == 1) return;
+  auto works = start_buffer_sync(true, 0);
+  DrainGuard guard(works);
+  finish_buffer_sync(works, true, 0);
+}
+
+void DataParallel::broadcast_model(int root) {
+  check_idle("broadcast_model");
+  if (root < 0 || root >= comm_->size()) {
+    throw InvalidArgument(fmt::format("DataParallel::broadcast_model: root {} out of range", root));
+  }
+  synced_at_ = step_;
+  if (comm_->size() == 1) return;
+  auto works = start_flat(*param_flat_, false, root);
+  DrainGuard guard(works);
+  auto buffer_works = start_buffer_sync(false, root);
+  DrainGuard buffer_guard(buffer_works);
+  finish_flat(*param_flat_, works, false, root);
+  finish_buffer_sync(buffer_works, false, root);
+}
+
+std::vector<WorkPtr> DataParallel::start_flat(Flat& flat, bool average, int root) {
+  std::vector<WorkPtr> works;
+  const bool is_root = comm_->rank() == root;
+  for (const Flat::Group& g : flat.groups) {
+    if (average || is_root) flat.copy_in(g);
+    Buffer buf(flat.at(g.offset), g.numel, g.dtype);
+    if (average) {
+      works.push_back(comm_->allreduce_async(buf, {ReduceOp::Avg, options_.timeout}));
+      stats_.bytes_allreduced += buf.bytes();
+    } else {
+      works.push_back(comm_->broadcast_async(buf, {root, options_.timeout}));
+    }
+  }
+  return works;
+}
+
+void DataParallel::finish_flat(Flat& flat, std::vector<WorkPtr>& works, bool average, int root) {
+  DrainGuard guard(works);
+  const bool is_root = comm_->rank() == root;
+  for (size_t k = 0; k < works.size(); ++k) {
+    const auto t0 = Clock::now();
+    works[k]->wait(options_.timeout);
+    stats_.wait_seconds += seconds_since(t0);
+    works[k].reset();
+    if (average || !is_root) flat.copy_out(flat.groups[k]);
+  }
+}
+
+// Floating-point buffers are averaged (or broadcast), the others broadcast
+// from rank 0 (or root), in place.
+std::vector<WorkPtr> DataParallel::start_buffer_sync(bool average, int root) {
+  std::vector<WorkPtr> works = start_flat(*buffer_flat_, average, root);
+  for (const StateBuffer& b : buffers_) {
+    if (dtype_is_floating(b.dtype) || b.numel() == 0) continue;
+    works.push_back(comm_->broadcast_async(Buffer(b.data, b.numel(), b.dtype),
+                                           {average ? 0 : root, options_.timeout}));
+  }
+  return works;
+}
+
+void DataParallel::finish_buffer_sync(std::vector<WorkPtr>& works, bool average, int root) {
+  const size_t groups = buffer_flat_->groups.size();
+  std::vector<WorkPtr> flat_works(works.begin(), works.begin() + static_cast<ptrdiff_t>(groups));
+  std::vector<WorkPtr> rest(works.begin() + static_cast<ptrdiff_t>(groups), works.end());
+  works.clear();
+  DrainGuard guard(flat_works);
+  DrainGuard rest_guard(rest);
+  finish_flat(*buffer_flat_, flat_works, average, root);
+  wait_all(rest);
+}
+
+void DataParallel::wait_all(std::vector<WorkPtr>& works) {
+  DrainGuard guard(works);
+  const auto t0 = Clock::now();
+  for (WorkPtr& w : works) {
+    if (!w) continue;
+    w->wait(options_.timeout);
+    w.reset();
+  }
+  stats_.wait_seconds += seconds_since(t0);
+}
+
+DataParallelStats DataParallel::stats() const {
+  std::lock_guard lock(mu_);
+  return stats_;
+}
+
+}  // namespace weft::train

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "weft/options.h"
@@ -44,19 +45,53 @@ namespace weft {
 namespace comm {
 class Group;
 }
+namespace coll {
+struct Call;
+}
+
+// Options of the collectives. timeout: deadline of the call, counted from
+// the call (kDefaultTimeout: CommOptions::timeout). algorithm: Auto or one
+// the collective supports (InvalidArgument otherwise).
+struct BarrierOptions {
+  Timeout timeout = kDefaultTimeout;
+};
 
 struct BroadcastOptions {
   int root = 0;
   Timeout timeout = kDefaultTimeout;
+  Algorithm algorithm = Algorithm::Auto;
 };
 
 struct AllreduceOptions {
   ReduceOp op = ReduceOp::Sum;
   Timeout timeout = kDefaultTimeout;
+  Algorithm algorithm = Algorithm::Auto;
 };
 
-struct BarrierOptions {
+struct ReduceOptions {
+  ReduceOp op = ReduceOp::Sum;
+  int root = 0;
   Timeout timeout = kDefaultTimeout;
+  Algorithm algorithm = Algorithm::Auto;
+};
+
+struct ReduceScatterOptions {
+  ReduceOp op = ReduceOp::Sum;
+  Timeout timeout = kDefaultTimeout;
+  Algorithm algorithm = Algorithm::Auto;
+};
+
+// gather and scatter.
+struct RootedOptions {
+  int root = 0;
+  Timeout timeout = kDefaultTimeout;
+  Algorithm algorithm = Algorithm::Auto;
+};
+
+// allgather, allgatherv, alltoall, alltoallv.
+struct CollectiveOptions {
+  Timeout timeout = kDefaultTimeout;
+  Algorithm algorithm = Algorithm::Auto;
 };
 
 struct SendOptions {
@@ -98,24 +133,92 @@ class Communicator {
   WorkPtr recv(Buffer buf, int src, uint32_t tag, const SendOptions& opts = {});
 
   // ---- Collectives ------------------------------------------------------
-  // Blocking forms return when the result is in the buffer (or throw); the
-  // _async forms return at once with a Work.
+  // Every rank calls the same collective with matching arguments (same
+  // dtype, counts, op and root). Blocking forms return when this rank's
+  // result is in place (or throw); the _async forms return at once with a
+  // Work and run on the communicator's collective thread, in issue order.
+  //
+  // Buffers: `in` is read, `out` is written; they must not overlap except in
+  // the in-place forms each collective names. Counts are in elements.
+  // Reductions: every rank receives a bitwise-identical result; Float16 and
+  // BFloat16 are accumulated in float32 and rounded once; Avg divides the
+  // sum by size() and is rejected for integer dtypes.
+  //
+  // A collective that fails (a peer died, a deadline passed, ranks
+  // disagree) aborts the communicator before it returns, so that no
+  // transfer is still writing into the caller's buffers.
+
   void barrier(const BarrierOptions& opts = {});
   WorkPtr barrier_async(const BarrierOptions& opts = {});
 
-  // Copies root's buf to every rank's buf (same count and dtype everywhere).
+  // Copies root's buf to every rank's buf.
   void broadcast(Buffer buf, const BroadcastOptions& opts = {});
   void broadcast(Buffer buf, int root) { broadcast(buf, BroadcastOptions{root}); }
   WorkPtr broadcast_async(Buffer buf, const BroadcastOptions& opts = {});
 
-  // Reduces buf element-wise over all ranks, in place: every rank receives a
-  // bitwise-identical result. Float16 and BFloat16 are accumulated in float32.
-  void allreduce(Buffer buf, const AllreduceOptions& opts);
-  void allreduce(Buffer buf, ReduceOp op = ReduceOp::Sum) { allreduce(buf, AllreduceOptions{op}); }
-  WorkPtr allreduce_async(Buffer buf, const AllreduceOptions& opts);
-  WorkPtr allreduce_async(Buffer buf, ReduceOp op = ReduceOp::Sum) {
-    return allreduce_async(buf, AllreduceOptions{op});
+  // out[i] = op over ranks of in[i]; in and out have the same count. In
+  // place: allreduce(buf) (or in.data() == out.data()).
+  void allreduce(ConstBuffer in, Buffer out, const AllreduceOptions& opts = {});
+  void allreduce(Buffer buf, const AllreduceOptions& opts) { allreduce(buf, buf, opts); }
+  void allreduce(Buffer buf, ReduceOp op = ReduceOp::Sum) {
+    allreduce(buf, buf, AllreduceOptions{op});
   }
+  WorkPtr allreduce_async(ConstBuffer in, Buffer out, const AllreduceOptions& opts = {});
+  WorkPtr allreduce_async(Buffer buf, const AllreduceOptions& opts) {
+    return allreduce_async(buf, buf, opts);
+  }
+  WorkPtr allreduce_async(Buffer buf, ReduceOp op = ReduceOp::Sum) {
+    return allreduce_async(buf, buf, AllreduceOptions{op});
+  }
+
+  // Like allreduce, but only root receives the result in out (other ranks'
+  // out is not written and may be empty). In place at root: in == out.
+  void reduce(ConstBuffer in, Buffer out, const ReduceOptions& opts = {});
+  WorkPtr reduce_async(ConstBuffer in, Buffer out, const ReduceOptions& opts = {});
+
+  // in has size() * k elements; rank r receives in out (k elements) the
+  // reduction of block r of every rank's in.
+  void reduce_scatter(ConstBuffer in, Buffer out, const ReduceScatterOptions& opts = {});
+  WorkPtr reduce_scatter_async(ConstBuffer in, Buffer out, const ReduceScatterOptions& opts = {});
+
+  // out (size() * k elements) receives every rank's in (k elements) in rank
+  // order. In place: in is block rank() of out.
+  void allgather(ConstBuffer in, Buffer out, const CollectiveOptions& opts = {});
+  WorkPtr allgather_async(ConstBuffer in, Buffer out, const CollectiveOptions& opts = {});
+
+  // Like allgather with counts[r] elements from rank r (in has
+  // counts[rank()] elements; out has their sum, packed in rank order).
+  void allgatherv(ConstBuffer in, Buffer out, std::span<const size_t> counts,
+                  const CollectiveOptions& opts = {});
+  WorkPtr allgatherv_async(ConstBuffer in, Buffer out, std::span<const size_t> counts,
+                           const CollectiveOptions& opts = {});
+
+  // Root's out (size() * k elements) receives every rank's in (k elements)
+  // in rank order; other ranks' out is not written.
+  void gather(ConstBuffer in, Buffer out, const RootedOptions& opts = {});
+  WorkPtr gather_async(ConstBuffer in, Buffer out, const RootedOptions& opts = {});
+
+  // Rank r receives in out (k elements) block r of root's in (size() * k
+  // elements); other ranks' in is not read.
+  void scatter(ConstBuffer in, Buffer out, const RootedOptions& opts = {});
+  WorkPtr scatter_async(ConstBuffer in, Buffer out, const RootedOptions& opts = {});
+
+  // in and out have size() * k elements: block j of rank r's in goes to
+  // block r of rank j's out.
+  void alltoall(ConstBuffer in, Buffer out, const CollectiveOptions& opts = {});
+  WorkPtr alltoall_async(ConstBuffer in, Buffer out, const CollectiveOptions& opts = {});
+
+  // Like alltoall with send_counts[j] elements to rank j (packed in rank
+  // order in in) and recv_counts[j] from rank j (packed in out). Rank j's
+  // send_counts[r] must equal rank r's recv_counts[j].
+  void alltoallv(ConstBuffer in, std::span<const size_t> send_counts, Buffer out,
+                 std::span<const size_t> recv_counts, const CollectiveOptions& opts = {});
+  WorkPtr alltoallv_async(ConstBuffer in, std::span<const size_t> send_counts, Buffer out,
+                          std::span<const size_t> recv_counts, const CollectiveOptions& opts = {});
+
+  // The algorithm Auto picks for `kind` on `count` elements of `dtype` on
+  // this communicator (after WEFT_<COLLECTIVE>_ALGO), e.g. for benchmarks.
+  Algorithm selected_algorithm(Collective kind, size_t count, DType dtype) const;
 
   // ---- Groups -----------------------------------------------------------
   // Collective over this communicator: ranks passing the same color form a
@@ -139,6 +242,9 @@ class Communicator {
   const std::shared_ptr<comm::Group>& group() const { return group_; }
 
  private:
+  void run_call(coll::Call& call, Timeout timeout);
+  WorkPtr submit_call(coll::Call& call, Timeout timeout);
+
   std::shared_ptr<comm::Group> group_;
   bool owns_world_ = false;
 };

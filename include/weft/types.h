@@ -67,13 +67,34 @@ constexpr bool dtype_is_floating(DType t) {
 // DType of a C++ element type, for the typed Buffer constructors.
 template <typename T>
 struct DTypeOf;
-template <> struct DTypeOf<float> { static constexpr DType value = DType::Float32; };
-template <> struct DTypeOf<double> { static constexpr DType value = DType::Float64; };
-template <> struct DTypeOf<Half> { static constexpr DType value = DType::Float16; };
-template <> struct DTypeOf<BFloat16> { static constexpr DType value = DType::BFloat16; };
-template <> struct DTypeOf<int32_t> { static constexpr DType value = DType::Int32; };
-template <> struct DTypeOf<int64_t> { static constexpr DType value = DType::Int64; };
-template <> struct DTypeOf<uint8_t> { static constexpr DType value = DType::UInt8; };
+template <>
+struct DTypeOf<float> {
+  static constexpr DType value = DType::Float32;
+};
+template <>
+struct DTypeOf<double> {
+  static constexpr DType value = DType::Float64;
+};
+template <>
+struct DTypeOf<Half> {
+  static constexpr DType value = DType::Float16;
+};
+template <>
+struct DTypeOf<BFloat16> {
+  static constexpr DType value = DType::BFloat16;
+};
+template <>
+struct DTypeOf<int32_t> {
+  static constexpr DType value = DType::Int32;
+};
+template <>
+struct DTypeOf<int64_t> {
+  static constexpr DType value = DType::Int64;
+};
+template <>
+struct DTypeOf<uint8_t> {
+  static constexpr DType value = DType::UInt8;
+};
 template <typename T>
 inline constexpr DType dtype_of = DTypeOf<std::remove_cv_t<T>>::value;
 
@@ -91,6 +112,42 @@ inline constexpr int kNumReduceOps = 5;
 
 // "sum", "avg", ...
 std::string reduce_op_name(ReduceOp op);
+
+// The collectives, numbered as in the wire protocol's operation descriptors.
+enum class Collective : uint8_t {
+  Barrier = 1,
+  Broadcast = 2,
+  Allreduce = 3,
+  Reduce = 4,
+  Allgather = 5,
+  Allgatherv = 6,
+  ReduceScatter = 7,
+  Gather = 8,
+  Scatter = 9,
+  Alltoall = 10,
+  Alltoallv = 11,
+};
+const char* collective_name(Collective c);
+
+// Algorithms a collective can run with. Auto lets the cost model choose
+// (latency + bytes / bandwidth per step, for the message size and the
+// number of ranks); WEFT_<COLLECTIVE>_ALGO (e.g. WEFT_ALLREDUCE_ALGO=ring)
+// overrides Auto for a whole job. Every rank of a call must use the same
+// algorithm: a rank that chose another fails the call with MismatchError.
+enum class Algorithm : uint8_t {
+  Auto = 0,
+  Ring = 1,               // pipelined ring: bandwidth-optimal for large messages
+  HalvingDoubling = 2,    // recursive halving + doubling (Rabenseifner): mid sizes
+  RecursiveDoubling = 3,  // log2(n) exchanges of the whole message: small messages
+  Tree = 4,               // binomial tree (broadcast, reduce, gather, scatter)
+  Pairwise = 5,           // n-1 pairwise exchanges (alltoall)
+  Dissemination = 6,      // log2(n) rounds of empty messages (barrier)
+  Linear = 7,             // the root exchanges with every rank directly (gather, scatter)
+};
+const char* algorithm_name(Algorithm a);
+// "ring", "hd", "rd", "tree"... (also accepted: the names of algorithm_name);
+// throws InvalidArgument for an unknown name.
+Algorithm parse_algorithm(const std::string& name);
 
 enum class DeviceType : uint8_t {
   CPU = 0,
@@ -150,8 +207,7 @@ class Buffer {
   Buffer(void* data, size_t count, DType dtype, Device device = Device::cpu())
       : data_(data), count_(count), dtype_(dtype), device_(device) {}
   template <typename T>
-    requires(!std::is_const_v<T>)
-  Buffer(std::span<T> s)  // NOLINT(google-explicit-constructor)
+  requires(!std::is_const_v<T>) Buffer(std::span<T> s)  // NOLINT(google-explicit-constructor)
       : Buffer(s.data(), s.size(), dtype_of<T>) {}
   template <typename T, typename A>
   Buffer(std::vector<T, A>& v)  // NOLINT(google-explicit-constructor)

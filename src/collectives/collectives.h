@@ -1,43 +1,65 @@
-// Collective algorithms over a comm::Group. Every function is called by all
-// ranks of the group with the same arguments and the same sequence number
-// (Group::next_seq(), taken when the application issued the call), and
-// returns when this rank's part is done, or throws the failure (PeerError,
-// TimeoutError, MismatchError...).
+// The collectives layer: one description of a call (Call), its validation,
+// the choice of an algorithm (cost model, select.cc), and the algorithms
+// themselves, as plans built once per communicator and run many times
+// (plan.h).
+//
+// Every rank of a group runs the same Call (same kind, counts, dtype, op,
+// root and algorithm) with the same sequence number (Group::next_seq(),
+// taken when the application issued the call). Messages of a call carry its
+// descriptor (Call::desc()), so that ranks that disagree fail with
+// MismatchError instead of exchanging garbage.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "comm/group.h"
 #include "core/deadline.h"
 #include "transport/request.h"
+#include "weft/communicator.h"
 #include "weft/types.h"
 
 namespace weft::coll {
 
-// Collective kinds as carried in operation descriptors (wire protocol).
-enum class Kind : uint8_t {
-  Barrier = 1,
-  Broadcast = 2,
-  Allreduce = 3,
-  Reduce = 4,
-  Allgather = 5,
-  Allgatherv = 6,
-  ReduceScatter = 7,
-  Gather = 8,
-  Scatter = 9,
-  Alltoall = 10,
-  Alltoallv = 11,
+using Kind = Collective;
+
+struct Call {
+  Kind kind = Kind::Barrier;
+  const void* in = nullptr;
+  void* out = nullptr;
+  // Elements: the whole buffer for broadcast, allreduce and reduce; the
+  // per-rank block for reduce_scatter, allgather, gather, scatter and
+  // alltoall; the total for allgatherv (counts[] holds the blocks).
+  size_t count = 0;
+  DType dtype = DType::UInt8;
+  ReduceOp op = ReduceOp::Sum;
+  int root = 0;
+  std::vector<size_t> counts;       // allgatherv: per rank; alltoallv: send counts
+  std::vector<size_t> recv_counts;  // alltoallv
+  Algorithm algorithm = Algorithm::Auto;
+  uint64_t seq = 0;
+  Deadline deadline;
+
+  size_t esize() const { return dtype_size(dtype); }
+  // "allreduce #12 (float32 x 1024, sum, ring)".
+  std::string describe() const;
+  // The descriptor carried by every message of the call.
+  transport::OpDesc desc() const;
 };
-const char* kind_name(Kind kind);
 
-// The descriptor every message of a call carries (mismatch detection).
-transport::OpDesc make_desc(Kind kind, uint64_t seq, DType dtype, size_t count,
-                            ReduceOp op = ReduceOp::Sum, int root = 0);
-// "allreduce #12 (float32 x 1024, sum)".
-std::string describe(Kind kind, uint64_t seq, DType dtype, size_t count, ReduceOp op, int root);
+// Throws InvalidArgument naming what is wrong (sizes, dtype, op, root, an
+// algorithm the collective does not support, overlapping buffers).
+void validate(const Call& call, int size, int rank);
 
-void barrier(comm::Group& g, uint64_t seq, const Deadline& deadline);
-void broadcast(comm::Group& g, Buffer buf, int root, uint64_t seq, const Deadline& deadline);
-void allreduce(comm::Group& g, Buffer buf, ReduceOp op, uint64_t seq, const Deadline& deadline);
+// The algorithm Auto resolves to (WEFT_<KIND>_ALGO first, then the cost model).
+Algorithm select(const Call& call, int size);
+
+// Runs the call on this rank (call.algorithm may be Auto). Throws the
+// failure (PeerError, TimeoutError, MismatchError...).
+void run(comm::Group& group, Call call);
+
+// Size in bytes that the cost model reasons about for this call.
+size_t model_bytes(const Call& call, int size);
 
 }  // namespace weft::coll

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,14 @@ class Group : public std::enable_shared_from_this<Group> {
     world_->wait(req, deadline);
   }
 
+  // State the collectives layer keeps for this group (its plans), made by
+  // `make` on first use.
+  template <typename T, typename Make>
+  T& extension(Make make) {
+    std::call_once(ext_once_, [&] { ext_ = make(); });
+    return *static_cast<T*>(ext_.get());
+  }
+
   // Collective: ranks with the same color form a new group ordered by (key, rank).
   // Returns null for a negative color.
   std::shared_ptr<Group> split(int color, int key, const Deadline& deadline);
@@ -75,6 +84,8 @@ class Group : public std::enable_shared_from_this<Group> {
   int local_rank_ = 0;
   int local_size_ = 1;
   std::atomic<uint64_t> seq_{0};
+  std::once_flag ext_once_;
+  std::shared_ptr<void> ext_;
 };
 
 }  // namespace weft::comm

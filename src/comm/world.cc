@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/bytes.h"
+#include "core/describe.h"
 #include "core/log.h"
 #include "core/settings.h"
 #include "core/socket.h"
@@ -184,14 +185,13 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     abort(err, AbortKind::Mismatch, -1, what, true);
   };
   ev.describe_op = [](const transport::OpDesc& d) {
-    static const char* kKinds[] = {"send/recv", "barrier",   "broadcast",  "allreduce",
-                                   "reduce",    "allgather", "allgatherv", "reduce_scatter",
-                                   "gather",    "scatter",   "alltoall",   "alltoallv"};
-    const char* kind = d.kind < std::size(kKinds) ? kKinds[d.kind] : "collective";
-    if (d.kind == 0) return std::string(kind);
-    return fmt::format("{} #{} ({} x {}, {}, root {})", kind, d.seq,
-                       dtype_name(static_cast<DType>(d.dtype)), d.count,
-                       reduce_op_name(static_cast<ReduceOp>(d.op)), d.root);
+    if (d.kind == 0) return std::string("send/recv");
+    return describe_collective(static_cast<Collective>(d.kind), d.seq, static_cast<DType>(d.dtype),
+                               d.count, static_cast<ReduceOp>(d.op), static_cast<int>(d.root),
+                               static_cast<Algorithm>(d.flags));
+  };
+  ev.check_unexpected = [this](int peer, const transport::tcp::FrameHeader& h) {
+    return check_unexpected(peer, h);
   };
   tcp_ = std::make_unique<transport::tcp::TcpTransport>(*engine_, to, ev);
 
@@ -256,7 +256,16 @@ void World::shutdown_once() {
     tcp_->fail_all(error());
   }
   if (executor_.joinable()) executor_.join();
-  if (tcp_ && healthy) tcp_->close(Deadline::after(std::chrono::seconds(2)));
+  if (tcp_) {
+    if (!healthy) {
+      // Repeat why this world broke before leaving, so that a peer that sees
+      // the connection close has first learned the reason (on the same
+      // connection), even if the original report has not reached it yet.
+      std::lock_guard<std::mutex> lk(error_mu_);
+      if (abort_known_) tcp_->broadcast_abort(abort_kind_, abort_culprit_, abort_reason_);
+    }
+    tcp_->close(Deadline::after(std::chrono::seconds(2)));
+  }
   if (engine_) engine_->stop();
   tcp_.reset();
   engine_.reset();
@@ -298,6 +307,10 @@ void World::abort(std::exception_ptr error, AbortKind kind, int culprit, const s
     if (!error_) {
       error_ = error;
       first = true;
+      abort_known_ = true;
+      abort_kind_ = kind;
+      abort_culprit_ = culprit;
+      abort_reason_ = reason;
     }
   }
   if (first) {
@@ -358,6 +371,35 @@ void World::fail_timeout(const std::string& op, int peer, Timeout waited) {
   auto err = std::make_exception_ptr(TimeoutError(msg, peer, op));
   abort(err, AbortKind::Timeout, peer, msg, true);
   std::rethrow_exception(err);
+}
+
+void World::begin_collective(uint64_t comm_id, const transport::OpDesc& desc) {
+  {
+    std::lock_guard<std::mutex> lk(active_mu_);
+    active_[{comm_id, desc.seq}] = desc;
+  }
+  if (auto err = tcp_->find_conflict(comm_id, desc)) {
+    end_collective(comm_id, desc.seq);
+    abort_with(err);
+    std::rethrow_exception(err);
+  }
+}
+
+void World::end_collective(uint64_t comm_id, uint64_t seq) {
+  std::lock_guard<std::mutex> lk(active_mu_);
+  active_.erase({comm_id, seq});
+}
+
+std::exception_ptr World::check_unexpected(int peer, const transport::tcp::FrameHeader& h) {
+  transport::OpDesc mine;
+  {
+    std::lock_guard<std::mutex> lk(active_mu_);
+    auto it = active_.find({h.comm_id, h.desc.seq});
+    if (it == active_.end() || it->second == h.desc) return nullptr;
+    mine = it->second;
+  }
+  (void)peer;
+  return tcp_->find_conflict(h.comm_id, mine);
 }
 
 void World::submit(std::function<void()> task) {

@@ -9,6 +9,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -90,6 +91,12 @@ class World : public std::enable_shared_from_this<World> {
   // Keeps `object` alive as long as the world (e.g. the store server rank 0 runs).
   void keep_alive(std::shared_ptr<void> object) { keep_alive_.push_back(std::move(object)); }
 
+  // ---- collectives in progress (mismatch detection) ----
+  // Registers the collective this rank is running on group comm_id; throws
+  // (and aborts) if a peer already sent a message for it that disagrees.
+  void begin_collective(uint64_t comm_id, const transport::OpDesc& desc);
+  void end_collective(uint64_t comm_id, uint64_t seq);
+
   // ---- asynchronous collectives ----
   // Runs task on the collective thread, in submission order.
   void submit(std::function<void()> task);
@@ -99,6 +106,7 @@ class World : public std::enable_shared_from_this<World> {
   void bootstrap(const std::string& store_host, const Deadline& deadline);
   void executor_loop();
   void shutdown_once();
+  std::exception_ptr check_unexpected(int peer, const transport::tcp::FrameHeader& h);
   void write_abort_record(const std::string& record);
 
   const int rank_;
@@ -116,7 +124,16 @@ class World : public std::enable_shared_from_this<World> {
 
   mutable std::mutex error_mu_;
   std::exception_ptr error_;  // GUARDED_BY(error_mu_)
-  std::thread abort_writer_;  // writes the store record without blocking progress
+  // What the first abort said, repeated to the peers on shutdown.
+  bool abort_known_ = false;  // GUARDED_BY(error_mu_)
+  transport::tcp::AbortKind abort_kind_ =
+      transport::tcp::AbortKind::Aborted;  // GUARDED_BY(error_mu_)
+  int abort_culprit_ = -1;                 // GUARDED_BY(error_mu_)
+  std::string abort_reason_;               // GUARDED_BY(error_mu_)
+  std::thread abort_writer_;               // writes the store record without blocking progress
+
+  std::mutex active_mu_;
+  std::map<std::pair<uint64_t, uint64_t>, transport::OpDesc> active_;  // GUARDED_BY(active_mu_)
 
   std::mutex exec_mu_;
   std::condition_variable exec_cv_;

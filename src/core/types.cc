@@ -1,9 +1,13 @@
+#include "weft/types.h"
+
 #include <fmt/format.h>
 
+#include <cctype>
 #include <cstring>
 
 #include "core/deadline.h"
-#include "weft/types.h"
+#include "core/describe.h"
+#include "weft/errors.h"
 #include "weft/version.h"
 
 namespace weft {
@@ -66,7 +70,7 @@ Half float_to_half(float f) {
   std::memcpy(&u, &f, sizeof u);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return Half{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (abs > 0x7f800000u) return Half{static_cast<uint16_t>(sign | 0x7e00u)};   // NaN
   if (abs >= 0x477ff000u) return Half{static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
   if (abs < 0x38800000u) {  // result is subnormal or zero
     if (abs < 0x33000000u) return Half{sign};
@@ -83,6 +87,76 @@ Half float_to_half(float f) {
   uint32_t r = abs - 0x38000000u;  // rebias exponent 127 -> 15
   r += 0xfffu + ((r >> 13) & 1u);  // round to nearest even
   return Half{static_cast<uint16_t>(sign | (r >> 13))};
+}
+
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::Barrier: return "barrier";
+    case Collective::Broadcast: return "broadcast";
+    case Collective::Allreduce: return "allreduce";
+    case Collective::Reduce: return "reduce";
+    case Collective::Allgather: return "allgather";
+    case Collective::Allgatherv: return "allgatherv";
+    case Collective::ReduceScatter: return "reduce_scatter";
+    case Collective::Gather: return "gather";
+    case Collective::Scatter: return "scatter";
+    case Collective::Alltoall: return "alltoall";
+    case Collective::Alltoallv: return "alltoallv";
+  }
+  return "collective";
+}
+
+const char* algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::Auto: return "auto";
+    case Algorithm::Ring: return "ring";
+    case Algorithm::HalvingDoubling: return "hd";
+    case Algorithm::RecursiveDoubling: return "rd";
+    case Algorithm::Tree: return "tree";
+    case Algorithm::Pairwise: return "pairwise";
+    case Algorithm::Dissemination: return "dissemination";
+    case Algorithm::Linear: return "linear";
+  }
+  return "unknown";
+}
+
+Algorithm parse_algorithm(const std::string& name) {
+  std::string s;
+  for (char c : name) s += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (s == "auto" || s.empty()) return Algorithm::Auto;
+  if (s == "ring" || s == "chain") return Algorithm::Ring;
+  if (s == "hd" || s == "halving-doubling" || s == "halving_doubling" || s == "rabenseifner")
+    return Algorithm::HalvingDoubling;
+  if (s == "rd" || s == "recursive-doubling" || s == "recursive_doubling")
+    return Algorithm::RecursiveDoubling;
+  if (s == "tree" || s == "binomial") return Algorithm::Tree;
+  if (s == "pairwise") return Algorithm::Pairwise;
+  if (s == "dissemination") return Algorithm::Dissemination;
+  if (s == "linear" || s == "direct") return Algorithm::Linear;
+  throw InvalidArgument(
+      fmt::format("unknown algorithm '{}' (expected auto, ring, hd, rd, tree, pairwise, "
+                  "dissemination or linear)",
+                  name));
+}
+
+std::string describe_collective(Collective kind, uint64_t seq, DType dtype, size_t count,
+                                ReduceOp op, int root, Algorithm algorithm) {
+  std::string args = fmt::format("{} x {}", dtype_name(dtype), count);
+  if (kind == Collective::Allreduce || kind == Collective::Reduce ||
+      kind == Collective::ReduceScatter) {
+    args += ", " + reduce_op_name(op);
+  }
+  if (kind == Collective::Broadcast || kind == Collective::Reduce || kind == Collective::Gather ||
+      kind == Collective::Scatter) {
+    args += fmt::format(", root {}", root);
+  }
+  if (algorithm != Algorithm::Auto) args += std::string(", ") + algorithm_name(algorithm);
+  if (kind == Collective::Barrier) {
+    return algorithm == Algorithm::Auto
+               ? fmt::format("barrier #{}", seq)
+               : fmt::format("barrier #{} ({})", seq, algorithm_name(algorithm));
+  }
+  return fmt::format("{} #{} ({})", collective_name(kind), seq, args);
 }
 
 std::string format_timeout(Timeout t) {

@@ -217,10 +217,13 @@ TEST(Communicator, MismatchedCollectivesFailOnEveryRank) {
   auto errors = run_ranks(n, [&](int r) {
     auto c = Communicator::create(r, n, store, test_options(20s));
     std::vector<float> v(r == 1 ? 100 : 200, 1.0f);
+    // Every rank learns of the disagreement: in the call, or (if its part
+    // completed first) in its next one.
     try {
       c->allreduce(v);
-      ADD_FAILURE() << "rank " << r << ": mismatched allreduce succeeded";
-    } catch (const CommError& e) {
+      c->barrier();
+      ADD_FAILURE() << "rank " << r << ": mismatched allreduce went unnoticed";
+    } catch (const MismatchError& e) {
       std::string what = e.what();
       EXPECT_NE(what.find("mismatch"), std::string::npos) << what;
     }

@@ -207,9 +207,13 @@ class TcpTransport::Connection : public Handler {
   // Fails the receive being filled (progress context) and drops the rest of
   // its payload.
   void fail_current_receive(const std::exception_ptr& error) {
-    if (rstate_ == RState::Payload && cur_req_) {
+    if (rstate_ != RState::Payload) return;
+    // An early message being read into an internal buffer: the buffer goes
+    // away with the unexpected queue, so the rest is dropped too.
+    cur_unexp_ = nullptr;
+    discard_ = true;
+    if (cur_req_) {
       RequestPtr r = std::move(cur_req_);
-      discard_ = true;
       r->fail(error);
     }
   }
@@ -512,6 +516,15 @@ class TcpTransport::Connection : public Handler {
         }
       }
     }
+    if (cur_unexp_ && cur_.desc.kind != 0 && t_.events_.check_unexpected) {
+      // A collective's message that no receive waits for yet: it must agree
+      // with the collective of that number if this rank is running it.
+      mismatch_error = t_.events_.check_unexpected(peer_.rank, cur_);
+      if (mismatch_error) {
+        cur_unexp_ = nullptr;
+        discard_ = true;
+      }
+    }
     if (rstate_ == RState::Paused) {
       std::lock_guard<std::mutex> slk(send_mu_);
       if (paused_) {
@@ -523,9 +536,9 @@ class TcpTransport::Connection : public Handler {
     if (mismatched) {
       mismatched->fail(mismatch_error);
       t_.engine_.notify_completion();
-      // A mismatch breaks the communicator on every rank.
-      if (t_.events_.on_mismatch) t_.events_.on_mismatch(mismatch_error);
     }
+    // A mismatch breaks the communicator on every rank.
+    if (mismatch_error && t_.events_.on_mismatch) t_.events_.on_mismatch(mismatch_error);
     return true;
   }
 
@@ -1011,15 +1024,39 @@ std::vector<std::exception_ptr> TcpTransport::deliver_unexpected_locked(Peer& pe
   return mismatches;
 }
 
+std::exception_ptr TcpTransport::find_conflict(uint64_t comm_id, const OpDesc& desc) {
+  for (auto& p : peers_) {
+    if (p->rank == options_.rank) continue;
+    std::lock_guard<std::mutex> lk(p->mu);
+    for (auto& u : p->unexpected) {
+      const FrameHeader& h = u->header;
+      if (h.comm_id == comm_id && h.desc.kind != 0 && h.desc.seq == desc.seq && !(h.desc == desc)) {
+        return mismatch(*p, desc, 0, h);
+      }
+    }
+  }
+  return nullptr;
+}
+
+std::exception_ptr TcpTransport::mismatch(const Peer& peer, const OpDesc& mine, uint64_t my_bytes,
+                                          const FrameHeader& h) const {
+  auto describe = [&](const OpDesc& d) {
+    return events_.describe_op ? events_.describe_op(d) : std::string("p2p");
+  };
+  std::string theirs = describe(h.desc);
+  std::string ours = describe(mine);
+  if (theirs == ours) {  // same call, different sizes (point-to-point)
+    theirs += fmt::format(" [{} bytes]", h.length);
+    ours += fmt::format(" [{} bytes]", my_bytes);
+  }
+  return std::make_exception_ptr(MismatchError(
+      fmt::format("mismatched operations: rank {} called {} but rank {} (host {}) called {}",
+                  options_.rank, ours, peer.rank, host_of(peer.rank), theirs)));
+}
+
 std::exception_ptr TcpTransport::mismatch(const Peer& peer, const Request& req,
                                           const FrameHeader& h) const {
-  auto describe = [&](const OpDesc& d, uint64_t bytes) {
-    std::string s = events_.describe_op ? events_.describe_op(d) : std::string("p2p");
-    return fmt::format("{} [{} bytes]", s, bytes);
-  };
-  return std::make_exception_ptr(MismatchError(fmt::format(
-      "mismatched operations: rank {} called {} but rank {} (host {}) called {}", options_.rank,
-      describe(req.desc, req.bytes()), peer.rank, host_of(peer.rank), describe(h.desc, h.length))));
+  return mismatch(peer, req.desc, req.bytes(), h);
 }
 
 void TcpTransport::peer_failed(Peer& peer, const std::string& reason, bool report) {

@@ -58,6 +58,9 @@ struct TcpEvents {
   std::function<void(int from, AbortKind kind, int failed_rank, std::string reason)> on_abort;
   // Two ranks disagree about an operation (MismatchError).
   std::function<void(std::exception_ptr error)> on_mismatch;
+  // A collective's message arrived before its receive was posted: returns a
+  // MismatchError if it contradicts a collective this rank is running.
+  std::function<std::exception_ptr(int peer, const FrameHeader& header)> check_unexpected;
   // Formats an operation descriptor for mismatch messages.
   std::function<std::string(const OpDesc&)> describe_op;
 };
@@ -87,6 +90,10 @@ class TcpTransport {
   // after fail_all(), fails at once.
   void isend(const RequestPtr& req);
   void irecv(const RequestPtr& req);
+
+  // A MismatchError if a message already received from some peer for the
+  // collective (comm_id, desc.seq) carries another descriptor; else null.
+  std::exception_ptr find_conflict(uint64_t comm_id, const OpDesc& desc);
 
   // Fails every pending request with `error` (the first error given wins)
   // and every later one too. Returns once no handler can touch the buffers
@@ -127,6 +134,8 @@ class TcpTransport {
   // lock is released.
   std::vector<std::exception_ptr> deliver_unexpected_locked(Peer& peer);
   std::exception_ptr mismatch(const Peer& peer, const Request& req, const FrameHeader& h) const;
+  std::exception_ptr mismatch(const Peer& peer, const OpDesc& mine, uint64_t my_bytes,
+                              const FrameHeader& h) const;
 
   Engine& engine_;
   TcpOptions options_;

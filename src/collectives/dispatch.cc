@@ -1,0 +1,226 @@
+// Validation of calls, and running them with a plan from the group's cache.
+#include <fmt/format.h>
+
+#include "collectives/collectives.h"
+#include "collectives/plan.h"
+#include "core/describe.h"
+#include "weft/errors.h"
+
+namespace weft::coll {
+
+bool supports(Kind k, Algorithm a);
+std::unique_ptr<Plan> make_ring_plan(comm::Group& g);
+std::unique_ptr<Plan> make_doubling_plan(comm::Group& g, bool halving);
+std::unique_ptr<Plan> make_tree_plan(comm::Group& g, Algorithm algo);
+
+std::string Call::describe() const {
+  return describe_collective(kind, seq, dtype, count, op, root, algorithm);
+}
+
+transport::OpDesc Call::desc() const {
+  transport::OpDesc d;
+  d.kind = static_cast<uint8_t>(kind);
+  d.dtype = static_cast<uint8_t>(dtype);
+  d.op = static_cast<uint8_t>(op);
+  d.flags = static_cast<uint8_t>(algorithm);
+  d.root = static_cast<uint32_t>(root);
+  // alltoallv counts legitimately differ between ranks: sizes are checked per message.
+  d.count = kind == Kind::Alltoallv ? 0 : count;
+  d.seq = seq;
+  return d;
+}
+
+namespace {
+
+bool rooted(Kind k) {
+  return k == Kind::Broadcast || k == Kind::Reduce || k == Kind::Gather || k == Kind::Scatter;
+}
+bool reducing(Kind k) {
+  return k == Kind::Allreduce || k == Kind::Reduce || k == Kind::ReduceScatter;
+}
+
+// [a, a + an) and [b, b + bn) share bytes.
+bool overlap(const void* a, size_t an, const void* b, size_t bn) {
+  if (an == 0 || bn == 0) return false;
+  auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return pa < pb + bn && pb < pa + an;
+}
+
+}  // namespace
+
+void validate(const Call& c, int n, int r) {
+  const std::string what = collective_name(c.kind);
+  if (static_cast<int>(c.dtype) >= kNumDTypes) {
+    throw InvalidArgument(fmt::format("{}: unknown dtype {}", what, static_cast<int>(c.dtype)));
+  }
+  if (reducing(c.kind)) {
+    if (static_cast<int>(c.op) >= kNumReduceOps) {
+      throw InvalidArgument(fmt::format("{}: unknown reduce op {}", what, static_cast<int>(c.op)));
+    }
+    if (c.op == ReduceOp::Avg && !dtype_is_floating(c.dtype)) {
+      throw InvalidArgument(
+          fmt::format("{}: avg is not defined for integer type {} (use sum and divide)", what,
+                      dtype_name(c.dtype)));
+    }
+  }
+  if (rooted(c.kind) && (c.root < 0 || c.root >= n)) {
+    throw InvalidArgument(
+        fmt::format("{}: root {} is out of range for a communicator of size {}", what, c.root, n));
+  }
+  if (c.algorithm != Algorithm::Auto && !supports(c.kind, c.algorithm)) {
+    throw InvalidArgument(fmt::format("{}: algorithm {} is not available for this collective", what,
+                                      algorithm_name(c.algorithm)));
+  }
+  const size_t es = c.esize();
+  const size_t un = static_cast<size_t>(n);
+  // Bytes read from in and written to out on this rank.
+  size_t in_bytes = 0, out_bytes = 0;
+  switch (c.kind) {
+    case Kind::Barrier: break;
+    case Kind::Broadcast: in_bytes = out_bytes = c.count * es; break;
+    case Kind::Allreduce: in_bytes = out_bytes = c.count * es; break;
+    case Kind::Reduce:
+      in_bytes = c.count * es;
+      out_bytes = r == c.root ? c.count * es : 0;
+      break;
+    case Kind::ReduceScatter:
+      in_bytes = c.count * un * es;
+      out_bytes = c.count * es;
+      break;
+    case Kind::Allgather:
+      in_bytes = c.count * es;
+      out_bytes = c.count * un * es;
+      break;
+    case Kind::Allgatherv: {
+      if (c.counts.size() != un) {
+        throw InvalidArgument(
+            fmt::format("allgatherv: {} counts for {} ranks", c.counts.size(), n));
+      }
+      size_t total = 0;
+      for (size_t x : c.counts) total += x;
+      if (total != c.count) throw InternalError("allgatherv: total count mismatch");
+      in_bytes = c.counts[r] * es;
+      out_bytes = total * es;
+      break;
+    }
+    case Kind::Gather:
+      in_bytes = c.count * es;
+      out_bytes = r == c.root ? c.count * un * es : 0;
+      break;
+    case Kind::Scatter:
+      in_bytes = r == c.root ? c.count * un * es : 0;
+      out_bytes = c.count * es;
+      break;
+    case Kind::Alltoall: in_bytes = out_bytes = c.count * un * es; break;
+    case Kind::Alltoallv: {
+      if (c.counts.size() != un || c.recv_counts.size() != un) {
+        throw InvalidArgument(
+            fmt::format("alltoallv: {} send counts and {} receive counts for {} ranks",
+                        c.counts.size(), c.recv_counts.size(), n));
+      }
+      for (size_t x : c.counts) in_bytes += x * es;
+      for (size_t x : c.recv_counts) out_bytes += x * es;
+      break;
+    }
+  }
+  if (in_bytes > 0 && c.in == nullptr)
+    throw InvalidArgument(fmt::format("{}: null input buffer", what));
+  if (out_bytes > 0 && c.out == nullptr)
+    throw InvalidArgument(fmt::format("{}: null output buffer", what));
+  // Buffers must not overlap, except in the documented in-place forms.
+  bool in_place = false;
+  switch (c.kind) {
+    case Kind::Broadcast:
+    case Kind::Allreduce:
+    case Kind::Reduce: in_place = c.in == c.out; break;
+    case Kind::ReduceScatter:
+      in_place = c.out == static_cast<const uint8_t*>(c.in) + static_cast<size_t>(r) * c.count * es;
+      break;
+    case Kind::Allgather:
+      in_place = c.in == static_cast<uint8_t*>(c.out) + static_cast<size_t>(r) * c.count * es;
+      break;
+    case Kind::Allgatherv: {
+      size_t off = 0;
+      for (int j = 0; j < r; ++j) off += c.counts[j];
+      in_place = c.in == static_cast<uint8_t*>(c.out) + off * es;
+      break;
+    }
+    case Kind::Gather:
+      in_place = r == c.root &&
+                 c.in == static_cast<uint8_t*>(c.out) + static_cast<size_t>(r) * c.count * es;
+      break;
+    case Kind::Scatter:
+      in_place = r == c.root &&
+                 c.out == static_cast<const uint8_t*>(c.in) + static_cast<size_t>(r) * c.count * es;
+      break;
+    default: break;
+  }
+  if (!in_place && overlap(c.in, in_bytes, c.out, out_bytes)) {
+    throw InvalidArgument(fmt::format(
+        "{}: the input and output buffers overlap (and this is not the in-place form)", what));
+  }
+}
+
+std::unique_ptr<Plan> make_plan(Kind kind, Algorithm algorithm, comm::Group& g) {
+  switch (algorithm) {
+    case Algorithm::Ring: return make_ring_plan(g);
+    case Algorithm::HalvingDoubling: return make_doubling_plan(g, true);
+    case Algorithm::RecursiveDoubling: return make_doubling_plan(g, false);
+    case Algorithm::Tree:
+    case Algorithm::Linear:
+    case Algorithm::Pairwise:
+    case Algorithm::Dissemination: return make_tree_plan(g, algorithm);
+    case Algorithm::Auto: break;
+  }
+  throw InternalError(
+      fmt::format("no plan for {} with {}", collective_name(kind), algorithm_name(algorithm)));
+}
+
+std::unique_ptr<Plan> PlanCache::acquire(Kind kind, Algorithm algorithm, comm::Group& g) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto& v = idle_[{kind, algorithm}];
+    if (!v.empty()) {
+      auto p = std::move(v.back());
+      v.pop_back();
+      return p;
+    }
+  }
+  return make_plan(kind, algorithm, g);
+}
+
+void PlanCache::release(Kind kind, Algorithm algorithm, std::unique_ptr<Plan> plan) {
+  std::lock_guard<std::mutex> lk(mu_);
+  idle_[{kind, algorithm}].push_back(std::move(plan));
+}
+
+namespace {
+// Registers the call with its world for the duration of the run, so that a
+// peer's message for the same collective number that disagrees is caught
+// even if this rank never posts a receive for it.
+class ActiveCall {
+ public:
+  ActiveCall(comm::Group& g, const Call& c) : g_(g), id_(g.id()), seq_(c.seq) {
+    g_.world().begin_collective(id_, c.desc());
+  }
+  ~ActiveCall() { g_.world().end_collective(id_, seq_); }
+  ActiveCall(const ActiveCall&) = delete;
+  ActiveCall& operator=(const ActiveCall&) = delete;
+
+ private:
+  comm::Group& g_;
+  uint64_t id_, seq_;
+};
+}  // namespace
+
+void run(comm::Group& g, Call call) {
+  call.algorithm = select(call, g.size());
+  auto& cache = g.extension<PlanCache>([] { return std::make_shared<PlanCache>(); });
+  auto plan = cache.acquire(call.kind, call.algorithm, g);
+  ActiveCall active(g, call);
+  plan->run(g, call);
+  // A plan whose call failed is dropped: the communicator is aborted anyway.
+  cache.release(call.kind, call.algorithm, std::move(plan));
+}
+
+}  // namespace weft::coll

@@ -123,6 +123,8 @@ class Communicator {
   const std::string& host_of(int rank) const;
   uint32_t generation() const;
   const CommOptions& options() const;
+  // The transports carrying this rank's data, e.g. "tcp" or "tcp+shm".
+  std::string transports() const;
 
   // ---- Point-to-point ----------------------------------------------------
   // Sends buf to rank dst with a user tag. The matching recv must be posted

@@ -145,6 +145,7 @@ const std::string& Communicator::host_of(int rank) const {
 }
 uint32_t Communicator::generation() const { return group_->world().generation(); }
 const CommOptions& Communicator::options() const { return group_->world().options(); }
+std::string Communicator::transports() const { return group_->world().transport_names(); }
 
 WorkPtr Communicator::send(ConstBuffer buf, int dst, uint32_t tag, const SendOptions& opts) {
   check_buffer(buf, "send", "message");

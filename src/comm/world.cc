@@ -229,6 +229,17 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     hosts.push_back(ri.hostname);
   }
   tcp_->connect_all(addresses, hosts, deadline);
+  transports_ = {tcp_.get()};
+  route_.assign(static_cast<size_t>(size_), tcp_.get());
+}
+
+std::string World::transport_names() const {
+  std::string names;
+  for (auto* t : transports_) {
+    if (!names.empty()) names += '+';
+    names += t->name();
+  }
+  return names;
 }
 
 World::~World() { shutdown(); }
@@ -253,7 +264,7 @@ void World::shutdown_once() {
             AbortedError(fmt::format("rank {}: the communicator was destroyed", rank_)));
       }
     }
-    tcp_->fail_all(error());
+    for (auto* t : transports_) t->fail_all(error());
   }
   if (executor_.joinable()) executor_.join();
   if (tcp_) {
@@ -264,7 +275,10 @@ void World::shutdown_once() {
       std::lock_guard<std::mutex> lk(error_mu_);
       if (abort_known_) tcp_->broadcast_abort(abort_kind_, abort_culprit_, abort_reason_);
     }
-    tcp_->close(Deadline::after(std::chrono::seconds(2)));
+    // The other transports first: the TCP goodbye must come last.
+    for (auto it = transports_.rbegin(); it != transports_.rend(); ++it) {
+      (*it)->close(Deadline::after(std::chrono::seconds(2)));
+    }
   }
   if (engine_) engine_->stop();
   tcp_.reset();
@@ -274,10 +288,11 @@ void World::shutdown_once() {
 }
 
 void World::start(const transport::RequestPtr& req) {
+  transport::Transport& t = route(req->peer());
   if (req->is_send()) {
-    tcp_->isend(req);
+    t.isend(req);
   } else {
-    tcp_->irecv(req);
+    t.irecv(req);
   }
 }
 
@@ -324,7 +339,7 @@ void World::abort(std::exception_ptr error, AbortKind kind, int culprit, const s
     }
   }
   // Also when already aborted: returns only once no request can be written to any more.
-  if (tcp_) tcp_->fail_all(this->error());
+  for (auto* t : transports_) t->fail_all(this->error());
   if (engine_) engine_->wake();
 }
 
@@ -378,7 +393,11 @@ void World::begin_collective(uint64_t comm_id, const transport::OpDesc& desc) {
     std::lock_guard<std::mutex> lk(active_mu_);
     active_[{comm_id, desc.seq}] = desc;
   }
-  if (auto err = tcp_->find_conflict(comm_id, desc)) {
+  std::exception_ptr err;
+  for (auto* t : transports_) {
+    if (!err) err = t->find_conflict(comm_id, desc);
+  }
+  if (err) {
     end_collective(comm_id, desc.seq);
     abort_with(err);
     std::rethrow_exception(err);
@@ -399,7 +418,10 @@ std::exception_ptr World::check_unexpected(int peer, const transport::tcp::Frame
     mine = it->second;
   }
   (void)peer;
-  return tcp_->find_conflict(h.comm_id, mine);
+  for (auto* t : transports_) {
+    if (auto err = t->find_conflict(h.comm_id, mine)) return err;
+  }
+  return nullptr;
 }
 
 void World::submit(std::function<void()> task) {

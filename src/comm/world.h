@@ -61,6 +61,10 @@ class World : public std::enable_shared_from_this<World> {
   const std::shared_ptr<Store>& world_store() const { return store_; }
   transport::Engine& engine() { return *engine_; }
   transport::tcp::TcpTransport& tcp() { return *tcp_; }
+  // The transport that carries the data between this rank and `peer`.
+  transport::Transport& route(int peer) { return *route_[static_cast<size_t>(peer)]; }
+  // Names of the transports in use ("tcp", "tcp+shm").
+  std::string transport_names() const;
 
   // Starts a point-to-point request (world ranks).
   void start(const transport::RequestPtr& req);
@@ -121,6 +125,9 @@ class World : public std::enable_shared_from_this<World> {
 
   std::unique_ptr<transport::Engine> engine_;
   std::unique_ptr<transport::tcp::TcpTransport> tcp_;
+  // Every transport, TCP first; route_[peer] is the one for that peer's data.
+  std::vector<transport::Transport*> transports_;
+  std::vector<transport::Transport*> route_;
 
   mutable std::mutex error_mu_;
   std::exception_ptr error_;  // GUARDED_BY(error_mu_)

@@ -30,6 +30,7 @@
 #include "transport/engine.h"
 #include "transport/request.h"
 #include "transport/tcp/frame.h"
+#include "transport/transport.h"
 
 namespace weft::transport::tcp {
 
@@ -65,13 +66,13 @@ struct TcpEvents {
   std::function<std::string(const OpDesc&)> describe_op;
 };
 
-class TcpTransport {
+class TcpTransport : public Transport {
  public:
   // Starts listening on options.listen_ip (ephemeral port).
   TcpTransport(Engine& engine, TcpOptions options, TcpEvents events);
   // Closes every connection (without goodbye: call close() first for a
   // graceful exit) and unregisters from the engine.
-  ~TcpTransport();
+  ~TcpTransport() override;
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
 
@@ -88,21 +89,22 @@ class TcpTransport {
   // Starts a send / posts a receive. Never blocks for long (an inline
   // non-blocking write at most). A request on a failed or departed peer, or
   // after fail_all(), fails at once.
-  void isend(const RequestPtr& req);
-  void irecv(const RequestPtr& req);
+  const char* name() const override { return "tcp"; }
+  void isend(const RequestPtr& req) override;
+  void irecv(const RequestPtr& req) override;
 
   // A MismatchError if a message already received from some peer for the
   // collective (comm_id, desc.seq) carries another descriptor; else null.
-  std::exception_ptr find_conflict(uint64_t comm_id, const OpDesc& desc);
+  std::exception_ptr find_conflict(uint64_t comm_id, const OpDesc& desc) override;
 
   // Fails every pending request with `error` (the first error given wins)
   // and every later one too. Returns once no handler can touch the buffers
   // of the failed requests any more.
-  void fail_all(std::exception_ptr error);
+  void fail_all(std::exception_ptr error) override;
   // Sends an Abort frame to every connected peer (best effort).
   void broadcast_abort(AbortKind kind, int failed_rank, const std::string& reason);
   // Graceful goodbye to every peer (Bye frames, flushed within the deadline).
-  void close(const Deadline& deadline);
+  void close(const Deadline& deadline) override;
 
   std::string host_of(int rank) const;
   int rank() const { return options_.rank; }

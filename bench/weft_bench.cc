@@ -53,20 +53,7 @@ ReduceOp parse_op(const std::string& s) {
   throw CLI::ValidationError("--op", "unknown op " + s);
 }
 
-// Element value helpers: every dtype holds small integers exactly.
-double get(const void* p, DType t, size_t i) {
-  switch (t) {
-    case DType::Float32: return static_cast<const float*>(p)[i];
-    case DType::Float64: return static_cast<const double*>(p)[i];
-    case DType::Float16: return weft::half_to_float(static_cast<const weft::Half*>(p)[i]);
-    case DType::BFloat16: return weft::bfloat16_to_float(static_cast<const weft::BFloat16*>(p)[i]);
-    case DType::Int32: return static_cast<const int32_t*>(p)[i];
-    case DType::Int64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
-    case DType::UInt8: return static_cast<const uint8_t*>(p)[i];
-  }
-  return 0;
-}
-
+// Stores v (a small integer, exact in every dtype) as element i.
 void set(void* p, DType t, size_t i, double v) {
   switch (t) {
     case DType::Float32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
@@ -98,48 +85,119 @@ struct Options {
 // Input value of element i on rank r (small integers: exact in every dtype).
 double input(int r, size_t i) { return static_cast<double>((r + 1) + static_cast<int>(i % 3)); }
 
+struct Collective {
+  weft::Collective kind;
+  double busbw_factor;  // nccl-tests: busbw = algbw x factor
+};
+
+Collective parse_collective(const std::string& s, int n) {
+  const double a = 2.0 * (n - 1) / n, b = static_cast<double>(n - 1) / n;
+  if (s == "allreduce") return {weft::Collective::Allreduce, a};
+  if (s == "reduce") return {weft::Collective::Reduce, 1.0};
+  if (s == "broadcast") return {weft::Collective::Broadcast, 1.0};
+  if (s == "allgather") return {weft::Collective::Allgather, b};
+  if (s == "reduce_scatter") return {weft::Collective::ReduceScatter, b};
+  if (s == "gather") return {weft::Collective::Gather, b};
+  if (s == "scatter") return {weft::Collective::Scatter, b};
+  if (s == "alltoall") return {weft::Collective::Alltoall, b};
+  if (s == "barrier") return {weft::Collective::Barrier, 0.0};
+  throw CLI::ValidationError("collective", "unknown collective " + s);
+}
+
+// Expected value of an output element of a reduction over n ranks.
+double reduced(ReduceOp op, int n, size_t i) {
+  double e = 0;
+  switch (op) {
+    case ReduceOp::Sum: e = n * static_cast<double>(i % 3) + n * (n + 1) / 2.0; break;
+    case ReduceOp::Avg: e = static_cast<double>(i % 3) + (n + 1) / 2.0; break;
+    case ReduceOp::Min: e = 1 + static_cast<double>(i % 3); break;
+    case ReduceOp::Max: e = n + static_cast<double>(i % 3); break;
+    case ReduceOp::Prod:
+      e = 1;
+      for (int r = 0; r < n; ++r) e *= input(r, i);
+      break;
+  }
+  return e;
+}
+
 int run(const Options& o) {
   auto comm = weft::init();
   const int n = comm->size(), rank = comm->rank();
+  const auto coll = parse_collective(o.collective, n);
   const DType dtype = parse_dtype(o.dtype);
   const ReduceOp op = parse_op(o.op);
+  const weft::Algorithm algo = weft::parse_algorithm(o.algo);
   const size_t esize = weft::dtype_size(dtype);
   const uint64_t min_b = weft::settings::parse_bytes(o.min_bytes, "--min-bytes");
   const uint64_t max_b = weft::settings::parse_bytes(o.max_bytes, "--max-bytes");
-  if (o.collective != "allreduce" && o.collective != "broadcast" && o.collective != "barrier") {
-    throw CLI::ValidationError("collective", "unknown collective " + o.collective);
-  }
+  const std::string transport = comm->transports();
   if (rank == 0 && !o.json) {
-    std::printf("# weft-bench %s, %d ranks, %s, op %s, algo %s\n", o.collective.c_str(), n,
-                o.dtype.c_str(), o.op.c_str(), o.algo.c_str());
+    std::printf("# weft-bench %s, %d ranks, %s, op %s, transport %s\n", o.collective.c_str(), n,
+                o.dtype.c_str(), o.op.c_str(), transport.c_str());
     std::printf("# %12s %12s %8s %5s %10s %12s %10s %10s %12s %7s\n", "bytes", "count", "type",
                 "op", "algo", "time_us", "algbw_GBps", "busbw_GBps", "cpu_us/iter", "errors");
   }
-  for (uint64_t bytes = std::max<uint64_t>(min_b, esize); bytes <= max_b; bytes *= 4) {
+  const uint64_t first =
+      coll.kind == weft::Collective::Barrier ? 0 : std::max<uint64_t>(min_b, esize * n);
+  for (uint64_t bytes = first;; bytes = bytes == 0 ? 1 : bytes * 4) {
+    // bytes: the whole buffer (for allgather the output, for reduce_scatter
+    // and alltoall the input), as in nccl-tests; blk: elements per rank.
     const size_t count = bytes / esize;
-    std::vector<uint8_t> buf(count * esize);
+    const size_t blk = std::max<size_t>(1, count / static_cast<size_t>(n));
+    std::vector<uint8_t> in, out;
+    size_t in_count = count, out_count = count;
+    switch (coll.kind) {
+      case weft::Collective::Allgather: in_count = blk, out_count = blk * n; break;
+      case weft::Collective::Gather: in_count = blk, out_count = blk * n; break;
+      case weft::Collective::ReduceScatter: in_count = blk * n, out_count = blk; break;
+      case weft::Collective::Scatter: in_count = blk * n, out_count = blk; break;
+      case weft::Collective::Alltoall: in_count = out_count = blk * n; break;
+      default: break;
+    }
+    in.resize(std::max<size_t>(1, in_count * esize));
+    out.resize(std::max<size_t>(1, out_count * esize));
+    weft::Algorithm used =
+        algo == weft::Algorithm::Auto ? comm->selected_algorithm(coll.kind, in_count, dtype) : algo;
     int iters =
         o.iters > 0 ? o.iters : (bytes >= (16u << 20) ? 10 : (bytes >= (1u << 20) ? 30 : 200));
     std::vector<double> times;
     double cpu = 0, wrong = 0;
-    weft::AllreduceOptions ao;
-    ao.op = op;
     for (int it = 0; it < iters + o.warmup; ++it) {
-      // Reset the input.
-      if (o.collective == "allreduce") {
-        for (size_t i = 0; i < count; ++i) set(buf.data(), dtype, i, input(rank, i));
-      } else if (o.collective == "broadcast") {
-        for (size_t i = 0; i < count; ++i) set(buf.data(), dtype, i, rank == 0 ? input(0, i) : -1);
-      }
+      for (size_t i = 0; i < in_count; ++i) set(in.data(), dtype, i, input(rank, i));
+      std::fill(out.begin(), out.end(), 0);
+      weft::ConstBuffer ib(in.data(), in_count, dtype);
+      weft::Buffer ob(out.data(), out_count, dtype);
       comm->barrier();
       double c0 = cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
-      if (o.collective == "allreduce") {
-        comm->allreduce(Buffer(buf.data(), count, dtype), ao);
-      } else if (o.collective == "broadcast") {
-        comm->broadcast(Buffer(buf.data(), count, dtype), 0);
-      } else {
-        comm->barrier();
+      switch (coll.kind) {
+        case weft::Collective::Allreduce:
+          comm->allreduce(ib, ob, weft::AllreduceOptions{op, weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::Reduce:
+          comm->reduce(ib, ob, weft::ReduceOptions{op, 0, weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::Broadcast:
+          comm->broadcast(Buffer(in.data(), in_count, dtype),
+                          weft::BroadcastOptions{0, weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::Allgather:
+          comm->allgather(ib, ob, weft::CollectiveOptions{weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::ReduceScatter:
+          comm->reduce_scatter(ib, ob, weft::ReduceScatterOptions{op, weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::Gather:
+          comm->gather(ib, ob, weft::RootedOptions{0, weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::Scatter:
+          comm->scatter(ib, ob, weft::RootedOptions{0, weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::Alltoall:
+          comm->alltoall(ib, ob, weft::CollectiveOptions{weft::kDefaultTimeout, algo});
+          break;
+        case weft::Collective::Barrier: comm->barrier(); break;
+        default: break;
       }
       auto t1 = std::chrono::steady_clock::now();
       double c1 = cpu_seconds();
@@ -147,40 +205,54 @@ int run(const Options& o) {
         times.push_back(std::chrono::duration<double>(t1 - t0).count());
         cpu += c1 - c0;
       }
-      // Check.
-      if (o.collective == "allreduce") {
-        for (size_t i = 0; i < count; ++i) {
-          double expect = 0;
-          switch (op) {
-            case ReduceOp::Sum: expect = n * (i % 3) + n * (n + 1) / 2.0; break;
-            case ReduceOp::Avg: expect = (i % 3) + (n + 1) / 2.0; break;
-            case ReduceOp::Min: expect = 1 + static_cast<double>(i % 3); break;
-            case ReduceOp::Max: expect = n + static_cast<double>(i % 3); break;
-            case ReduceOp::Prod: {
-              expect = 1;
-              for (int r = 0; r < n; ++r) expect *= input(r, i);
-              break;
-            }
-          }
-          double tmp[1];
-          set(tmp, DType::Float64, 0, expect);
-          std::vector<uint8_t> e(esize);
-          set(e.data(), dtype, 0, expect);
-          if (std::memcmp(e.data(), buf.data() + i * esize, esize) != 0) wrong += 1;
-        }
-      } else if (o.collective == "broadcast") {
-        for (size_t i = 0; i < count; ++i) wrong += get(buf.data(), dtype, i) != input(0, i);
+      // Check every element of the result.
+      auto expect_eq = [&](const uint8_t* data, size_t i, double v) {
+        uint8_t e[8];
+        set(e, dtype, 0, v);
+        wrong += std::memcmp(e, data + i * esize, esize) != 0;
+      };
+      switch (coll.kind) {
+        case weft::Collective::Allreduce:
+          for (size_t i = 0; i < out_count; ++i) expect_eq(out.data(), i, reduced(op, n, i));
+          break;
+        case weft::Collective::Reduce:
+          if (rank == 0)
+            for (size_t i = 0; i < out_count; ++i) expect_eq(out.data(), i, reduced(op, n, i));
+          break;
+        case weft::Collective::ReduceScatter:
+          for (size_t i = 0; i < out_count; ++i)
+            expect_eq(out.data(), i, reduced(op, n, rank * blk + i));
+          break;
+        case weft::Collective::Broadcast:
+          for (size_t i = 0; i < in_count; ++i) expect_eq(in.data(), i, input(0, i));
+          break;
+        case weft::Collective::Allgather:
+          for (size_t i = 0; i < out_count; ++i)
+            expect_eq(out.data(), i, input(static_cast<int>(i / blk), i % blk));
+          break;
+        case weft::Collective::Gather:
+          if (rank == 0)
+            for (size_t i = 0; i < out_count; ++i)
+              expect_eq(out.data(), i, input(static_cast<int>(i / blk), i % blk));
+          break;
+        case weft::Collective::Scatter:
+          for (size_t i = 0; i < out_count; ++i) expect_eq(out.data(), i, input(0, rank * blk + i));
+          break;
+        case weft::Collective::Alltoall:
+          for (size_t i = 0; i < out_count; ++i)
+            expect_eq(out.data(), i, input(static_cast<int>(i / blk), rank * blk + i % blk));
+          break;
+        default: break;
       }
     }
     comm->allreduce(Buffer(times.data(), times.size(), DType::Float64), ReduceOp::Max);
     std::vector<double> totals{cpu, wrong};
     comm->allreduce(Buffer(totals.data(), totals.size(), DType::Float64), ReduceOp::Sum);
     std::sort(times.begin(), times.end());
-    double med = times[times.size() / 2];
-    double algbw = static_cast<double>(bytes) / med / 1e9;
-    double factor = o.collective == "allreduce" ? 2.0 * (n - 1) / n : 1.0;
-    double busbw = algbw * factor;
-    double cpu_us = totals[0] / iters * 1e6;
+    const double med = times[times.size() / 2];
+    const double algbw = bytes > 0 ? static_cast<double>(bytes) / med / 1e9 : 0.0;
+    const double busbw = algbw * coll.busbw_factor;
+    const double cpu_us = totals[0] / iters * 1e6;
     if (rank == 0) {
       if (o.json) {
         nlohmann::json j = {{"collective", o.collective},
@@ -189,7 +261,8 @@ int run(const Options& o) {
                             {"type", o.dtype},
                             {"op", o.op},
                             {"world", n},
-                            {"algo", o.algo},
+                            {"algo", weft::algorithm_name(used)},
+                            {"transport", transport},
                             {"time_us", med * 1e6},
                             {"algbw_gbps", algbw},
                             {"busbw_gbps", busbw},
@@ -199,11 +272,11 @@ int run(const Options& o) {
       } else {
         std::printf("  %12llu %12zu %8s %5s %10s %12.1f %10.3f %10.3f %12.1f %7.0f\n",
                     static_cast<unsigned long long>(bytes), count, o.dtype.c_str(), o.op.c_str(),
-                    o.algo.c_str(), med * 1e6, algbw, busbw, cpu_us, totals[1]);
+                    weft::algorithm_name(used), med * 1e6, algbw, busbw, cpu_us, totals[1]);
       }
       std::fflush(stdout);
     }
-    if (bytes > max_b / 4) break;
+    if (bytes == 0 || bytes * 4 > max_b) break;
   }
   return 0;
 }
@@ -213,12 +286,16 @@ int run(const Options& o) {
 int main(int argc, char** argv) {
   Options o;
   CLI::App app{"weft-bench: benchmark of Weft's collectives (launch with weft run -n N)"};
-  app.add_option("collective", o.collective, "allreduce, broadcast or barrier")->required();
+  app.add_option("collective", o.collective,
+                 "allreduce, reduce, broadcast, allgather, reduce_scatter, gather, scatter, "
+                 "alltoall or barrier")
+      ->required();
   app.add_option("--min-bytes", o.min_bytes, "smallest message (e.g. 4K)");
   app.add_option("--max-bytes", o.max_bytes, "largest message (e.g. 64M)");
   app.add_option("--dtype", o.dtype, "float32, float64, float16, bfloat16, int32, int64, uint8");
   app.add_option("--op", o.op, "sum, avg, min, max, prod");
-  app.add_option("--algo", o.algo, "algorithm (auto: chosen by the cost model)");
+  app.add_option("--algo", o.algo,
+                 "auto (the cost model chooses), ring, hd, rd, tree, linear, pairwise");
   app.add_option("--iters", o.iters, "timed iterations per size (default: 200 / 30 / 10 by size)");
   app.add_option("--warmup", o.warmup, "warm-up iterations per size");
   app.add_flag("--json", o.json, "one JSON object per size");

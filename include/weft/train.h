@@ -342,6 +342,12 @@ class DataParallel {
 
   // Completed steps (end_step() calls).
   int64_t step() const { return step_; }
+  // Whether the gradients of the current step are (or will be) averaged.
+  // Opens the step (asks the policy) when nothing was reported yet, so call
+  // it only once the step's backward pass is under way or done (e.g. just
+  // before finish_gradients()), not between end_step() and the next
+  // backward if average_parameters() or synchronize() follow.
+  bool step_averages_gradients();
   const std::vector<Parameter>& parameters() const { return params_; }
   const std::vector<StateBuffer>& buffers() const { return buffers_; }
   const std::vector<Bucket>& buckets() const { return buckets_; }

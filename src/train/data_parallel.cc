@@ -326,6 +326,12 @@ void DataParallel::launch_in_order_locked() {
   }
 }
 
+bool DataParallel::step_averages_gradients() {
+  std::lock_guard lock(mu_);
+  if (phase_ == Phase::Idle) open_step_locked();
+  return averaging_;
+}
+
 void DataParallel::finish_gradients() {
   std::lock_guard lock(mu_);
   if (phase_ == Phase::Idle) open_step_locked();

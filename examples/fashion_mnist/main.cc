@@ -1,0 +1,347 @@
+// Fashion-MNIST, data-parallel: the main job of the project (`make demo`).
+//
+//   weft run -n 4 build/bin/fashion_mnist --epochs 5
+//
+// Every worker trains a replica of the CNN of
+// ../shared/anchors/torch_ddp_fmnist.py (conv 1->32 3x3 + pool, conv 32->64
+// 3x3 + pool, fc 3136->128, fc 128->10; 421,642 parameters) on its shard of
+// each epoch, with SGD + momentum and weft::torch::DataParallel keeping the
+// replicas in step (BSP or local SGD). Rank 0 shows a live progress line,
+// the test accuracy after each epoch (evaluated by all ranks, each on a
+// slice of the test set) and a summary; --json prints one JSON object per
+// epoch instead.
+//
+// Throughput follows ../shared/guide/MEASURING.md: samples/s over the epoch
+// after its first 20 steps (samples_per_s; samples_per_s_all counts the
+// whole epoch, as the DDP script does).
+#include <fmt/format.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "weft/data.h"
+#include "weft/torch.h"
+#include "weft/train.h"
+#include "weft/weft.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+struct CnnImpl : torch::nn::Module {
+  CnnImpl()
+      : c1(register_module("c1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)))),
+        c2(register_module("c2",
+                           torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)))),
+        f1(register_module("f1", torch::nn::Linear(64 * 7 * 7, 128))),
+        f2(register_module("f2", torch::nn::Linear(128, 10))) {}
+
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::max_pool2d(torch::relu(c1->forward(x)), 2);
+    x = torch::max_pool2d(torch::relu(c2->forward(x)), 2);
+    return f2->forward(torch::relu(f1->forward(x.flatten(1))));
+  }
+
+  torch::nn::Conv2d c1, c2;
+  torch::nn::Linear f1, f2;
+};
+
+struct Args {
+  int epochs = 5;
+  int64_t batch_size = 64;
+  double lr = 0.1;
+  std::string lr_schedule = "cosine";
+  double warmup_epochs = 0.5;
+  double momentum = 0.9;
+  double weight_decay = 0.0;
+  std::string sync = "bsp";
+  int64_t local_steps = 8;
+  int64_t sync_warmup_steps = 0;
+  int threads = 1;
+  uint64_t seed = 0;
+  std::string data_dir{weft::data::kFashionMnistDir};
+  bool json = false;
+  int64_t train_samples = 0;  // 0: all
+  int64_t test_samples = 0;   // 0: all
+  double bucket_mb = 25;
+  double first_bucket_mb = 1;
+  int64_t max_steps = 0;  // per epoch, 0: all (benchmarks)
+};
+
+std::string duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const auto t = static_cast<int64_t>(s + 0.5);
+  if (t >= 3600) return fmt::format("{}h{:02}m", t / 3600, t / 60 % 60);
+  if (t >= 60) return fmt::format("{}m{:02}s", t / 60, t % 60);
+  return fmt::format("{}s", t);
+}
+
+// Accuracy and mean loss of the model on `test`, each rank evaluating a
+// contiguous slice; collective.
+std::pair<double, double> evaluate(CnnImpl& model, const weft::data::Dataset& test, int64_t count,
+                                   weft::Communicator& comm) {
+  torch::NoGradGuard no_grad;
+  model.eval();
+  const int64_t per = (count + comm.size() - 1) / comm.size();
+  const int64_t begin = std::min(count, per * comm.rank());
+  const int64_t end = std::min(count, begin + per);
+  std::vector<double> sums(3, 0.0);  // correct, samples, loss sum
+  const int64_t chunk = 500;
+  std::vector<int64_t> idx;
+  for (int64_t s = begin; s < end; s += chunk) {
+    const int64_t n = std::min(chunk, end - s);
+    idx.resize(static_cast<size_t>(n));
+    for (int64_t k = 0; k < n; ++k) idx[static_cast<size_t>(k)] = s + k;
+    auto x = torch::empty({n, 1, test.height(), test.width()});
+    auto y = torch::empty({n}, torch::kLong);
+    test.fill_batch(idx, {x.data_ptr<float>(), static_cast<size_t>(x.numel())},
+                    {y.data_ptr<int64_t>(), static_cast<size_t>(n)});
+    auto out = model.forward(x);
+    sums[0] += static_cast<double>(out.argmax(1).eq(y).sum().item<int64_t>());
+    sums[1] += static_cast<double>(n);
+    sums[2] += torch::nn::functional::cross_entropy(
+                   out, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                   .item<double>();
+  }
+  comm.allreduce(sums, weft::ReduceOp::Sum);
+  model.train();
+  return {sums[0] / sums[1], sums[2] / sums[1]};
+}
+
+int run(const Args& a) {
+  auto comm = weft::init();
+  const int rank = comm->rank(), world = comm->size();
+  const bool lead = rank == 0;
+  weft::torch::set_threads(a.threads);
+  torch::manual_seed(a.seed);
+
+  auto train = weft::data::Dataset::fashion_mnist(weft::data::Split::Train, a.data_dir);
+  auto test = weft::data::Dataset::fashion_mnist(weft::data::Split::Test, a.data_dir);
+  const int64_t train_n =
+      a.train_samples > 0 ? std::min(a.train_samples, train->size()) : train->size();
+  const int64_t test_n = a.test_samples > 0 ? std::min(a.test_samples, test->size()) : test->size();
+
+  weft::data::DistributedSampler sampler(train_n, world, rank, {.seed = a.seed});
+  int64_t steps = sampler.common_steps_per_epoch(a.batch_size, /*drop_last_batch=*/true);
+  if (a.max_steps > 0) steps = std::min(steps, a.max_steps);
+  if (steps < 1) {
+    throw weft::InvalidArgument(
+        fmt::format("{} training samples over {} workers make no full batch of {}", train_n, world,
+                    a.batch_size));
+  }
+
+  auto model = std::make_shared<CnnImpl>();
+  weft::train::DataParallelOptions opts;
+  opts.sync = weft::train::parse_sync_mode(a.sync);
+  opts.local_steps = a.local_steps;
+  opts.warmup_steps = a.sync_warmup_steps;
+  opts.buckets.bucket_bytes = static_cast<size_t>(a.bucket_mb * (1 << 20));
+  opts.buckets.first_bucket_bytes = static_cast<size_t>(a.first_bucket_mb * (1 << 20));
+  weft::torch::DataParallel dp(model, comm, opts);
+
+  torch::optim::SGD opt(
+      model->parameters(),
+      torch::optim::SGDOptions(a.lr).momentum(a.momentum).weight_decay(a.weight_decay));
+  weft::train::LrSchedule schedule;
+  schedule.kind = weft::train::parse_lr_schedule(a.lr_schedule);
+  schedule.base_lr = a.lr;
+  schedule.total_steps = steps * a.epochs;
+  schedule.warmup_steps = static_cast<int64_t>(a.warmup_epochs * static_cast<double>(steps));
+  const int64_t decay_steps = schedule.total_steps - schedule.warmup_steps;
+  schedule.milestones = {decay_steps / 2, decay_steps * 3 / 4};  // step: x0.1 at 50% and 75%
+
+  const bool tty = isatty(lead && a.json ? 2 : 1) != 0;
+  std::FILE* progress = a.json ? stderr : stdout;
+  if (lead && !a.json) {
+    std::string buckets;
+    for (const auto& b : dp.engine().buckets()) {
+      buckets += fmt::format("{}{:.2f} MB", buckets.empty() ? "" : " + ",
+                             static_cast<double>(b.bytes()) / 1e6);
+    }
+    fmt::print(
+        "Fashion-MNIST: {} train / {} test samples from {}\n"
+        "CNN, {} parameters in {} bucket(s) ({}); {} worker(s) x batch {} (global {}), {} "
+        "steps/epoch, {} epoch(s)\n"
+        "sync {}, SGD lr {} ({}, warm-up {} steps) momentum {}, {} intra-op thread(s) per worker, "
+        "seed {}\n",
+        train_n, test_n, a.data_dir,
+        [&] {
+          int64_t n = 0;
+          for (const auto& p : model->parameters()) n += p.numel();
+          return n;
+        }(),
+        dp.engine().buckets().size(), buckets, world, a.batch_size, a.batch_size * world, steps,
+        a.epochs, dp.engine().policy().name(), a.lr, a.lr_schedule, schedule.warmup_steps,
+        a.momentum, a.threads, a.seed);
+    std::fflush(stdout);
+  }
+
+  auto x = torch::empty({a.batch_size, 1, train->height(), train->width()});
+  auto y = torch::empty({a.batch_size}, torch::kLong);
+  const std::span<float> xs(x.data_ptr<float>(), static_cast<size_t>(x.numel()));
+  const std::span<int64_t> ys(y.data_ptr<int64_t>(), static_cast<size_t>(a.batch_size));
+
+  const auto start = Clock::now();
+  double train_seconds = 0, best_acc = 0, last_acc = 0, rate_sum = 0;
+  int best_epoch = 0;
+  int64_t global_step = 0;
+  for (int epoch = 0; epoch < a.epochs; ++epoch) {
+    const std::vector<int64_t> shard = sampler.shard(epoch);
+    comm->barrier();
+    const auto t0 = Clock::now();
+    auto t_warm = t0;
+    auto last_print = t0;
+    double loss_sum = 0, shown_loss = 0;
+    for (int64_t k = 0; k < steps; ++k, ++global_step) {
+      if (k == 20) t_warm = Clock::now();
+      train->fill_batch(weft::data::batch_indices(shard, a.batch_size, k), xs, ys);
+      static_cast<torch::optim::SGDOptions&>(opt.param_groups()[0].options())
+          .lr(schedule.at(global_step));
+      dp.zero_grad();
+      auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+      loss.backward();
+      dp.step(opt);
+      const double l = loss.item<double>();
+      loss_sum += l;
+      shown_loss = k == 0 ? l : 0.95 * shown_loss + 0.05 * l;
+      if (lead && (tty || !a.json) &&
+          (since(last_print) >= (tty ? 0.25 : 15.0) || k + 1 == steps)) {
+        last_print = Clock::now();
+        const double el = since(t0);
+        const double rate = static_cast<double>((k + 1) * a.batch_size * world) / el;
+        const double per_step = (train_seconds + el) / static_cast<double>(global_step + 1);
+        const double eta = per_step * static_cast<double>(steps * a.epochs - global_step - 1);
+        const std::string line =
+            fmt::format("epoch {}/{}  step {}/{}  loss {:.4f}  {:.0f} samples/s  ETA {}", epoch + 1,
+                        a.epochs, k + 1, steps, shown_loss, rate, duration(eta));
+        if (tty) {
+          fmt::print(progress, "\r{}\033[K", line);
+        } else {
+          fmt::print(progress, "{}\n", line);
+        }
+        std::fflush(progress);
+      }
+    }
+    comm->barrier();
+    const double seconds = since(t0);
+    const double measured = steps > 20 ? since(t_warm) : seconds;
+    const int64_t measured_steps = steps > 20 ? steps - 20 : steps;
+    const double rate = static_cast<double>(measured_steps * a.batch_size * world) / measured;
+    const double rate_all = static_cast<double>(steps * a.batch_size * world) / seconds;
+    train_seconds += seconds;
+    rate_sum += rate;
+
+    std::vector<double> loss_total{loss_sum, static_cast<double>(steps)};
+    comm->allreduce(loss_total, weft::ReduceOp::Sum);
+    const double train_loss = loss_total[0] / loss_total[1];
+    dp.synchronize();  // local SGD: evaluate the average of the replicas
+    const auto [acc, test_loss] = evaluate(*model, *test, test_n, *comm);
+    last_acc = acc;
+    if (acc > best_acc) best_acc = acc, best_epoch = epoch + 1;
+    if (lead) {
+      if (tty && !a.json) fmt::print("\r\033[K");
+      if (tty && a.json) fmt::print(stderr, "\r\033[K");
+      if (a.json) {
+        fmt::print(
+            "{{\"epoch\": {}, \"samples_per_s\": {:.1f}, \"samples_per_s_all\": {:.1f}, "
+            "\"test_accuracy\": {:.4f}, \"loss\": {:.4f}, \"test_loss\": {:.4f}, \"seconds\": "
+            "{:.2f}, \"workers\": {}, \"batch_size\": {}, \"sync\": \"{}\", \"seed\": {}, "
+            "\"comm_wait_s\": {:.3f}}}\n",
+            epoch + 1, rate, rate_all, acc, train_loss, test_loss, seconds, world, a.batch_size,
+            a.sync, a.seed, dp.engine().stats().wait_seconds);
+      } else {
+        fmt::print(
+            "epoch {}/{}: train loss {:.4f}, test accuracy {:.4f} (loss {:.4f}), {:.0f} "
+            "samples/s, {:.1f} s\n",
+            epoch + 1, a.epochs, train_loss, acc, test_loss, rate, seconds);
+      }
+      std::fflush(stdout);
+    }
+  }
+  if (lead && !a.json) {
+    const auto st = dp.engine().stats();
+    fmt::print(
+        "done: {} epoch(s) in {} ({} training), final test accuracy {:.4f} (best {:.4f} after "
+        "epoch {}), {:.0f} samples/s on average; {} worker(s), sync {}; rank 0 waited {:.1f} s "
+        "for communication ({} allreduces, {:.1f} MB)\n",
+        a.epochs, duration(since(start)), duration(train_seconds), last_acc, best_acc, best_epoch,
+        a.epochs > 0 ? rate_sum / a.epochs : 0.0, world, dp.engine().policy().name(),
+        st.wait_seconds, st.bucket_allreduces + st.parameter_averages,
+        static_cast<double>(st.bytes_allreduced) / 1e6);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Data-parallel Fashion-MNIST training with Weft (run it under `weft run -n N`)"};
+  Args a;
+  app.add_option("--epochs", a.epochs, "Epochs")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 100000));
+  app.add_option("--batch-size", a.batch_size, "Batch size per worker")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--lr", a.lr, "Peak learning rate")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lr-schedule", a.lr_schedule,
+                 "constant, step (x0.1 at 50% and 75% of the decay) or cosine (to 0)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"constant", "step", "cosine"}));
+  app.add_option("--warmup-epochs", a.warmup_epochs,
+                 "Linear learning-rate warm-up, in epochs (from 10% of --lr)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
+  app.add_option("--momentum", a.momentum, "SGD momentum")->capture_default_str();
+  app.add_option("--weight-decay", a.weight_decay, "SGD weight decay")->capture_default_str();
+  app.add_option("--sync", a.sync, "bsp (gradients averaged every step) or local-sgd")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"bsp", "local-sgd"}));
+  app.add_option("--local-steps", a.local_steps, "Local SGD: average the parameters every H steps")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  app.add_option("--sync-warmup-steps", a.sync_warmup_steps,
+                 "Local SGD: BSP steps before local SGD starts (post-local SGD)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+  app.add_option("--threads", a.threads, "Intra-op threads per worker")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
+  app.add_option("--seed", a.seed, "Seed of the model initialisation and of the data order")
+      ->capture_default_str();
+  app.add_option("--data-dir", a.data_dir, "Directory of the Fashion-MNIST IDX files")
+      ->capture_default_str();
+  app.add_flag("--json", a.json, "Print one JSON object per epoch (rank 0) instead of text");
+  app.add_option("--train-samples", a.train_samples, "Use the first N training samples (0: all)")
+      ->capture_default_str();
+  app.add_option("--test-samples", a.test_samples, "Use the first N test samples (0: all)")
+      ->capture_default_str();
+  app.add_option("--bucket-mb", a.bucket_mb, "Gradient bucket size, MiB")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--first-bucket-mb", a.first_bucket_mb, "First gradient bucket size, MiB")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-steps", a.max_steps, "Stop each epoch after N steps (0: whole epoch)")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return run(a);
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "\nfashion_mnist: error: {}\n", e.what());
+    return 1;
+  }
+}

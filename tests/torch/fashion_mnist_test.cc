@@ -1,0 +1,125 @@
+// The main job end to end, as real processes under `weft run`: a short
+// training run on a subset of Fashion-MNIST must beat a fixed accuracy
+// (BSP and local SGD), and bad datasets fail with errors naming the file.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "testing/testing.h"
+#include "weft/data.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Process;
+
+std::string weft_bin() { return testing::bin_dir() + "/weft"; }
+std::string job_bin() { return testing::bin_dir() + "/fashion_mnist"; }
+
+bool have_dataset() {
+  return std::filesystem::exists(std::string(data::kFashionMnistDir) +
+                                 "/train-images-idx3-ubyte.gz");
+}
+
+// The JSON objects rank 0 printed, one per epoch.
+std::vector<nlohmann::json> epochs_of(const std::string& output) {
+  std::vector<nlohmann::json> out;
+  std::istringstream in(output);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto brace = line.find('{');
+    if (line.rfind("[0]", 0) != 0 || brace == std::string::npos) continue;
+    out.push_back(nlohmann::json::parse(line.substr(brace)));
+  }
+  return out;
+}
+
+std::vector<nlohmann::json> train(int workers, std::vector<std::string> args) {
+  std::vector<std::string> argv = {weft_bin(),
+                                   "run",
+                                   "-n",
+                                   std::to_string(workers),
+                                   job_bin(),
+                                   "--json",
+                                   "--train-samples",
+                                   "12000",
+                                   "--test-samples",
+                                   "2000",
+                                   "--epochs",
+                                   "2"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  Process p(argv);
+  EXPECT_TRUE(p.wait(420s)) << "training did not finish:\n" << p.output();
+  EXPECT_EQ(p.exit_code(), 0) << p.output();
+  auto epochs = epochs_of(p.output());
+  EXPECT_EQ(epochs.size(), 2u) << p.output();
+  return epochs;
+}
+
+// 2 workers x batch 32, 2 epochs of 12k samples (372 steps): well above
+// 0.75 (about 0.83 in practice); a broken gradient path stays far below.
+TEST(FashionMnist, ShortBspRunLearns) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  auto epochs = train(2, {"--batch-size", "32", "--sync", "bsp", "--seed", "3"});
+  ASSERT_EQ(epochs.size(), 2u);
+  EXPECT_EQ(epochs[1]["epoch"], 2);
+  EXPECT_EQ(epochs[1]["workers"], 2);
+  EXPECT_GT(epochs[1]["samples_per_s"].get<double>(), 0.0);
+  EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.75);
+  EXPECT_LT(epochs[1]["loss"].get<double>(), epochs[0]["loss"].get<double>() + 0.05);
+}
+
+TEST(FashionMnist, ShortLocalSgdRunLearns) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  auto epochs =
+      train(2, {"--batch-size", "32", "--sync", "local-sgd", "--local-steps", "8", "--seed", "3"});
+  ASSERT_EQ(epochs.size(), 2u);
+  EXPECT_EQ(epochs[1]["sync"], "local-sgd");
+  EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.75);
+}
+
+// Runs the job on a dataset directory and returns its output; expects failure.
+std::string run_failing(const std::string& dir) {
+  Process p({weft_bin(), "run", "-n", "1", job_bin(), "--data-dir", dir, "--epochs", "1"});
+  EXPECT_TRUE(p.wait(120s)) << p.output();
+  EXPECT_NE(p.exit_code(), 0) << p.output();
+  return p.output();
+}
+
+TEST(FashionMnist, BadDatasetsFailNamingTheFile) {
+  testing::TempDir dir;
+  // Missing directory.
+  std::string out = run_failing(dir.path() + "/nowhere");
+  EXPECT_NE(out.find(dir.path() + "/nowhere"), std::string::npos) << out;
+
+  // A truncated images file (the header promises 100 images, 50 are there).
+  const std::vector<uint32_t> image_dims = {100, 28, 28}, label_dims = {100};
+  std::vector<uint8_t> pixels(100 * 28 * 28, 7), labels(100, 1);
+  for (const char* split : {"train", "t10k"}) {
+    data::write_idx(dir.path() + "/" + split + "-images-idx3-ubyte.gz", image_dims, pixels, true);
+    data::write_idx(dir.path() + "/" + split + "-labels-idx1-ubyte.gz", label_dims, labels, true);
+  }
+  const std::string raw = dir.path() + "/train-images-idx3-ubyte";
+  std::filesystem::remove(raw + ".gz");
+  data::write_idx(raw, image_dims, pixels, false);
+  std::filesystem::resize_file(raw, 16 + 50 * 28 * 28);
+  out = run_failing(dir.path());
+  EXPECT_NE(out.find(raw), std::string::npos) << out;
+  EXPECT_NE(out.find("truncated"), std::string::npos) << out;
+
+  // A corrupt labels file (not IDX at all).
+  data::write_idx(raw, image_dims, pixels, false);
+  const std::string labels_path = dir.path() + "/train-labels-idx1-ubyte.gz";
+  std::ofstream(labels_path, std::ios::trunc) << "this is not a dataset";
+  out = run_failing(dir.path());
+  EXPECT_NE(out.find(labels_path), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace weft

@@ -54,7 +54,7 @@ void Engine::stop() {
     std::lock_guard<std::mutex> lk(mu_);
     stopping_ = true;
   }
-  cv_.notify_all();
+  bg_cv_.notify_all();
   interrupt();
   if (background_.joinable()) background_.join();
 }
@@ -103,6 +103,23 @@ bool Engine::run_in_progress(std::function<void()> fn, const Deadline& deadline)
     return ran->load();
   }
   return wait([&] { return ran->load(std::memory_order_seq_cst); }, deadline);
+}
+
+void Engine::add_poller(std::shared_ptr<Poller> poller) {
+  run_in_progress([this, p = std::move(poller)] { pollers_.push_back(p); },
+                  Deadline::after(std::chrono::seconds(30)));
+}
+
+void Engine::remove_poller(const Poller* poller) {
+  run_in_progress(
+      [this, poller] { std::erase_if(pollers_, [&](const auto& p) { return p.get() == poller; }); },
+      Deadline::after(std::chrono::seconds(30)));
+}
+
+int Engine::run_pollers() {
+  int n = 0;
+  for (size_t i = 0; i < pollers_.size(); ++i) n += pollers_[i]->poll();
+  return n;
 }
 
 void Engine::add(int fd, uint32_t events, std::shared_ptr<Handler> handler) {
@@ -182,13 +199,26 @@ int Engine::progress_once(int timeout_ms) {
   constexpr int kMaxEvents = 64;
   epoll_event events[kMaxEvents];
   run_tasks();
-  if (have_tasks_.load(std::memory_order_acquire)) timeout_ms = 0;
-  int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, next_timer_ms(timeout_ms));
+  int handled = pollers_.empty() ? 0 : run_pollers();
+  if (handled > 0 || have_tasks_.load(std::memory_order_acquire)) timeout_ms = 0;
+  timeout_ms = next_timer_ms(timeout_ms);
+  // Before blocking, every poller arms its wake-ups; one that has work
+  // already makes this a poll.
+  size_t armed = 0;
+  if (timeout_ms != 0) {
+    for (; armed < pollers_.size(); ++armed) {
+      if (!pollers_[armed]->prepare_block()) {
+        timeout_ms = 0;
+        break;
+      }
+    }
+  }
+  int n = ::epoll_wait(epoll_fd_.get(), events, kMaxEvents, timeout_ms);
   if (n < 0) {
     if (errno != EINTR) WEFT_ERROR("epoll_wait: {}", net::errno_string(errno));
     n = 0;
   }
-  int handled = 0;
+  for (size_t i = 0; i < armed; ++i) pollers_[i]->after_block();
   for (int i = 0; i < n; ++i) {
     int fd = events[i].data.fd;
     if (fd == wake_fd_.get()) {
@@ -221,12 +251,16 @@ bool Engine::run_as_owner(const std::function<bool()>& done, const Deadline& dea
     if (progress_once(0) > 0) continue;
     // Bounded poll: catches a reply that is microseconds away without a
     // sleep/wake-up round trip, and never lasts longer than options_.spin.
+    // With pollers (shared memory), the poll checks them on every round and
+    // calls epoll_wait only every 16th round.
     bool progressed = false;
     if (options_.spin.count() > 0) {
       auto until = Deadline::Clock::now() + options_.spin;
-      while (Deadline::Clock::now() < until) {
-        for (int i = 0; i < 32; ++i) cpu_relax();
-        if (done() || progress_once(0) > 0) {
+      for (unsigned round = 1; Deadline::Clock::now() < until; ++round) {
+        const bool polling = !pollers_.empty();
+        for (int i = 0; i < (polling ? 4 : 32); ++i) cpu_relax();
+        if (done() || (polling && run_pollers() > 0) ||
+            ((!polling || round % 16 == 0) && progress_once(0) > 0)) {
           progressed = true;
           break;
         }
@@ -249,6 +283,13 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
   std::unique_lock<std::mutex> lk(mu_);
   fg_wanting_.fetch_add(1);
   bool result = false;
+  // Whatever happens, leave as a foreground waiter. The background thread
+  // is not woken: it takes the token back by itself once the grace period
+  // after the last foreground wait has passed.
+  auto leave = [&] {
+    fg_wanting_.fetch_sub(1);
+    last_fg_release_ = Deadline::Clock::now();
+  };
   for (;;) {
     if (!token_held_) {
       token_held_ = true;
@@ -258,25 +299,23 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       } catch (...) {
         lk.lock();
         token_held_ = false;
-        fg_wanting_.fetch_sub(1);
-        last_fg_release_ = Deadline::Clock::now();
-        cv_.notify_all();
+        leave();
+        if (sleepers_.load() > 0) fg_cv_.notify_all();
         throw;
       }
       lk.lock();
       token_held_ = false;
-      cv_.notify_all();  // the next waiter (or the background thread) takes over
+      if (sleepers_.load() > 0) fg_cv_.notify_all();  // another waiter takes over
       break;
     }
     if (bg_owns_) interrupt();  // ask the background thread to hand the token over
     sleepers_.fetch_add(1);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
     if (done()) {
       sleepers_.fetch_sub(1);
       result = true;
       break;
     }
-    bool timed_out = cv_.wait_until(lk, deadline.when()) == std::cv_status::timeout;
+    bool timed_out = fg_cv_.wait_until(lk, deadline.when()) == std::cv_status::timeout;
     sleepers_.fetch_sub(1);
     if (done()) {
       result = true;
@@ -287,26 +326,22 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       break;
     }
   }
-  fg_wanting_.fetch_sub(1);
-  last_fg_release_ = Deadline::Clock::now();
-  cv_.notify_all();
+  leave();
   return result;
 }
 
 void Engine::wake() {
-  std::atomic_thread_fence(std::memory_order_seq_cst);
   if (owner_blocked_.load(std::memory_order_seq_cst)) interrupt();
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
     std::lock_guard<std::mutex> lk(mu_);
-    cv_.notify_all();
+    fg_cv_.notify_all();
   }
 }
 
 void Engine::notify_completion() {
-  std::atomic_thread_fence(std::memory_order_seq_cst);
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
     std::lock_guard<std::mutex> lk(mu_);
-    cv_.notify_all();
+    fg_cv_.notify_all();
   }
 }
 
@@ -319,7 +354,7 @@ void Engine::kick() {
     }
     kicked_ = true;
   }
-  cv_.notify_all();
+  bg_cv_.notify_all();
 }
 
 void Engine::background_loop() {
@@ -327,12 +362,13 @@ void Engine::background_loop() {
   std::unique_lock<std::mutex> lk(mu_);
   while (!stopping_) {
     if (token_held_ || fg_wanting_.load() > 0) {
-      cv_.wait(lk);
+      // Foreground waiters drive progress; look again after a grace period.
+      bg_cv_.wait_for(lk, options_.idle_grace);
       continue;
     }
     auto resume = last_fg_release_ + options_.idle_grace;
     if (!kicked_ && Deadline::Clock::now() < resume) {
-      cv_.wait_until(lk, resume);
+      bg_cv_.wait_until(lk, resume);
       continue;
     }
     kicked_ = false;
@@ -352,7 +388,7 @@ void Engine::background_loop() {
     lk.lock();
     bg_owns_ = false;
     token_held_ = false;
-    cv_.notify_all();
+    if (sleepers_.load() > 0) fg_cv_.notify_all();
   }
 }
 

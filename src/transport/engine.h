@@ -17,6 +17,14 @@
 // Before blocking in epoll_wait a waiter polls for a short, bounded time
 // (EngineOptions::spin, default a few tens of microseconds), which saves a
 // wake-up on small messages; it never spins longer than that.
+//
+// Transports whose data arrives without a file descriptor becoming ready
+// (shared-memory rings) register a Poller: the progress owner calls it on
+// every round and, during the bounded poll, far more often than it calls
+// epoll_wait, so that a waiter sees new data without a system call. Before
+// the owner blocks in epoll_wait each poller arms its wake-ups (e.g. tells
+// its peers, in shared memory, to signal an eventfd that is in the epoll
+// set) and re-checks, so that no data that arrives meanwhile is slept on.
 #pragma once
 
 #include <sys/epoll.h>
@@ -46,6 +54,24 @@ class Handler {
   virtual void on_event(uint32_t events) = 0;
 };
 
+// Progress that does not come from a file descriptor. Every method runs on
+// the thread that holds the progress token, never on two threads at once.
+class Poller {
+ public:
+  virtual ~Poller() = default;
+  // Makes whatever progress is possible without blocking; returns the
+  // number of things done (0: nothing new). Called very often: must be
+  // cheap when there is nothing to do (a few loads of shared memory).
+  virtual int poll() = 0;
+  // The owner is about to block in epoll_wait: arm the wake-ups that end
+  // the wait when new work arrives, then check again. Returns false (and
+  // leaves nothing armed) when there is work already: the owner then does
+  // not block.
+  virtual bool prepare_block() = 0;
+  // Back from a wait that prepare_block() allowed: disarm the wake-ups.
+  virtual void after_block() = 0;
+};
+
 struct EngineOptions {
   // Bounded poll before sleeping in epoll_wait (WEFT_SPIN_US).
   std::chrono::microseconds spin{20};
@@ -70,6 +96,12 @@ class Engine {
   void modify(int fd, uint32_t events);
   // Unregisters fd (the handler is released once no thread dispatches to it).
   void remove(int fd);
+
+  // Registers / unregisters a poller (through run_in_progress, so that the
+  // list is only ever touched by the progress owner). The engine keeps the
+  // poller alive while registered. Thread-safe.
+  void add_poller(std::shared_ptr<Poller> poller);
+  void remove_poller(const Poller* poller);
 
   // Runs fn on the progress thread at (or soon after) `when`. Thread-safe.
   void add_timer(Deadline when, std::function<void()> fn);
@@ -110,6 +142,7 @@ class Engine {
   // One epoll_wait (timeout in ms, 0 = poll) plus due timers; returns the
   // number of events handled.
   int progress_once(int timeout_ms);
+  int run_pollers();
   bool run_as_owner(const std::function<bool()>& done, const Deadline& deadline);
   void background_loop();
   void interrupt();
@@ -133,6 +166,9 @@ class Engine {
   std::mutex handlers_mu_;
   std::unordered_map<int, std::shared_ptr<Handler>> handlers_;
 
+  // Touched only by the progress owner (see add_poller).
+  std::vector<std::shared_ptr<Poller>> pollers_;
+
   std::mutex tasks_mu_;
   std::vector<std::function<void()>> tasks_;
   std::atomic<bool> have_tasks_{false};
@@ -143,7 +179,8 @@ class Engine {
 
   // Token state, guarded by mu_.
   std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable fg_cv_;  // foreground waiters waiting for the token or a completion
+  std::condition_variable bg_cv_;  // the background thread
   bool token_held_ = false;
   bool bg_owns_ = false;
   std::atomic<bool> stopping_{false};

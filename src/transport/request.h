@@ -43,7 +43,9 @@ class Request {
   uint64_t tag() const { return tag_; }
   size_t bytes() const { return bytes_; }
 
-  State state() const { return state_.load(std::memory_order_acquire); }
+  // Sequentially consistent: waiters and completers use the Dekker pattern
+  // (publish "I sleep" / "done", then look at the other side), see Engine.
+  State state() const { return state_.load(std::memory_order_seq_cst); }
   bool done() const { return state() != State::Pending; }
   bool ok() const { return state() == State::Done; }
   std::exception_ptr error() const { return done() ? error_ : nullptr; }

@@ -1,0 +1,180 @@
+// weft::init() and the launch environments it understands; IPv6.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include "testing/testing.h"
+#include "weft/weft.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+
+// Sets environment variables for the scope of a test, then restores them.
+class Env {
+ public:
+  Env(std::initializer_list<std::pair<const char*, const char*>> vars) {
+    for (const char* name : kAll) {
+      if (const char* v = getenv(name)) saved_.emplace_back(name, v);
+      unsetenv(name);
+    }
+    for (auto& [k, v] : vars) setenv(k, v, 1);
+  }
+  ~Env() {
+    for (const char* name : kAll) unsetenv(name);
+    for (auto& [k, v] : saved_) setenv(k.c_str(), v.c_str(), 1);
+  }
+
+ private:
+  static constexpr const char* kAll[] = {"WEFT_RANK",
+                                         "WEFT_WORLD_SIZE",
+                                         "WEFT_LOCAL_RANK",
+                                         "WEFT_LOCAL_SIZE",
+                                         "WEFT_STORE",
+                                         "WEFT_STORE_PORT",
+                                         "OMPI_COMM_WORLD_RANK",
+                                         "OMPI_COMM_WORLD_SIZE",
+                                         "OMPI_COMM_WORLD_LOCAL_RANK",
+                                         "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                         "SLURM_PROCID",
+                                         "SLURM_NTASKS",
+                                         "SLURM_LOCALID",
+                                         "SLURM_NTASKS_PER_NODE",
+                                         "SLURM_TASKS_PER_NODE",
+                                         "RANK",
+                                         "WORLD_SIZE",
+                                         "LOCAL_RANK",
+                                         "LOCAL_WORLD_SIZE",
+                                         "MASTER_ADDR",
+                                         "MASTER_PORT"};
+  std::vector<std::pair<std::string, std::string>> saved_;
+};
+
+TEST(LaunchEnvironment, WeftRun) {
+  Env env({{"WEFT_RANK", "2"},
+           {"WEFT_WORLD_SIZE", "4"},
+           {"WEFT_LOCAL_RANK", "0"},
+           {"WEFT_LOCAL_SIZE", "2"},
+           {"WEFT_STORE", "10.0.0.1:29500"}});
+  auto e = detect_launch_environment();
+  EXPECT_EQ(e.launcher, "weft");
+  EXPECT_EQ(e.rank, 2);
+  EXPECT_EQ(e.size, 4);
+  EXPECT_EQ(e.local_size, 2);
+  EXPECT_EQ(e.store_host, "10.0.0.1");
+  EXPECT_EQ(e.store_port, 29500);
+  EXPECT_FALSE(e.serve_store);
+}
+
+TEST(LaunchEnvironment, Mpirun) {
+  Env env({{"OMPI_COMM_WORLD_RANK", "0"},
+           {"OMPI_COMM_WORLD_SIZE", "8"},
+           {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
+           {"OMPI_COMM_WORLD_LOCAL_SIZE", "4"},
+           {"MASTER_ADDR", "node1"},
+           {"MASTER_PORT", "29400"}});
+  auto e = detect_launch_environment();
+  EXPECT_EQ(e.launcher, "mpirun");
+  EXPECT_EQ(e.size, 8);
+  EXPECT_EQ(e.local_size, 4);
+  EXPECT_EQ(e.store_host, "node1");
+  EXPECT_EQ(e.store_port, 29400);
+  EXPECT_TRUE(e.serve_store);
+}
+
+TEST(LaunchEnvironment, SlurmWithoutAStoreIsAClearError) {
+  Env env({{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "4"}, {"SLURM_TASKS_PER_NODE", "2(x2)"}});
+  try {
+    detect_launch_environment();
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("WEFT_STORE"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LaunchEnvironment, SlurmTasksPerNode) {
+  Env env({{"SLURM_PROCID", "3"},
+           {"SLURM_NTASKS", "4"},
+           {"SLURM_LOCALID", "1"},
+           {"SLURM_TASKS_PER_NODE", "2(x2)"},
+           {"WEFT_STORE", "[::1]:7000"}});
+  auto e = detect_launch_environment();
+  EXPECT_EQ(e.launcher, "slurm");
+  EXPECT_EQ(e.rank, 3);
+  EXPECT_EQ(e.local_rank, 1);
+  EXPECT_EQ(e.local_size, 2);
+  EXPECT_EQ(e.store_host, "::1");
+}
+
+TEST(LaunchEnvironment, TorchrunServesTheStoreNextToTheAgentsPort) {
+  Env env({{"RANK", "0"},
+           {"WORLD_SIZE", "2"},
+           {"LOCAL_RANK", "0"},
+           {"LOCAL_WORLD_SIZE", "2"},
+           {"MASTER_ADDR", "127.0.0.1"},
+           {"MASTER_PORT", "29500"}});
+  auto e = detect_launch_environment();
+  EXPECT_EQ(e.launcher, "torchrun");
+  EXPECT_EQ(e.store_port, 29501);
+  EXPECT_TRUE(e.serve_store);
+}
+
+TEST(LaunchEnvironment, BadValuesNameTheVariable) {
+  Env env({{"WEFT_RANK", "5"}, {"WEFT_WORLD_SIZE", "4"}, {"WEFT_STORE", "h:1"}});
+  try {
+    detect_launch_environment();
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("WEFT_RANK"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LaunchEnvironment, NoLauncherIsAWorldOfOne) {
+  Env env({});
+  auto c = init();
+  EXPECT_EQ(c->size(), 1);
+  std::vector<float> v{3};
+  c->allreduce(v);
+  EXPECT_EQ(v[0], 3);
+}
+
+TEST(Init, TorchrunStyleRankZeroServesTheStore) {
+  // Two ranks as threads, rank 0 serving the store (MASTER_ADDR/MASTER_PORT style).
+  const int port = testing::free_port();
+  auto errors = testing::run_ranks(2, [&](int r) {
+    LaunchEnvironment e;
+    (void)e;
+    TcpStoreOptions so;
+    so.job_token = "t";
+    std::unique_ptr<TcpStoreServer> server;
+    if (r == 0)
+      server = std::make_unique<TcpStoreServer>("127.0.0.1", static_cast<uint16_t>(port), so);
+    auto store = std::make_shared<TcpStore>("127.0.0.1", static_cast<uint16_t>(port), so);
+    CommOptions o;
+    o.job_token = "t";
+    o.timeout = 30s;
+    auto c = Communicator::create(r, 2, store, o);
+    std::vector<int64_t> v{r + 1};
+    c->allreduce(v);
+    EXPECT_EQ(v[0], 3);
+    c->barrier();
+  });
+  for (auto& e : errors) EXPECT_EQ(e, nullptr);
+}
+
+TEST(Init, IPv6) {
+  auto store = std::make_shared<MemoryStore>();
+  testing::run_ranks_ok(3, [&](int r) {
+    CommOptions o;
+    o.job_token = "v6";
+    o.address = "::1";
+    o.timeout = 30s;
+    auto c = Communicator::create(r, 3, store, o);
+    std::vector<float> v(100000, 1.0f);
+    c->allreduce(v);
+    EXPECT_EQ(v[0], 3.0f);
+  });
+}
+
+}  // namespace
+}  // namespace weft

@@ -12,7 +12,7 @@ using transport::tcp::AbortKind;
 void abort_world(Group& group, const std::string& reason) {
   World& w = group.world();
   std::string msg = fmt::format("rank {}: {}", w.rank(), reason);
-  w.abort(std::make_exception_ptr(AbortedError(msg)), AbortKind::Aborted, w.rank(), reason, true);
+  w.abort(std::make_exception_ptr(AbortedError(msg)), AbortKind::Aborted, w.rank(), msg, true);
 }
 
 void P2PWork::wait(Timeout timeout) {

@@ -156,20 +156,24 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     } catch (const std::exception& e) {
       what = e.what();
     }
-    abort(err, AbortKind::PeerFailure, peer, what, true);
+    abort(err, AbortKind::PeerFailure, peer, fmt::format("rank {}: {}", rank_, what), true);
   };
   ev.on_abort = [this](int from, AbortKind kind, int failed_rank, std::string reason) {
     std::string host = failed_rank >= 0 && failed_rank < size_ ? hostname(failed_rank) : "?";
-    std::string text = fmt::format("rank {} reported: {}", from, reason);
+    // The reason names the rank that reported it ("rank 3: ... timed out ...").
+    const std::string& text = reason;
     std::exception_ptr err;
     switch (kind) {
       case AbortKind::Timeout:
         err = std::make_exception_ptr(TimeoutError(text, failed_rank, ""));
         break;
       case AbortKind::Mismatch: err = std::make_exception_ptr(MismatchError(text)); break;
-      case AbortKind::Aborted:
-        err = std::make_exception_ptr(PeerError(text, from, hostname(from), ""));
+      case AbortKind::Aborted: {
+        // The rank that aborted (the report may have been forwarded by another).
+        int who = failed_rank >= 0 && failed_rank < size_ ? failed_rank : from;
+        err = std::make_exception_ptr(PeerError(text, who, hostname(who), ""));
         break;
+      }
       case AbortKind::PeerFailure:
       default: err = std::make_exception_ptr(PeerError(text, failed_rank, host, "")); break;
     }
@@ -332,7 +336,7 @@ void World::abort(std::exception_ptr error, AbortKind kind, int culprit, const s
     WEFT_ERROR("rank {}: communicator '{}' (generation {}) aborted: {}", rank_, options_.name,
                generation_, reason);
     if (propagate && tcp_) {
-      tcp_->broadcast_abort(kind, culprit, fmt::format("rank {}: {}", rank_, reason));
+      tcp_->broadcast_abort(kind, culprit, reason);
       std::string host = culprit >= 0 && culprit < size_ ? hostname(culprit) : "?";
       write_abort_record(
           fmt::format("rank {} (host {}): {} [reported by rank {}]", culprit, host, reason, rank_));

@@ -287,6 +287,9 @@ int run(const Args& a) {
 int main(int argc, char** argv) {
   CLI::App app{"Data-parallel Fashion-MNIST training with Weft (run it under `weft run -n N`)"};
   Args a;
+  // A repeated option takes its last value, so that scripts can put their
+  // defaults first and the user's arguments after them.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--epochs", a.epochs, "Epochs")
       ->capture_default_str()
       ->check(CLI::Range(0, 100000));

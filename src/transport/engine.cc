@@ -382,7 +382,13 @@ void Engine::background_loop() {
         owner_blocked_.store(false);
         break;
       }
-      progress_once(-1);
+      try {
+        progress_once(-1);
+      } catch (const std::exception& e) {
+        // A handler failed (e.g. out of memory): keep the thread alive; the
+        // requests involved fail through their own paths or their deadlines.
+        WEFT_ERROR("progress thread: {}", e.what());
+      }
       owner_blocked_.store(false, std::memory_order_relaxed);
     }
     lk.lock();

@@ -38,6 +38,12 @@ class Transport {
 
   // Graceful shutdown: flush what is queued, within the deadline.
   virtual void close(const Deadline& deadline) = 0;
+
+  // The peer closed its communicator gracefully (said goodbye on the TCP
+  // mesh, after everything it sent on this transport): requests still
+  // pending with it fail and the peer is reported failed; messages it sent
+  // before leaving can still be received. Called on the progress thread.
+  virtual void peer_departed(int peer) { (void)peer; }
 };
 
 }  // namespace weft::transport

@@ -81,13 +81,11 @@ struct TcpTransport::Peer {
   int rank = -1;
   std::vector<std::shared_ptr<Connection>> conns;
   std::mutex mu;
-  std::deque<RequestPtr> posted;                       // GUARDED_BY(mu)
-  std::deque<std::unique_ptr<Unexpected>> unexpected;  // GUARDED_BY(mu), arrival order
-  size_t unexpected_bytes = 0;                         // GUARDED_BY(mu)
-  bool failed = false;                                 // GUARDED_BY(mu)
-  bool departed = false;                               // GUARDED_BY(mu)
-  int byes = 0;                                        // GUARDED_BY(mu)
-  std::string failure;                                 // GUARDED_BY(mu)
+  MatchQueues<Unexpected> q;  // GUARDED_BY(mu)
+  bool failed = false;        // GUARDED_BY(mu)
+  bool departed = false;      // GUARDED_BY(mu)
+  int byes = 0;               // GUARDED_BY(mu)
+  std::string failure;        // GUARDED_BY(mu)
 };
 
 // ---------------------------------------------------------------------------
@@ -470,32 +468,17 @@ class TcpTransport::Connection : public Handler {
       if (peer_.failed || t_.failed_flag_.load()) {
         discard_ = true;
       } else {
-        bool older_unexpected = false;
-        for (auto& u : peer_.unexpected) {
-          if (u->header.comm_id == cur_.comm_id && u->header.tag == cur_.tag) {
-            older_unexpected = true;
-            break;
-          }
-        }
-        if (!older_unexpected) {
-          for (auto it = peer_.posted.begin(); it != peer_.posted.end(); ++it) {
-            if ((*it)->comm_id() == cur_.comm_id && (*it)->tag() == cur_.tag) {
-              cur_req_ = *it;
-              peer_.posted.erase(it);
-              break;
-            }
-          }
-        }
+        cur_req_ = peer_.q.take_posted(cur_.comm_id, cur_.tag);
         if (cur_req_) {
-          if (cur_req_->bytes() != cur_.length || !(cur_req_->desc == cur_.desc)) {
-            mismatch_error = t_.mismatch(peer_, *cur_req_, cur_);
+          mismatch_error = t_.mismatch(peer_, *cur_req_, cur_);
+          if (mismatch_error) {
             mismatched = std::move(cur_req_);
             discard_ = true;
           } else {
             target_ = static_cast<uint8_t*>(cur_req_->recv_data);
           }
         } else if (!discard_) {
-          if (peer_.unexpected_bytes + cur_.length > t_.options_.max_unexpected_bytes &&
+          if (peer_.q.unexpected_bytes + cur_.length > t_.options_.max_unexpected_bytes &&
               cur_.length > 0) {
             // No room: stop reading this connection until a receive is posted.
             if (rstate_ != RState::Paused) {
@@ -511,8 +494,8 @@ class TcpTransport::Connection : public Handler {
           u->data.reset(new uint8_t[std::max<uint64_t>(cur_.length, 1)]);
           target_ = u->data.get();
           cur_unexp_ = u.get();
-          peer_.unexpected_bytes += cur_.length;
-          peer_.unexpected.push_back(std::move(u));
+          peer_.q.unexpected_bytes += cur_.length;
+          peer_.q.unexpected.push_back(std::move(u));
         }
       }
     }
@@ -923,10 +906,8 @@ void TcpTransport::isend(const RequestPtr& req) {
   {
     std::lock_guard<std::mutex> lk(peer.mu);
     if (peer.failed || peer.departed) {
-      req->fail(std::make_exception_ptr(PeerError(
-          fmt::format("{}: rank {} (host {}) {}", req->describe(), peer.rank, host_of(peer.rank),
-                      peer.failed ? peer.failure : "has closed its communicator"),
-          peer.rank, host_of(peer.rank), req->op_name)));
+      req->fail(request_peer_error(*req, host_of(peer.rank),
+                                   peer.failed ? peer.failure : "has closed its communicator"));
       return;
     }
   }
@@ -958,27 +939,17 @@ void TcpTransport::irecv(const RequestPtr& req) {
   std::unique_ptr<Unexpected> matched;
   {
     std::lock_guard<std::mutex> lk(peer.mu);
-    auto it = std::find_if(peer.unexpected.begin(), peer.unexpected.end(), [&](const auto& u) {
-      return u->header.comm_id == req->comm_id() && u->header.tag == req->tag();
-    });
-    if (it != peer.unexpected.end() && (*it)->complete) {
-      // Arrived before the receive was posted (possibly before the peer left).
-      matched = std::move(*it);
-      peer.unexpected.erase(it);
-      peer.unexpected_bytes -= matched->header.length;
-    } else if (peer.failed || peer.departed) {
-      req->fail(std::make_exception_ptr(PeerError(
-          fmt::format("{}: rank {} (host {}) {}", req->describe(), peer.rank, host_of(peer.rank),
-                      peer.failed ? peer.failure : "has closed its communicator"),
-          peer.rank, host_of(peer.rank), req->op_name)));
+    // A message that arrived before the receive was posted (possibly before the peer left).
+    matched = peer.q.take_unexpected(*req);
+    if (!matched && (peer.failed || peer.departed)) {
+      req->fail(request_peer_error(*req, host_of(peer.rank),
+                                   peer.failed ? peer.failure : "has closed its communicator"));
       return;
-    } else {
-      peer.posted.push_back(req);
     }
+    if (!matched) peer.q.posted.push_back(req);
   }
   if (matched) {
-    if (req->bytes() != matched->header.length || !(req->desc == matched->header.desc)) {
-      auto err = mismatch(peer, *req, matched->header);
+    if (auto err = mismatch(peer, *req, matched->header)) {
       req->fail(err);
       if (events_.on_mismatch) {
         engine_.run_in_progress([this, err] { events_.on_mismatch(err); },
@@ -999,21 +970,8 @@ std::vector<std::exception_ptr> TcpTransport::deliver_unexpected_locked(Peer& pe
   std::vector<std::exception_ptr> mismatches;
   // For each posted receive (oldest first), the oldest unexpected message
   // with its key may now be complete.
-  for (auto pit = peer.posted.begin(); pit != peer.posted.end();) {
-    RequestPtr req = *pit;
-    auto uit = std::find_if(peer.unexpected.begin(), peer.unexpected.end(), [&](const auto& u) {
-      return u->header.comm_id == req->comm_id() && u->header.tag == req->tag();
-    });
-    if (uit == peer.unexpected.end() || !(*uit)->complete) {
-      ++pit;
-      continue;
-    }
-    std::unique_ptr<Unexpected> u = std::move(*uit);
-    peer.unexpected.erase(uit);
-    peer.unexpected_bytes -= u->header.length;
-    pit = peer.posted.erase(pit);
-    if (req->bytes() != u->header.length || !(req->desc == u->header.desc)) {
-      auto err = mismatch(peer, *req, u->header);
+  for (auto& [req, u] : peer.q.take_deliverable()) {
+    if (auto err = mismatch(peer, *req, u->header)) {
       req->fail(err);
       mismatches.push_back(err);
     } else {
@@ -1028,35 +986,17 @@ std::exception_ptr TcpTransport::find_conflict(uint64_t comm_id, const OpDesc& d
   for (auto& p : peers_) {
     if (p->rank == options_.rank) continue;
     std::lock_guard<std::mutex> lk(p->mu);
-    for (auto& u : p->unexpected) {
-      const FrameHeader& h = u->header;
-      if (h.comm_id == comm_id && h.desc.kind != 0 && h.desc.seq == desc.seq && !(h.desc == desc)) {
-        return mismatch(*p, desc, 0, h);
-      }
+    if (const Unexpected* u = p->q.find_conflict(comm_id, desc)) {
+      return mismatch_error(options_.rank, desc, 0, p->rank, host_of(p->rank), u->header.desc,
+                            u->header.length, events_.describe_op);
     }
   }
   return nullptr;
 }
 
-std::exception_ptr TcpTransport::mismatch(const Peer& peer, const OpDesc& mine, uint64_t my_bytes,
-                                          const FrameHeader& h) const {
-  auto describe = [&](const OpDesc& d) {
-    return events_.describe_op ? events_.describe_op(d) : std::string("p2p");
-  };
-  std::string theirs = describe(h.desc);
-  std::string ours = describe(mine);
-  if (theirs == ours) {  // same call, different sizes (point-to-point)
-    theirs += fmt::format(" [{} bytes]", h.length);
-    ours += fmt::format(" [{} bytes]", my_bytes);
-  }
-  return std::make_exception_ptr(MismatchError(
-      fmt::format("mismatched operations: rank {} called {} but rank {} (host {}) called {}",
-                  options_.rank, ours, peer.rank, host_of(peer.rank), theirs)));
-}
-
 std::exception_ptr TcpTransport::mismatch(const Peer& peer, const Request& req,
                                           const FrameHeader& h) const {
-  return mismatch(peer, req.desc, req.bytes(), h);
+  return check_match(options_.rank, peer.rank, host_of(peer.rank), req, h, events_.describe_op);
 }
 
 void TcpTransport::peer_failed(Peer& peer, const std::string& reason, bool report) {
@@ -1066,16 +1006,10 @@ void TcpTransport::peer_failed(Peer& peer, const std::string& reason, bool repor
     if (peer.failed) return;
     peer.failed = true;
     peer.failure = reason;
-    failed.assign(peer.posted.begin(), peer.posted.end());
-    peer.posted.clear();
-    peer.unexpected.clear();
-    peer.unexpected_bytes = 0;
+    failed = peer.q.clear();
   }
   auto error_for = [&](const Request& r) {
-    return std::make_exception_ptr(
-        PeerError(fmt::format("{}: rank {} (host {}) failed: {}", r.describe(), peer.rank,
-                              host_of(peer.rank), reason),
-                  peer.rank, host_of(peer.rank), r.op_name));
+    return request_peer_error(r, host_of(peer.rank), "failed: " + reason);
   };
   for (auto& c : peer.conns) {
     if (c) c->kill(error_for);
@@ -1095,9 +1029,10 @@ void TcpTransport::peer_said_bye(Peer& peer) {
     // has left once every one of its connections said goodbye.
     if (++peer.byes < static_cast<int>(peer.conns.size())) return;
     peer.departed = true;
-    pending = !peer.posted.empty();
+    pending = !peer.q.posted.empty();
   }
   WEFT_DEBUG("rank {} closed its communicator", peer.rank);
+  if (events_.on_peer_departed) events_.on_peer_departed(peer.rank);
   if (pending)
     peer_failed(peer, "closed its communicator while operations with it were pending", true);
 }
@@ -1128,10 +1063,7 @@ void TcpTransport::fail_all_in_progress() {
     std::vector<RequestPtr> failed;
     {
       std::lock_guard<std::mutex> lk(p->mu);
-      failed.assign(p->posted.begin(), p->posted.end());
-      p->posted.clear();
-      p->unexpected.clear();
-      p->unexpected_bytes = 0;
+      failed = p->q.clear();
     }
     for (auto& c : p->conns) {
       if (!c) continue;

@@ -28,6 +28,7 @@
 #include "core/auth.h"
 #include "core/socket.h"
 #include "transport/engine.h"
+#include "transport/matching.h"
 #include "transport/request.h"
 #include "transport/tcp/frame.h"
 #include "transport/transport.h"
@@ -62,6 +63,9 @@ struct TcpEvents {
   // A collective's message arrived before its receive was posted: returns a
   // MismatchError if it contradicts a collective this rank is running.
   std::function<std::exception_ptr(int peer, const FrameHeader& header)> check_unexpected;
+  // A peer closed its communicator (said goodbye on every connection);
+  // called before its pending requests on this transport are failed.
+  std::function<void(int peer)> on_peer_departed;
   // Formats an operation descriptor for mismatch messages.
   std::function<std::string(const OpDesc&)> describe_op;
 };
@@ -135,9 +139,8 @@ class TcpTransport : public Transport {
   // message is now complete. Returns mismatch errors to report once the
   // lock is released.
   std::vector<std::exception_ptr> deliver_unexpected_locked(Peer& peer);
+  // A MismatchError if the message does not fit the receive it matched, else null.
   std::exception_ptr mismatch(const Peer& peer, const Request& req, const FrameHeader& h) const;
-  std::exception_ptr mismatch(const Peer& peer, const OpDesc& mine, uint64_t my_bytes,
-                              const FrameHeader& h) const;
 
   Engine& engine_;
   TcpOptions options_;

@@ -44,6 +44,21 @@ struct CommOptions {
   // so that emulated hosts (namespaces on one machine) are told apart.
   std::string host_id;
 
+  // Exchange data with the ranks of the same host through shared memory
+  // (WEFT_SHM). Used for a pair of ranks only when both enable it; TCP
+  // still connects every pair (control messages, failure detection).
+  bool shm = true;
+  // Copy large shared-memory messages once, straight from the sender's
+  // buffer (process_vm_readv), where the kernel allows it (WEFT_SHM_CMA);
+  // off, or where not allowed, they are copied through the rings.
+  bool shm_single_copy = true;
+  // Messages of at least this many bytes use single copy (WEFT_SHM_CMA_MIN).
+  size_t shm_single_copy_min_bytes = 32u << 10;
+  // Bytes of each shared-memory ring, per pair of ranks and direction
+  // (WEFT_SHM_RING, a power of two from 64K to 64M); 0: 1 MiB, less on
+  // hosts with more than 8 ranks.
+  size_t shm_ring_bytes = 0;
+
   // TCP connections per pair of ranks (WEFT_SOCKETS_PER_PEER, 1..16).
   // Messages are spread over them by tag.
   int sockets_per_peer = 1;

@@ -12,6 +12,11 @@ CommOptions CommOptions::from_env() {
   o.ifname = settings::get_string("WEFT_IFNAME", "");
   o.address = settings::get_string("WEFT_ADDRESS", "");
   o.host_id = settings::get_string("WEFT_HOST_ID", "");
+  o.shm = settings::get_bool("WEFT_SHM", o.shm);
+  o.shm_single_copy = settings::get_bool("WEFT_SHM_CMA", o.shm_single_copy);
+  o.shm_single_copy_min_bytes =
+      settings::get_bytes("WEFT_SHM_CMA_MIN", o.shm_single_copy_min_bytes, 0, 1ull << 40);
+  o.shm_ring_bytes = settings::get_bytes("WEFT_SHM_RING", o.shm_ring_bytes, 0, 64u << 20);
   o.sockets_per_peer = static_cast<int>(settings::get_int("WEFT_SOCKETS_PER_PEER", 1, 1, 16));
   o.socket_buffer_bytes =
       settings::get_bytes("WEFT_SOCKET_BUFFER", o.socket_buffer_bytes, 0, 1ull << 30);

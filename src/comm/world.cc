@@ -48,8 +48,10 @@ RankInfo parse_rank_info(int rank, const std::string& text) {
     info.host_id = j.at("host_id").get<std::string>();
     info.hostname = j.at("hostname").get<std::string>();
     info.pid = j.value("pid", 0);
+    info.shm_address = j.value("shm", std::string());
+    info.shm_key = j.value("shm_key", std::string());
     if (info.address.empty() || info.address.size() > 256 || info.host_id.size() > 512 ||
-        info.hostname.size() > 256) {
+        info.hostname.size() > 256 || info.shm_address.size() > 100 || info.shm_key.size() > 128) {
       throw std::runtime_error("field out of bounds");
     }
     return info;
@@ -102,6 +104,13 @@ std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> 
   }
   if (options.name.empty() || options.name.find('/') != std::string::npos) {
     throw InvalidArgument(fmt::format("invalid communicator name '{}'", options.name));
+  }
+  const size_t ring = options.shm_ring_bytes;
+  if (ring != 0 && (ring < transport::shm::kMinRingBytes || ring > transport::shm::kMaxRingBytes ||
+                    (ring & (ring - 1)) != 0)) {
+    throw InvalidArgument(fmt::format(
+        "shared-memory ring size {} (WEFT_SHM_RING) must be 0 or a power of two from 64K to 64M",
+        ring));
   }
   const Deadline deadline = Deadline::after(options.timeout);
   uint32_t generation = options.generation;
@@ -195,7 +204,12 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
                                static_cast<Algorithm>(d.flags));
   };
   ev.check_unexpected = [this](int peer, const transport::tcp::FrameHeader& h) {
-    return check_unexpected(peer, h);
+    return check_unexpected(peer, h.comm_id, h.desc);
+  };
+  ev.on_peer_departed = [this](int peer) {
+    for (auto* t : transports_) {
+      if (t != tcp_.get()) t->peer_departed(peer);
+    }
   };
   tcp_ = std::make_unique<transport::tcp::TcpTransport>(*engine_, to, ev);
 
@@ -204,8 +218,31 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   me.host_id = options_.host_id.empty() ? default_host_id() : options_.host_id;
   me.hostname = local_hostname();
   me.pid = static_cast<int>(getpid());
-  nlohmann::json j = {
-      {"address", me.address}, {"host_id", me.host_id}, {"hostname", me.hostname}, {"pid", me.pid}};
+  if (options_.shm && size_ > 1) {
+    // Listens now, so that its address goes into the rank record.
+    transport::shm::ShmOptions so;
+    so.rank = rank_;
+    so.size = size_;
+    so.world_id = id_;
+    so.generation = generation_;
+    so.cma = options_.shm_single_copy;
+    so.cma_min_bytes = options_.shm_single_copy_min_bytes;
+    so.ring_bytes = options_.shm_ring_bytes;
+    so.max_unexpected_bytes = options_.max_unexpected_bytes;
+    so.handshake_timeout = to.handshake_timeout;
+    transport::shm::ShmEvents sev;
+    sev.on_peer_failure = ev.on_peer_failure;
+    sev.on_mismatch = ev.on_mismatch;
+    sev.describe_op = ev.describe_op;
+    sev.check_unexpected = [this](int peer, uint64_t comm_id, const transport::OpDesc& desc) {
+      return check_unexpected(peer, comm_id, desc);
+    };
+    shm_ = std::make_unique<transport::shm::ShmTransport>(*engine_, so, sev);
+    me.shm_address = shm_->address();
+    me.shm_key = shm_->key();
+  }
+  nlohmann::json j = {{"address", me.address}, {"host_id", me.host_id}, {"hostname", me.hostname},
+                      {"pid", me.pid},         {"shm", me.shm_address}, {"shm_key", me.shm_key}};
   store_->set(fmt::format("rank/{}", rank_), j.dump(), remaining_ms(deadline));
   WEFT_DEBUG("rank {}: listening on {} (host {})", rank_, me.address, me.host_id);
 
@@ -235,6 +272,26 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   tcp_->connect_all(addresses, hosts, deadline);
   transports_ = {tcp_.get()};
   route_.assign(static_cast<size_t>(size_), tcp_.get());
+  connect_shm(me, deadline);
+}
+
+void World::connect_shm(const RankInfo& me, const Deadline& deadline) {
+  if (!shm_) return;
+  // A pair uses shared memory only when both ranks enabled it: every rank
+  // decides from the same records, so the routes agree on both sides.
+  std::vector<transport::shm::ShmPeer> peers;
+  for (int r = 0; r < size_; ++r) {
+    const RankInfo& ri = ranks_[static_cast<size_t>(r)];
+    if (r == rank_ || ri.host_id != me.host_id || ri.shm_address.empty()) continue;
+    peers.push_back({r, ri.shm_address, ri.shm_key, ri.hostname});
+  }
+  if (peers.empty()) {
+    shm_.reset();
+    return;
+  }
+  shm_->connect_all(peers, deadline);
+  transports_.push_back(shm_.get());
+  for (const auto& p : peers) route_[static_cast<size_t>(p.rank)] = shm_.get();
 }
 
 std::string World::transport_names() const {
@@ -285,6 +342,7 @@ void World::shutdown_once() {
     }
   }
   if (engine_) engine_->stop();
+  shm_.reset();
   tcp_.reset();
   engine_.reset();
   if (abort_writer_.joinable()) abort_writer_.join();
@@ -413,17 +471,18 @@ void World::end_collective(uint64_t comm_id, uint64_t seq) {
   active_.erase({comm_id, seq});
 }
 
-std::exception_ptr World::check_unexpected(int peer, const transport::tcp::FrameHeader& h) {
+std::exception_ptr World::check_unexpected(int peer, uint64_t comm_id,
+                                           const transport::OpDesc& desc) {
   transport::OpDesc mine;
   {
     std::lock_guard<std::mutex> lk(active_mu_);
-    auto it = active_.find({h.comm_id, h.desc.seq});
-    if (it == active_.end() || it->second == h.desc) return nullptr;
+    auto it = active_.find({comm_id, desc.seq});
+    if (it == active_.end() || it->second == desc) return nullptr;
     mine = it->second;
   }
   (void)peer;
   for (auto* t : transports_) {
-    if (auto err = t->find_conflict(h.comm_id, mine)) return err;
+    if (auto err = t->find_conflict(comm_id, mine)) return err;
   }
   return nullptr;
 }

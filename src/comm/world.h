@@ -19,6 +19,7 @@
 #include "core/deadline.h"
 #include "transport/engine.h"
 #include "transport/request.h"
+#include "transport/shm/shm_transport.h"
 #include "transport/tcp/tcp_transport.h"
 #include "weft/options.h"
 #include "weft/store.h"
@@ -31,6 +32,10 @@ struct RankInfo {
   std::string host_id;   // ranks with the same host id share memory
   std::string hostname;  // for messages
   int pid = 0;
+  // Shared memory: the abstract socket name and key of its shared-memory
+  // transport (empty when the rank disabled shared memory).
+  std::string shm_address;
+  std::string shm_key;
 };
 
 // This process's host identity: WEFT_HOST_ID / options.host_id if set, else
@@ -110,7 +115,8 @@ class World : public std::enable_shared_from_this<World> {
   void bootstrap(const std::string& store_host, const Deadline& deadline);
   void executor_loop();
   void shutdown_once();
-  std::exception_ptr check_unexpected(int peer, const transport::tcp::FrameHeader& h);
+  std::exception_ptr check_unexpected(int peer, uint64_t comm_id, const transport::OpDesc& desc);
+  void connect_shm(const RankInfo& me, const Deadline& deadline);
   void write_abort_record(const std::string& record);
 
   const int rank_;
@@ -125,6 +131,8 @@ class World : public std::enable_shared_from_this<World> {
 
   std::unique_ptr<transport::Engine> engine_;
   std::unique_ptr<transport::tcp::TcpTransport> tcp_;
+  // Shared memory with the ranks of this host (null when none or disabled).
+  std::unique_ptr<transport::shm::ShmTransport> shm_;
   // Every transport, TCP first; route_[peer] is the one for that peer's data.
   std::vector<transport::Transport*> transports_;
   std::vector<transport::Transport*> route_;

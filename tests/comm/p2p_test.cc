@@ -19,6 +19,7 @@ CommOptions test_options() {
   CommOptions o;
   o.timeout = 60s;
   o.job_token = "p2p-token";
+  o.shm = false;  // the TCP transport (tests/transport covers shared memory)
   return o;
 }
 

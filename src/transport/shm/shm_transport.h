@@ -1,0 +1,200 @@
+// The shared-memory transport: carries the data between the ranks of one
+// host (same host id, both with shared memory enabled) once the TCP mesh is
+// up; TCP keeps carrying control frames and detecting dead peers.
+//
+// Each pair of local ranks shares one segment (segment.h) with a ring per
+// direction. Set-up (connect_all): the higher rank connects to the lower
+// rank's abstract Unix-domain socket, proves it read the lower rank's key
+// from the store, and passes its eventfd; the lower rank creates the
+// segment as a sealed memfd and passes it and its own eventfd back; both
+// then close the descriptors they no longer need. Nothing has a name in
+// /dev/shm, so a killed process leaves nothing behind.
+//
+// Messages: a message shorter than ShmOptions::cma_min_bytes (or any
+// message when single copy is not possible) is copied into the ring and
+// out of it on the receiving side, in pieces when it is larger than the
+// ring. A larger one is sent as a descriptor of the sender's buffer; the
+// receiver copies it straight into the posted receive with
+// process_vm_readv (one copy) and acknowledges it, which completes the
+// send. Whether each direction may use single copy is probed at set-up
+// (ptrace rules, seccomp, WEFT_SHM_CMA=0).
+//
+// Matching is the TCP transport's (matching.h): per peer by (comm id, tag),
+// FIFO per tag, early messages held within max_unexpected_bytes (beyond
+// that the ring is not read until a receive is posted), MismatchError on
+// disagreeing sizes or descriptors.
+//
+// Progress: rings are polled by the engine (Engine::add_poller) on every
+// progress round and during its bounded spin; a waiter that is going to
+// block announces it in shared memory, and only then do peers signal its
+// eventfd (at most one system call per wake-up; none while it polls).
+//
+// Every value read from shared memory is validated before use (positions,
+// record headers, lengths); a violation fails the peer with a clear error.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/deadline.h"
+#include "core/socket.h"
+#include "transport/engine.h"
+#include "transport/matching.h"
+#include "transport/request.h"
+#include "transport/shm/segment.h"
+#include "transport/transport.h"
+
+namespace weft::transport::shm {
+
+struct ShmOptions {
+  int rank = 0;
+  int size = 1;
+  uint64_t world_id = 0;
+  uint32_t generation = 0;
+  // Allow single-copy transfers (process_vm_readv) where the kernel allows
+  // them (WEFT_SHM_CMA). Off: everything goes through the rings.
+  bool cma = true;
+  // Messages of at least this many bytes use single copy when possible
+  // (WEFT_SHM_CMA_MIN).
+  size_t cma_min_bytes = 32u << 10;
+  // Bytes of each ring (per direction and pair); 0: 1 MiB, less on hosts
+  // with more than 8 ranks (WEFT_SHM_RING).
+  uint64_t ring_bytes = 0;
+  // Bytes of early messages held per peer (WEFT_MAX_UNEXPECTED).
+  size_t max_unexpected_bytes = 256u << 20;
+  // How long one set-up exchange may take.
+  Timeout handshake_timeout = std::chrono::seconds(10);
+};
+
+// Upcalls into the communicator layer; they run on the progress thread.
+struct ShmEvents {
+  // A peer broke the protocol or vanished under a transfer (PeerError).
+  std::function<void(int peer, std::exception_ptr error)> on_peer_failure;
+  // Two ranks disagree about an operation (MismatchError).
+  std::function<void(std::exception_ptr error)> on_mismatch;
+  // A collective's message arrived before its receive was posted: a
+  // MismatchError if it contradicts the collective this rank runs.
+  std::function<std::exception_ptr(int peer, uint64_t comm_id, const OpDesc& desc)>
+      check_unexpected;
+  DescribeOp describe_op;
+};
+
+// What a local peer published at rendezvous.
+struct ShmPeer {
+  int rank = -1;
+  std::string address;  // its abstract socket name
+  std::string key;      // its secret, read from the (authenticated) store
+  std::string host;     // host name, for messages
+};
+
+class ShmTransport : public Transport {
+ public:
+  // Listens on a fresh abstract socket and makes the eventfd.
+  ShmTransport(Engine& engine, ShmOptions options, ShmEvents events);
+  // Unregisters from the engine and unmaps every segment. Requests must
+  // have completed or failed (fail_all).
+  ~ShmTransport() override;
+  ShmTransport(const ShmTransport&) = delete;
+  ShmTransport& operator=(const ShmTransport&) = delete;
+
+  // Published in the rank record: the socket name and the key a peer must
+  // present.
+  const std::string& address() const { return address_; }
+  const std::string& key() const { return key_; }
+
+  // Sets up a segment with every peer (all on this host): connects to the
+  // lower ranks, then accepts the higher ones. Strangers (wrong key, world,
+  // generation, version) are refused with a log line. Throws
+  // ProtocolError / PeerError / TimeoutError if a pair cannot be set up by
+  // the deadline. Then registers with the engine.
+  void connect_all(const std::vector<ShmPeer>& peers, const Deadline& deadline);
+
+  // Whether large messages to `peer` go by single copy (tests, logs).
+  bool single_copy_to(int peer) const;
+
+  const char* name() const override { return "shm"; }
+  void isend(const RequestPtr& req) override;
+  void irecv(const RequestPtr& req) override;
+  void fail_all(std::exception_ptr error) override;
+  std::exception_ptr find_conflict(uint64_t comm_id, const OpDesc& desc) override;
+  // Flushes queued acknowledgements within the deadline.
+  void close(const Deadline& deadline) override;
+  void peer_departed(int peer) override;
+
+ private:
+  struct Peer;
+  struct Unexpected;
+  struct SendOp;
+  class Poll;
+  class Wake;
+  enum class WriteResult { Done, Partial, Corrupt };
+
+  Peer* peer_for(int rank) const;
+  void connect_to(const ShmPeer& peer, const Deadline& deadline);
+  bool accept_one(const std::vector<ShmPeer>& peers, const Deadline& deadline);
+  void attach(std::unique_ptr<Peer> peer);
+
+  // Progress (engine thread).
+  int poll_all();
+  bool prepare_block();
+  void after_block();
+  int poll_in(Peer& p);
+  int flush(Peer& p);
+  bool begin_data(Peer& p);
+  void finish_data(Peer& p);
+  void on_cma(Peer& p, const RecordHeader& h, const CmaBody& body);
+  void on_ack(Peer& p, uint64_t send_id);
+  void release_tail(Peer& p);
+  void run_deferred();
+  void fail_all_in_progress();
+  // Fails everything with the peer; reports upward (deferred) if `report`.
+  void peer_failed(Peer& p, const std::string& reason, bool report);
+  void violation(Peer& p, const std::string& why);
+
+  // Any thread.
+  bool submit(Peer& p, SendOp op);
+  WriteResult write_some(Peer& p, SendOp& op);
+  void signal(Peer& p, std::atomic<uint32_t>& sleeping);
+  // Completes a receive with a held message: copies it, or reads it from
+  // the sender and acknowledges it; fails it on a mismatch (reported).
+  void deliver(Peer& p, const RequestPtr& req, const Unexpected& u);
+  // Reads a single-copy message into req's buffer and acknowledges it; if
+  // the sender's memory cannot be read, fails req and (later) the peer.
+  void read_remote(Peer& p, const RequestPtr& req, uint64_t address, uint64_t send_id);
+  // Runs a report on the progress thread (from any thread).
+  void report(std::function<void()> fn);
+  std::exception_ptr peer_error(const Peer& p, const std::string& reason) const;
+
+  Engine& engine_;
+  ShmOptions options_;
+  ShmEvents events_;
+  net::Fd listen_fd_;
+  std::string address_;
+  std::string key_;
+  std::shared_ptr<Wake> wake_;
+  std::shared_ptr<Poll> poller_;
+  bool registered_ = false;
+  // Random bytes a peer reads with process_vm_readv to probe single copy.
+  alignas(64) uint8_t probe_[32] = {};
+
+  std::vector<std::unique_ptr<Peer>> peers_;  // by world rank; null unless local
+  std::vector<Peer*> local_;                  // the non-null ones
+
+  std::mutex fail_mu_;
+  std::exception_ptr failed_;  // GUARDED_BY(fail_mu_)
+  std::atomic<bool> failed_flag_{false};
+  bool fail_done_ = false;                       // progress thread only
+  std::vector<std::function<void()>> deferred_;  // progress thread only
+};
+
+}  // namespace weft::transport::shm

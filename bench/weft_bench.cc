@@ -295,7 +295,8 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", o.dtype, "float32, float64, float16, bfloat16, int32, int64, uint8");
   app.add_option("--op", o.op, "sum, avg, min, max, prod");
   app.add_option("--algo", o.algo,
-                 "auto (the cost model chooses), ring, hd, rd, tree, linear, pairwise");
+                 "auto (the cost model chooses), ring, hd, rd, tree, linear, pairwise, "
+                 "hierarchical");
   app.add_option("--iters", o.iters, "timed iterations per size (default: 200 / 30 / 10 by size)");
   app.add_option("--warmup", o.warmup, "warm-up iterations per size");
   app.add_flag("--json", o.json, "one JSON object per size");

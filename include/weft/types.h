@@ -143,6 +143,15 @@ enum class Algorithm : uint8_t {
   Pairwise = 5,           // n-1 pairwise exchanges (alltoall)
   Dissemination = 6,      // log2(n) rounds of empty messages (barrier)
   Linear = 7,             // the root exchanges with every rank directly (gather, scatter)
+  // Topology-aware (allreduce, broadcast, allgather, allgatherv): the ranks
+  // of each host first combine their data among themselves, the hosts then
+  // exchange it in k parallel "lanes" (local rank j of every host forms lane
+  // j, k = the fewest ranks any host has), and each host finally spreads the
+  // result locally. Auto picks it when the ranks span several hosts with the
+  // same number (> 1) of ranks each and the cost model favours it; forced on
+  // uneven hosts it still works (k = 1 is the leader-based scheme), and on a
+  // single host it is a direct intra-host algorithm.
+  Hierarchical = 8,
 };
 const char* algorithm_name(Algorithm a);
 // "ring", "hd", "rd", "tree"... (also accepted: the names of algorithm_name);

@@ -380,7 +380,7 @@ Algorithm Communicator::selected_algorithm(Collective kind, size_t count, DType 
   c.kind = kind;
   c.count = count;
   c.dtype = dtype;
-  return coll::select(c, size());
+  return coll::select(c, coll::topology(*group_));
 }
 
 std::shared_ptr<Communicator> Communicator::split(int color, int key, Timeout timeout) {

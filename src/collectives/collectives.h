@@ -48,12 +48,40 @@ struct Call {
   transport::OpDesc desc() const;
 };
 
+// Where the ranks of a group live. Hosts are numbered in the order of their
+// lowest group rank; each host's ranks are listed in ascending group rank,
+// and a rank's local index is its position in that list. Every rank of a
+// group computes the same topology (from the host ids published at
+// rendezvous).
+struct Topology {
+  std::vector<int> host_of;             // group rank -> host index
+  std::vector<int> local_of;            // group rank -> local index on its host
+  std::vector<std::vector<int>> hosts;  // host index -> its group ranks
+  int min_local = 1, max_local = 1;     // fewest and most ranks on a host
+
+  int size() const { return static_cast<int>(host_of.size()); }
+  int num_hosts() const { return static_cast<int>(hosts.size()); }
+  // Every host has the same number of ranks.
+  bool even() const { return min_local == max_local; }
+  // n ranks on one host (or on n hosts of one rank each).
+  static Topology single_host(int n);
+  static Topology one_per_host(int n);
+  static Topology of(comm::Group& g);
+};
+
+// The topology of g, computed on first use and cached with g's plans.
+const Topology& topology(comm::Group& g);
+
 // Throws InvalidArgument naming what is wrong (sizes, dtype, op, root, an
 // algorithm the collective does not support, overlapping buffers).
 void validate(const Call& call, int size, int rank);
 
-// The algorithm Auto resolves to (WEFT_<KIND>_ALGO first, then the cost model).
-Algorithm select(const Call& call, int size);
+// The algorithm Auto resolves to (WEFT_<KIND>_ALGO first, then the cost
+// model, which knows how the ranks are spread over hosts).
+Algorithm select(const Call& call, const Topology& topo);
+// The cost model's choice among the flat (non-hierarchical) algorithms, with
+// no environment override: what a hierarchical plan runs inside.
+Algorithm select_flat(const Call& call, const Topology& topo);
 
 // Runs the call on this rank (call.algorithm may be Auto). Throws the
 // failure (PeerError, TimeoutError, MismatchError...).

@@ -1,6 +1,9 @@
 // Validation of calls, and running them with a plan from the group's cache.
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <map>
+
 #include "collectives/collectives.h"
 #include "collectives/plan.h"
 #include "core/describe.h"
@@ -12,6 +15,7 @@ bool supports(Kind k, Algorithm a);
 std::unique_ptr<Plan> make_ring_plan(comm::Group& g);
 std::unique_ptr<Plan> make_doubling_plan(comm::Group& g, bool halving);
 std::unique_ptr<Plan> make_tree_plan(comm::Group& g, Algorithm algo);
+std::unique_ptr<Plan> make_hierarchical_plan(comm::Group& g);
 
 std::string Call::describe() const {
   return describe_collective(kind, seq, dtype, count, op, root, algorithm);
@@ -170,6 +174,7 @@ std::unique_ptr<Plan> make_plan(Kind kind, Algorithm algorithm, comm::Group& g) 
     case Algorithm::Linear:
     case Algorithm::Pairwise:
     case Algorithm::Dissemination: return make_tree_plan(g, algorithm);
+    case Algorithm::Hierarchical: return make_hierarchical_plan(g);
     case Algorithm::Auto: break;
   }
   throw InternalError(
@@ -213,9 +218,60 @@ class ActiveCall {
 };
 }  // namespace
 
+namespace {
+PlanCache& plan_cache(comm::Group& g) {
+  return g.extension<PlanCache>([&] { return std::make_shared<PlanCache>(Topology::of(g)); });
+}
+}  // namespace
+
+const Topology& topology(comm::Group& g) { return plan_cache(g).topology(); }
+
+Topology Topology::single_host(int n) {
+  Topology t;
+  t.hosts.emplace_back();
+  for (int r = 0; r < n; ++r) {
+    t.host_of.push_back(0);
+    t.local_of.push_back(r);
+    t.hosts[0].push_back(r);
+  }
+  t.min_local = t.max_local = n;
+  return t;
+}
+
+Topology Topology::one_per_host(int n) {
+  Topology t;
+  for (int r = 0; r < n; ++r) {
+    t.host_of.push_back(r);
+    t.local_of.push_back(0);
+    t.hosts.push_back({r});
+  }
+  return t;
+}
+
+Topology Topology::of(comm::Group& g) {
+  Topology t;
+  std::map<std::string, int> index;  // host id -> host index
+  const auto& ranks = g.world().ranks();
+  for (int r = 0; r < g.size(); ++r) {
+    const std::string& id = ranks[static_cast<size_t>(g.world_rank(r))].host_id;
+    auto [it, fresh] = index.emplace(id, static_cast<int>(t.hosts.size()));
+    if (fresh) t.hosts.emplace_back();
+    auto& members = t.hosts[static_cast<size_t>(it->second)];
+    t.host_of.push_back(it->second);
+    t.local_of.push_back(static_cast<int>(members.size()));
+    members.push_back(r);
+  }
+  t.min_local = t.max_local = static_cast<int>(t.hosts.front().size());
+  for (const auto& h : t.hosts) {
+    t.min_local = std::min(t.min_local, static_cast<int>(h.size()));
+    t.max_local = std::max(t.max_local, static_cast<int>(h.size()));
+  }
+  return t;
+}
+
 void run(comm::Group& g, Call call) {
-  call.algorithm = select(call, g.size());
-  auto& cache = g.extension<PlanCache>([] { return std::make_shared<PlanCache>(); });
+  auto& cache = plan_cache(g);
+  call.algorithm = select(call, cache.topology());
   auto plan = cache.acquire(call.kind, call.algorithm, g);
   ActiveCall active(g, call);
   plan->run(g, call);

@@ -8,6 +8,7 @@
 // collective and an asynchronous one can run at the same time.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -31,13 +32,16 @@ class Plan {
 // Builds the plan of an algorithm for a kind (null: not supported).
 std::unique_ptr<Plan> make_plan(Kind kind, Algorithm algorithm, comm::Group& g);
 
-// Per-group cache of idle plans.
+// Per-group cache of idle plans, and the group's topology.
 class PlanCache {
  public:
+  explicit PlanCache(Topology topo) : topo_(std::move(topo)) {}
   std::unique_ptr<Plan> acquire(Kind kind, Algorithm algorithm, comm::Group& g);
   void release(Kind kind, Algorithm algorithm, std::unique_ptr<Plan> plan);
+  const Topology& topology() const { return topo_; }
 
  private:
+  const Topology topo_;
   std::mutex mu_;
   std::map<std::pair<Kind, Algorithm>, std::vector<std::unique_ptr<Plan>>>
       idle_;  // GUARDED_BY(mu_)
@@ -141,5 +145,11 @@ class Pending {
 
 // Segment size of pipelined algorithms (WEFT_SEGMENT_BYTES).
 size_t segment_bytes();
+
+// Segments a chunk of `bytes` is cut into (at least one).
+inline size_t segments_for(size_t bytes) {
+  const size_t seg = segment_bytes();
+  return std::max<size_t>(1, (bytes + seg - 1) / seg);
+}
 
 }  // namespace weft::coll

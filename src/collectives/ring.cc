@@ -21,12 +21,6 @@ using transport::RequestPtr;
 
 namespace {
 
-// Segments a chunk of `count` elements is cut into.
-size_t segments_for(size_t max_chunk_bytes) {
-  size_t seg = segment_bytes();
-  return std::max<size_t>(1, (max_chunk_bytes + seg - 1) / seg);
-}
-
 constexpr size_t kWindow = 4;  // receives posted ahead, per phase
 
 class Ring : public Plan {

@@ -17,6 +17,8 @@ constexpr std::array kSettings = {
     Setting{"WEFT_WORLD_SIZE", "", "number of ranks of the job (set by weft run)"},
     Setting{"WEFT_LOCAL_RANK", "", "rank among the ranks of this host (set by weft run)"},
     Setting{"WEFT_LOCAL_SIZE", "", "number of ranks on this host (set by weft run)"},
+    Setting{"WEFT_NNODES", "", "number of nodes of the job (set by weft run)"},
+    Setting{"WEFT_NODE_RANK", "", "index of this node in the job (set by weft run)"},
     Setting{"WEFT_STORE", "", "host:port of the rendezvous store (set by weft run)"},
     Setting{"WEFT_STORE_PORT", "", "port rank 0 serves the store on under mpirun/srun/torchrun"},
     Setting{"WEFT_JOB_TOKEN", "", "shared secret every connection must prove it knows"},
@@ -37,6 +39,9 @@ constexpr std::array kSettings = {
     Setting{"WEFT_MAX_UNEXPECTED", "256M", "bytes of early messages held per peer"},
     Setting{"WEFT_SPIN_US", "20", "bounded poll before a waiter sleeps, microseconds (0: none)"},
     Setting{"WEFT_REDUCE_ISA", "auto", "reduction kernels ISA cap: auto, avx512, avx2 or generic"},
+    Setting{"WEFT_MODEL_INTER_MBPS", "1250", "cost model: one host's network bandwidth, MB/s"},
+    Setting{"WEFT_MODEL_INTER_LATENCY_NS", "50000", "cost model: latency between hosts, ns"},
+    Setting{"WEFT_HIER_BLOCK_BYTES", "1M", "pipeline block of the hierarchical allreduce"},
     Setting{"WEFT_LOG_LEVEL", "warn", "trace, debug, info, warn, error or off"},
 };
 

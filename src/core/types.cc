@@ -116,6 +116,7 @@ const char* algorithm_name(Algorithm a) {
     case Algorithm::Pairwise: return "pairwise";
     case Algorithm::Dissemination: return "dissemination";
     case Algorithm::Linear: return "linear";
+    case Algorithm::Hierarchical: return "hierarchical";
   }
   return "unknown";
 }
@@ -133,9 +134,10 @@ Algorithm parse_algorithm(const std::string& name) {
   if (s == "pairwise") return Algorithm::Pairwise;
   if (s == "dissemination") return Algorithm::Dissemination;
   if (s == "linear" || s == "direct") return Algorithm::Linear;
+  if (s == "hierarchical" || s == "hier" || s == "2d") return Algorithm::Hierarchical;
   throw InvalidArgument(
       fmt::format("unknown algorithm '{}' (expected auto, ring, hd, rd, tree, pairwise, "
-                  "dissemination or linear)",
+                  "dissemination, linear or hierarchical)",
                   name));
 }
 

@@ -96,6 +96,8 @@ class Runner {
     if (o_.large) {
       run_case(Collective::Allreduce, Algorithm::Auto, DType::Float32, ReduceOp::Sum, 16u << 20);
       run_case(Collective::Allreduce, Algorithm::Ring, DType::Float32, ReduceOp::Sum, 16u << 20);
+      run_case(Collective::Allreduce, Algorithm::Hierarchical, DType::Float32, ReduceOp::Sum,
+               16u << 20);
       run_case(Collective::Allgather, Algorithm::Auto, DType::Float32, ReduceOp::Sum,
                (16u << 20) / n_);
     }
@@ -106,10 +108,14 @@ class Runner {
   static std::vector<Algorithm> algorithms(Collective k) {
     switch (k) {
       case Collective::Barrier: return {Algorithm::Auto};
-      case Collective::Broadcast: return {Algorithm::Auto, Algorithm::Tree, Algorithm::Ring};
+      case Collective::Broadcast:
+        return {Algorithm::Auto, Algorithm::Tree, Algorithm::Ring, Algorithm::Hierarchical};
       case Collective::Allreduce:
         return {Algorithm::Auto, Algorithm::RecursiveDoubling, Algorithm::HalvingDoubling,
-                Algorithm::Ring};
+                Algorithm::Ring, Algorithm::Hierarchical};
+      case Collective::Allgather:
+      case Collective::Allgatherv:
+        return {Algorithm::Auto, Algorithm::Ring, Algorithm::Hierarchical};
       case Collective::Reduce: return {Algorithm::Auto, Algorithm::Tree, Algorithm::Ring};
       case Collective::Gather:
       case Collective::Scatter: return {Algorithm::Auto, Algorithm::Tree, Algorithm::Linear};

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -13,6 +14,7 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <mutex>
 
 #include "core/deadline.h"
 #include "core/log.h"
@@ -25,6 +27,7 @@ namespace weft::launch {
 namespace {
 
 constexpr uint64_t kSignalKey = ~uint64_t{0};
+constexpr uint64_t kStopKey = ~uint64_t{0} - 1;
 
 // Every variable the launcher sets itself; --env may not override them.
 constexpr const char* kReservedEnv[] = {"WEFT_RANK",       "WEFT_WORLD_SIZE", "WEFT_LOCAL_RANK",
@@ -111,6 +114,10 @@ struct LocalLauncher::Impl {
   sigset_t old_mask{};
   net::Fd sigfd;
   net::Fd epfd;
+  net::Fd stopfd;  // eventfd: stop() was called
+  std::mutex stop_mu;
+  std::string stop_reason;  // GUARDED_BY(stop_mu)
+  int stop_code = 0;        // GUARDED_BY(stop_mu)
   std::vector<Worker> workers;
   std::function<void(const WorkerExit&)> on_failure;
   bool started = false;
@@ -317,6 +324,21 @@ struct LocalLauncher::Impl {
     }
   }
 
+  void on_stop_request() {
+    uint64_t v;
+    [[maybe_unused]] ssize_t n = ::read(stopfd.get(), &v, sizeof v);
+    if (stopping) return;
+    std::string reason;
+    {
+      std::lock_guard<std::mutex> lk(stop_mu);
+      reason = stop_reason;
+      exit_code = stop_code;
+    }
+    failed = true;
+    message(fmt::format("{}; stopping {}", reason, plural(running(), "worker")));
+    begin_stop(SIGTERM);
+  }
+
   void read_signals() {
     signalfd_siginfo si;
     bool child = false;
@@ -343,6 +365,8 @@ struct LocalLauncher::Impl {
         uint64_t key = events[static_cast<size_t>(i)].data.u64;
         if (key == kSignalKey) {
           read_signals();
+        } else if (key == kStopKey) {
+          on_stop_request();
         } else {
           Worker& w = workers[key / 2];
           StreamRelay* relay = key % 2 == 0 ? w.out.get() : w.err.get();
@@ -402,6 +426,24 @@ LocalLauncher::LocalLauncher(WorkerOptions options) : impl_(std::make_unique<Imp
     throw Error(fmt::format("signalfd/epoll: {}", net::errno_string(errno)));
   }
   m.watch(m.sigfd.get(), kSignalKey);
+  m.stopfd = net::Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!m.stopfd.valid()) {
+    ::pthread_sigmask(SIG_SETMASK, &m.old_mask, nullptr);
+    throw Error(fmt::format("eventfd: {}", net::errno_string(errno)));
+  }
+  m.watch(m.stopfd.get(), kStopKey);
+}
+
+void LocalLauncher::stop(const std::string& reason, int exit_code) {
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lk(m.stop_mu);
+    if (!m.stop_reason.empty()) return;
+    m.stop_reason = reason.empty() ? std::string("stopped") : reason;
+    m.stop_code = exit_code;
+  }
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(m.stopfd.get(), &one, sizeof one);
 }
 
 LocalLauncher::~LocalLauncher() {

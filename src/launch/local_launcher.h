@@ -16,7 +16,7 @@
 //    PR_SET_PDEATHSIG = SIGKILL: workers die if the launcher dies.
 //
 // The job's shape (JobLayout) is given by the caller, so that the same class
-// serves a single node (run.h) and, later, each node of a multi-node job.
+// serves a single node and each node of a multi-node job (run.h).
 #pragma once
 
 #include <sys/types.h>
@@ -109,6 +109,13 @@ class LocalLauncher {
   // Called once, with the first failed worker, before the others are
   // stopped. Exceptions it throws are reported and ignored.
   void on_failure(std::function<void(const WorkerExit&)> callback);
+
+  // Thread-safe: stops the workers because the job failed elsewhere (e.g.
+  // on another node): prints `reason`, then stops them like after a
+  // failure (SIGTERM, SIGKILL after the grace period), and run() returns
+  // `exit_code` unless a worker failed first. Ignored once the workers are
+  // being stopped; before run(), applies as soon as it starts them.
+  void stop(const std::string& reason, int exit_code);
 
   // Starts the workers and supervises them until every one has exited.
   // Returns the launcher's exit code: 0 when all exited 0; the first failed

@@ -1,12 +1,21 @@
 #include "launch/run.h"
 
 #include <fmt/format.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <climits>
+#include <cstdio>
+#include <thread>
 
 #include "core/auth.h"
+#include "core/deadline.h"
+#include "core/log.h"
 #include "core/socket.h"
+#include "launch/output_mux.h"
+#include "weft/errors.h"
 #include "weft/store.h"
 
 namespace weft::launch {
@@ -19,6 +28,52 @@ std::string hostname() {
   char buf[HOST_NAME_MAX + 1] = {0};
   if (::gethostname(buf, sizeof buf - 1) != 0) return "unknown";
   return buf;
+}
+
+void say(std::string_view text) { write_fully(STDERR_FILENO, fmt::format("weft run: {}\n", text)); }
+
+// A stop signal (SIGINT, SIGTERM, SIGHUP) received while no worker runs
+// yet: they are blocked (LocalLauncher), so take one without waiting.
+int take_stop_signal() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, sig);
+  timespec zero{0, 0};
+  int sig = ::sigtimedwait(&set, nullptr, &zero);
+  return sig > 0 ? sig : 0;
+}
+
+constexpr Timeout kPoll = std::chrono::milliseconds(500);
+
+// Time left before d, at least 1 ms, at most `cap`.
+Timeout left(const Deadline& d, Timeout cap = Timeout::max()) {
+  auto t = std::chrono::duration_cast<Timeout>(d.remaining());
+  return std::clamp(t, Timeout(1), cap);
+}
+
+std::string node_key(int node) { return fmt::format("{}node/{}", kLaunchPrefix, node); }
+std::string done_key(int node) { return fmt::format("{}done/{}", kLaunchPrefix, node); }
+
+// Waits until every key exists, in short slices so that a stop signal ends
+// the wait. Returns the keys still missing (empty: all there).
+std::vector<std::string> wait_keys(Store& store, const std::vector<std::string>& keys,
+                                   const Deadline& deadline, int* signal_out) {
+  std::vector<std::string> missing = keys;
+  while (!missing.empty() && !deadline.expired()) {
+    if (int sig = take_stop_signal()) {
+      *signal_out = sig;
+      break;
+    }
+    try {
+      store.wait({missing.front()}, left(deadline, kPoll));
+      missing.erase(missing.begin());
+    } catch (const TimeoutError&) {
+    } catch (const StoreError&) {
+      // Not reachable yet (node 0 may start later): retried within the deadline.
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  return missing;
 }
 
 }  // namespace
@@ -42,10 +97,207 @@ int run_local(WorkerOptions options) {
     TcpStoreOptions client_options = store_options;
     client_options.timeout = kAbortRecordTimeout;
     TcpStore store(host, server.port(), client_options);
-    store.set(kAbortKey,
-              fmt::format("rank {} (host {}, pid {}) {}", e.rank, hostname(), e.pid, e.describe()));
+    store.compare_set(
+        kAbortKey, std::nullopt,
+        fmt::format("rank {} (host {}, pid {}) {}", e.rank, hostname(), e.pid, e.describe()));
   });
   return launcher.run(job);
+}
+
+}  // namespace weft::launch
+
+namespace weft::launch {
+
+int run_node(WorkerOptions options, NodeOptions node) {
+  const int nproc = options.nproc;
+  if (node.nnodes < 1) throw LaunchError("--nnodes must be at least 1", 2);
+  if (node.node_rank < 0 || node.node_rank >= node.nnodes) {
+    throw LaunchError(
+        fmt::format("--node-rank {} is out of range for --nnodes {}", node.node_rank, node.nnodes),
+        2);
+  }
+  if (node.job_token.empty() && !node.allow_unauthenticated) {
+    throw LaunchError(
+        "a multi-node job needs the same job token on every node: set WEFT_JOB_TOKEN or pass "
+        "--token-file FILE on every node, or pass --allow-unauthenticated",
+        2);
+  }
+  std::pair<std::string, uint16_t> master;
+  try {
+    master = net::split_host_port(node.master, "--master");
+  } catch (const Error& e) {
+    throw LaunchError(e.what(), 2);
+  }
+  if (master.second == 0) throw LaunchError("--master needs a port other than 0", 2);
+  if (node.job_token.empty()) options.env.emplace_back("WEFT_ALLOW_UNAUTHENTICATED", "1");
+
+  // First: it blocks the signals, which the store's threads then inherit.
+  LocalLauncher launcher(std::move(options));
+  const std::string me = hostname();
+
+  TcpStoreOptions so;
+  so.job_token = node.job_token;
+  so.allow_unauthenticated = node.allow_unauthenticated;
+  so.timeout = node.rendezvous_timeout;
+  std::unique_ptr<TcpStoreServer> server;
+  if (node.node_rank == 0) {
+    try {
+      server = std::make_unique<TcpStoreServer>(master.first, master.second, so);
+    } catch (const Error& e) {
+      throw LaunchError(
+          fmt::format("cannot serve the rendezvous store at {}: {}", node.master, e.what()), 1);
+    }
+  }
+  TcpStore store(master.first, master.second, so);
+
+  // Launcher rendezvous: register, check the job's shape, wait for every node.
+  const Deadline deadline = Deadline::after(node.rendezvous_timeout);
+  auto call_timeout = [&] { return left(deadline); };
+  int sig = 0;
+  std::vector<std::string> keys;
+  for (int i = 0; i < node.nnodes; ++i) keys.push_back(node_key(i));
+  try {
+    // Reach the store first (node 0 may come up later), in slices so that
+    // a signal stops the wait.
+    for (;;) {
+      if ((sig = take_stop_signal()) != 0) return 128 + sig;
+      try {
+        store.connect(left(deadline, kPoll));
+        break;
+      } catch (const Error& e) {
+        if (deadline.expired()) {
+          throw LaunchError(
+              fmt::format("cannot reach the rendezvous store at {} (node 0 serves it): {}",
+                          node.master, e.what()),
+              1);
+        }
+      }
+    }
+    auto nn = store.compare_set(fmt::format("{}nnodes", kLaunchPrefix), std::nullopt,
+                                std::to_string(node.nnodes), call_timeout());
+    if (!nn.swapped && nn.current != std::to_string(node.nnodes)) {
+      throw LaunchError(fmt::format("this node was started with --nnodes {} but another with "
+                                    "--nnodes {}",
+                                    node.nnodes, nn.current.value_or("?")),
+                        2);
+    }
+    std::string mine = fmt::format("{} {} {}", nproc, ::getpid(), me);
+    auto reg = store.compare_set(node_key(node.node_rank), std::nullopt, mine, call_timeout());
+    if (!reg.swapped) {
+      throw LaunchError(fmt::format("node rank {} is already taken (by '{}')", node.node_rank,
+                                    reg.current.value_or("?")),
+                        2);
+    }
+    auto missing = wait_keys(store, keys, deadline, &sig);
+    if (sig != 0) {
+      say(fmt::format("received {} while waiting for the other nodes", signal_name(sig)));
+      return 128 + sig;
+    }
+    if (!missing.empty()) {
+      std::string which;
+      for (auto& k : missing) which += (which.empty() ? "" : ", ") + k.substr(k.rfind('/') + 1);
+      throw LaunchError(fmt::format("node(s) {} did not join within {}", which,
+                                    format_timeout(node.rendezvous_timeout)),
+                        1);
+    }
+  } catch (const LaunchError&) {
+    throw;
+  } catch (const Error& e) {
+    throw LaunchError(fmt::format("rendezvous through {} failed: {}", node.master, e.what()), 1);
+  }
+
+  JobLayout job;
+  job.nnodes = node.nnodes;
+  job.node_rank = node.node_rank;
+  job.store = node.master;
+  job.job_token = node.job_token;
+  job.world_size = 0;
+  for (int i = 0; i < node.nnodes; ++i) {
+    std::string v = store.get(keys[static_cast<size_t>(i)], call_timeout());
+    int n = 0;
+    if (std::sscanf(v.c_str(), "%d", &n) != 1 || n < 1) {
+      throw LaunchError(fmt::format("invalid record of node {}: '{}'", i, v.substr(0, 80)), 1);
+    }
+    if (i < node.node_rank) job.first_rank += n;
+    job.world_size += n;
+  }
+  WEFT_DEBUG("launcher: node {} of {}: ranks {}..{} of {}", node.node_rank, node.nnodes,
+             job.first_rank, job.first_rank + nproc - 1, job.world_size);
+
+  // The first failure anywhere is the job's.
+  std::atomic<bool> recorded{false};
+  launcher.on_failure([&](const WorkerExit& e) {
+    recorded = true;
+    store.compare_set(kAbortKey, std::nullopt,
+                      fmt::format("rank {} (node {}, host {}, pid {}) {}", e.rank, node.node_rank,
+                                  me, e.pid, e.describe()),
+                      std::chrono::seconds(5));
+  });
+  // Watch for failures elsewhere (a store client of its own: calls on one
+  // client are serialized).
+  std::atomic<bool> done{false}, announced{false};
+  std::thread watcher([&] {
+    TcpStore w(master.first, master.second, so);
+    while (!done) {
+      try {
+        w.wait({kAbortKey}, kPoll);
+        if (!recorded) {
+          announced = true;
+          launcher.stop("the job failed on another node: " + w.get(kAbortKey, kPoll), 1);
+        }
+        return;
+      } catch (const Error&) {
+        // No record yet, or the store is gone (node 0 ended): keep looking
+        // until our workers are done.
+        if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    }
+  });
+  int code = 1;
+  try {
+    code = launcher.run(job);
+  } catch (...) {
+    done = true;
+    watcher.join();
+    throw;
+  }
+  done = true;
+  watcher.join();
+
+  constexpr Timeout kShort = std::chrono::seconds(5);
+  try {
+    if (code != 0 && !recorded) {
+      // Stopped by a signal, or by another node's failure (then the record
+      // exists and stays).
+      store.compare_set(kAbortKey, std::nullopt,
+                        fmt::format("node {} (host {}) stopped: weft run exits with code {}",
+                                    node.node_rank, me, code),
+                        kShort);
+    }
+    if (code != 0 && !announced) {
+      if (auto rec = store.try_get(kAbortKey, kShort)) say("job failed: " + *rec);
+    }
+    store.set(done_key(node.node_rank), std::to_string(code), kShort);
+  } catch (const Error& e) {
+    WEFT_DEBUG("launcher: store unreachable after the job: {}", e.what());
+  }
+  if (server) {
+    // Serve the store until the other nodes' workers are done with it.
+    std::vector<std::string> others;
+    for (int i = 1; i < node.nnodes; ++i) others.push_back(done_key(i));
+    auto linger = Deadline::after(std::chrono::seconds(60));
+    auto missing = wait_keys(store, others, Deadline::after(std::chrono::seconds(2)), &sig);
+    if (!missing.empty() && sig == 0) {
+      say(fmt::format("waiting for {} other node(s) to finish (node 0 serves the store)",
+                      missing.size()));
+      missing = wait_keys(store, missing, linger, &sig);
+      if (!missing.empty() && sig == 0) {
+        say(fmt::format("{} node(s) did not finish within 60 s; closing the store",
+                        missing.size()));
+      }
+    }
+  }
+  return code;
 }
 
 }  // namespace weft::launch

@@ -1,8 +1,14 @@
-// `weft run` on a single node: a fresh job token, the rendezvous store
-// served by the launcher itself, and the workers.
+// `weft run`: on a single node, a fresh job token, the rendezvous store
+// served by the launcher itself on loopback, and the workers; on several
+// nodes, one launcher per node, the store served by node 0's launcher at
+// the master address, and a launcher rendezvous through it that numbers
+// the ranks and propagates failures between nodes.
 #pragma once
 
+#include <string>
+
 #include "launch/local_launcher.h"
+#include "weft/timeout.h"
 
 namespace weft::launch {
 
@@ -18,5 +24,43 @@ inline constexpr const char* kAbortKey = "weft/abort";
 // launcher's exit code (LocalLauncher::run). Throws LaunchError when the
 // launch cannot start.
 int run_local(WorkerOptions options);
+
+// One node of a multi-node job (torchrun style: one `weft run` per node).
+struct NodeOptions {
+  int nnodes = 1;
+  int node_rank = 0;  // 0..nnodes-1; node 0 serves the store
+  // "host:port" of the store: node 0 binds it, every node connects to it.
+  std::string master;
+  // The job's shared secret: the same on every node (nodes cannot agree on
+  // a fresh one before they can authenticate each other). Empty only with
+  // allow_unauthenticated.
+  std::string job_token;
+  bool allow_unauthenticated = false;
+  // How long to wait for every node to join (and, on node 0, for the store
+  // to be reachable by the others).
+  Timeout rendezvous_timeout = std::chrono::seconds(300);
+};
+
+// Key prefix of the launchers' own records in the store.
+inline constexpr const char* kLaunchPrefix = "weft-launch/";
+
+// Runs this node's part of the job:
+//  1. node 0 serves the store at options.master (authenticated with the
+//     token); every node connects to it;
+//  2. each launcher registers its node rank and its number of workers and
+//     waits for all nodes; node I's ranks follow those of nodes 0..I-1
+//     (ranks I*L .. I*L+L-1 when every node has L workers; uneven counts
+//     are allowed); a node rank taken twice or a different --nnodes is an
+//     error;
+//  3. the workers run with WEFT_STORE = master, WEFT_NNODES, WEFT_NODE_RANK
+//     and the local rank and size of this node;
+//  4. the first failure anywhere is recorded under kAbortKey (first writer
+//     wins); every launcher watches that record and stops its own workers
+//     when it appears, and prints it when the job failed;
+//  5. node 0 keeps serving the store until every node reported that its
+//     workers ended (at most 60 s after its own).
+// Returns the exit code: as run_local, or 1 when the workers were stopped
+// because the job failed on another node.
+int run_node(WorkerOptions options, NodeOptions node);
 
 }  // namespace weft::launch

@@ -1,11 +1,16 @@
 // The `weft` command:
 //   weft run -n N [options] [--] PROGRAM [ARGS...]   start a job on this machine
+//   weft run --nnodes K --node-rank I --master ADDR:PORT --nproc-per-node L
+//            [options] [--] PROGRAM [ARGS...]        one node of a multi-node job
 //   weft config                                      the WEFT_* settings
 //   weft --version
 // This file only parses the command line; launching lives in src/launch.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -18,15 +23,33 @@
 namespace {
 
 constexpr const char* kRunFooter =
-    R"(Each worker gets the environment of the launcher, the --env variables, and:
+    R"(Single node: `weft run -n N PROG` starts N workers (ranks 0..N-1) and serves
+the rendezvous store on 127.0.0.1 with a fresh job token.
+
+Several nodes (torchrun style), one launcher per node:
+  weft run --nnodes K --node-rank I --master ADDR:PORT --nproc-per-node L PROG
+Node 0's launcher serves the store at ADDR:PORT (it binds that address);
+every node's launcher and workers connect there, so ADDR must be an address
+of node 0 that the other nodes reach. Node I's ranks follow those of nodes
+0..I-1 (I*L .. I*L+L-1 when every node has L workers; nodes may have
+different numbers). Every node must be given the same job token: set
+WEFT_JOB_TOKEN in the launcher's environment or pass --token-file FILE (e.g.
+made once with `head -c 32 /dev/urandom | base64 > FILE`), or pass
+--allow-unauthenticated on a trusted network. When a worker fails on any
+node, the first failure is recorded in the store and every node's launcher
+stops its workers and prints it; node 0 keeps serving the store until the
+other nodes' workers are done (at most 60 s).
+
+Each worker gets the environment of the launcher, the --env variables, and:
   WEFT_RANK, WEFT_WORLD_SIZE       its rank and the number of ranks
-  WEFT_LOCAL_RANK, WEFT_LOCAL_SIZE its rank and the number of ranks on this host
-  WEFT_NNODES, WEFT_NODE_RANK      1 and 0 (single node)
-  WEFT_STORE                       host:port of the rendezvous store the launcher serves
-  WEFT_JOB_TOKEN                   the job's secret, fresh for every job
+  WEFT_LOCAL_RANK, WEFT_LOCAL_SIZE its rank and the number of ranks on this node
+  WEFT_NNODES, WEFT_NODE_RANK      the number of nodes and this node's index
+  WEFT_STORE                       host:port of the rendezvous store
+  WEFT_JOB_TOKEN                   the job's secret (fresh for every single-node job)
 Workers run in process groups of their own with stdin from /dev/null, and are
 killed if the launcher dies. When a worker exits non-zero or is killed, the
-others are stopped and weft run exits with its code (128 + signal if killed).
+others are stopped and weft run exits with its code (128 + signal if killed;
+1 on the nodes that stopped because the job failed on another node).
 SIGINT, SIGTERM and SIGHUP are forwarded to the workers; a second one kills them.)";
 
 struct RunArgs {
@@ -36,14 +59,46 @@ struct RunArgs {
   double grace_seconds = 5;
   bool no_prefix = false;
   std::vector<std::string> env;
+  // Multi-node.
+  int nnodes = 1;
+  int node_rank = 0;
+  std::string master;
+  int nproc_per_node = 0;
+  std::string token_file;
+  bool allow_unauthenticated = false;
+  double rdzv_timeout = 300;
 };
 
 void add_run_options(CLI::App* run, RunArgs& a) {
   run->add_option("-n,--nproc", a.workers.nproc,
-                  "Number of worker processes to start (ranks 0..N-1)")
-      ->required()
+                  "Single node: number of worker processes to start (ranks 0..N-1)")
       ->type_name("N")
       ->check(CLI::Range(1, 1 << 20));
+  run->add_option("--nproc-per-node", a.nproc_per_node,
+                  "Multi-node: number of workers on this node")
+      ->type_name("L")
+      ->check(CLI::Range(1, 1 << 20));
+  run->add_option("--nnodes", a.nnodes, "Multi-node: number of nodes (one weft run on each)")
+      ->type_name("K")
+      ->check(CLI::Range(1, 1 << 16));
+  run->add_option("--node-rank", a.node_rank, "Multi-node: this node's index, 0..K-1")
+      ->type_name("I")
+      ->check(CLI::Range(0, (1 << 16) - 1));
+  run->add_option("--master", a.master,
+                  "Multi-node: address and port of the rendezvous store, which node 0 serves")
+      ->type_name("ADDR:PORT");
+  run->add_option("--token-file", a.token_file,
+                  "Multi-node: file holding the job token (the same on every node); default: "
+                  "WEFT_JOB_TOKEN of the launcher's environment")
+      ->type_name("FILE");
+  run->add_flag("--allow-unauthenticated", a.allow_unauthenticated,
+                "Multi-node: run without a job token (any process that reaches the ports can "
+                "join the job)");
+  run->add_option("--rdzv-timeout", a.rdzv_timeout,
+                  "Multi-node: seconds to wait for every node to join")
+      ->type_name("SECONDS")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 1e6));
   run->add_option("--timeout", a.timeout,
                   "Deadline of every communication call in the workers, in seconds "
                   "(exported as WEFT_TIMEOUT; default 300)")
@@ -79,8 +134,6 @@ void add_run_options(CLI::App* run, RunArgs& a) {
         return eq == std::string::npos || eq == 0 ? "expected K=V, got '" + kv + "'"
                                                   : std::string();
       });
-  // Reserved for multi-node jobs (not available yet): --nnodes, --node-rank,
-  // --master ADDR:PORT, --nproc-per-node.
   run->add_option("PROGRAM", a.workers.command,
                   "The program to start (a path, or a name looked up in PATH) and its arguments; "
                   "put '--' before it if it starts with '-'")
@@ -90,7 +143,20 @@ void add_run_options(CLI::App* run, RunArgs& a) {
   run->footer(kRunFooter);
 }
 
-int do_run(RunArgs& a) {
+// The job token in a file: its content without trailing whitespace.
+std::string read_token_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw weft::launch::LaunchError("cannot read the token file '" + path + "'", 2);
+  std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
+  if (token.empty()) throw weft::launch::LaunchError("the token file '" + path + "' is empty", 2);
+  if (token.size() > 4096) {
+    throw weft::launch::LaunchError("the token file '" + path + "' is too long (> 4096 bytes)", 2);
+  }
+  return token;
+}
+
+int do_run(RunArgs& a, const CLI::App* run) {
   auto& w = a.workers;
   w.prefix_output = !a.no_prefix;
   w.grace = std::chrono::milliseconds(static_cast<int64_t>(a.grace_seconds * 1000 + 0.5));
@@ -104,7 +170,45 @@ int do_run(RunArgs& a) {
     weft::log::set_level(weft::log::parse_level(a.log_level));
   }
   try {
-    return weft::launch::run_local(std::move(w));
+    const bool multi = a.nnodes > 1 || !a.master.empty();
+    const bool has_n = run->count("--nproc") > 0;
+    if (has_n && a.nproc_per_node > 0) {
+      throw weft::launch::LaunchError("give either -n (one node) or --nproc-per-node, not both", 2);
+    }
+    if (!multi) {
+      if (a.nproc_per_node > 0) w.nproc = a.nproc_per_node;
+      if (!has_n && a.nproc_per_node == 0) {
+        throw weft::launch::LaunchError("-n N (the number of workers) is required", 2);
+      }
+      if (a.node_rank != 0) throw weft::launch::LaunchError("--node-rank needs --nnodes", 2);
+      return weft::launch::run_local(std::move(w));
+    }
+    if (has_n) {
+      throw weft::launch::LaunchError(
+          "-n is for single-node jobs: give each node's number of workers with --nproc-per-node",
+          2);
+    }
+    if (a.nproc_per_node == 0) {
+      throw weft::launch::LaunchError("a multi-node job needs --nproc-per-node L", 2);
+    }
+    if (a.master.empty()) {
+      throw weft::launch::LaunchError(
+          "a multi-node job needs --master ADDR:PORT (an address of node 0)", 2);
+    }
+    w.nproc = a.nproc_per_node;
+    weft::launch::NodeOptions node;
+    node.nnodes = a.nnodes;
+    node.node_rank = a.node_rank;
+    node.master = a.master;
+    node.allow_unauthenticated = a.allow_unauthenticated;
+    node.rendezvous_timeout =
+        std::chrono::milliseconds(static_cast<int64_t>(a.rdzv_timeout * 1000));
+    if (!a.token_file.empty()) {
+      node.job_token = read_token_file(a.token_file);
+    } else if (auto t = weft::settings::get("WEFT_JOB_TOKEN")) {
+      node.job_token = *t;
+    }
+    return weft::launch::run_node(std::move(w), std::move(node));
   } catch (const weft::launch::LaunchError& e) {
     std::fprintf(stderr, "weft run: %s\n", e.what());
     return e.exit_code();
@@ -148,7 +252,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   RunArgs run_args;
-  CLI::App* run = app.add_subcommand("run", "Start N worker processes of a job on this machine");
+  CLI::App* run =
+      app.add_subcommand("run", "Start the worker processes of a job on this machine (or node)");
   add_run_options(run, run_args);
   CLI::App* config = app.add_subcommand(
       "config", "Print every WEFT_* setting: its value here, default and meaning");
@@ -159,7 +264,7 @@ int main(int argc, char** argv) {
     int code = app.exit(e);
     return code == 0 ? 0 : 2;
   }
-  if (run->parsed()) return do_run(run_args);
+  if (run->parsed()) return do_run(run_args, run);
   if (config->parsed()) return do_config();
   return 2;
 }

@@ -8,7 +8,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
-#include <regex>
+#include <cstdio>
 #include <thread>
 
 #include "testing/testing.h"
@@ -94,7 +94,6 @@ TEST_P(KilledRank, SurvivorsNameItAndNothingIsLeftBehind) {
   // The stream workers ignore the SIGTERM the launcher sends when it sees
   // the victim die, so that what is tested is their own detection.
   testing::Process p(weft_run(n, {GetParam()}, {"stream", std::to_string(4u << 20)}));
-  std::regex ready(R"(READY (\d+) (\d+))");
   pid_t pid = 0;
   auto until = std::chrono::steady_clock::now() + 60s;
   while (count(p.output(), "READY") < static_cast<size_t>(n)) {
@@ -102,8 +101,9 @@ TEST_P(KilledRank, SurvivorsNameItAndNothingIsLeftBehind) {
     ASSERT_LT(std::chrono::steady_clock::now(), until) << p.output();
   }
   std::string out = p.output();
-  for (std::sregex_iterator it(out.begin(), out.end(), ready), end; it != end; ++it) {
-    if (std::stoi((*it)[1]) == victim) pid = std::stoi((*it)[2]);
+  for (size_t at = out.find("READY "); at != std::string::npos; at = out.find("READY ", at + 1)) {
+    int r = -1, id = 0;
+    if (std::sscanf(out.c_str() + at, "READY %d %d", &r, &id) == 2 && r == victim) pid = id;
   }
   ASSERT_GT(pid, 0) << out;
   std::this_thread::sleep_for(300ms);  // in the middle of the transfers

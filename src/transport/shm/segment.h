@@ -234,4 +234,7 @@ struct Final {
   uint32_t reads_you;  // the higher rank can read the lower rank's memory
 };
 
+static_assert(sizeof(Hello) == 136 && sizeof(Reply) == 312 && sizeof(Final) == 8,
+              "set-up packets as documented in docs/PROTOCOL.md");
+
 }  // namespace weft::transport::shm

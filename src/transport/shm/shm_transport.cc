@@ -631,6 +631,13 @@ bool ShmTransport::submit(Peer& p, SendOp op) {
   {
     std::lock_guard<std::mutex> lk(p.out_mu);
     if (p.out_dead) return false;
+    // A data record queued after fail_all() cleared the queues would never
+    // fail: fail_all() sets the flag before it takes this lock.
+    if (op.req && failed_flag_.load()) {
+      std::lock_guard<std::mutex> flk(fail_mu_);
+      op.req->fail(failed_);
+      return true;
+    }
     if (op.type() == RecordType::DataCma) {
       op.rec.aux = p.next_send_id++;
       p.awaiting[op.rec.aux] = op.req;
@@ -755,6 +762,11 @@ void ShmTransport::irecv(const RequestPtr& req) {
     if (!matched && (p->failed || p->departed)) {
       req->fail(request_peer_error(*req, p->host,
                                    p->failed ? p->failure : "has closed its communicator"));
+      return;
+    }
+    if (!matched && failed_flag_.load()) {  // fail_all() ran since the check above
+      std::lock_guard<std::mutex> flk(fail_mu_);
+      req->fail(failed_);
       return;
     }
     if (!matched) p->q.posted.push_back(req);

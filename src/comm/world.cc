@@ -207,9 +207,9 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     return check_unexpected(peer, h.comm_id, h.desc);
   };
   ev.on_peer_departed = [this](int peer) {
-    for (auto* t : transports_) {
-      if (t != tcp_.get()) t->peer_departed(peer);
-    }
+    // Also while the shared-memory set-up is still running (it keeps the
+    // departure for when it is done).
+    if (shm_) shm_->peer_departed(peer);
   };
   tcp_ = std::make_unique<transport::tcp::TcpTransport>(*engine_, to, ev);
 
@@ -270,7 +270,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     hosts.push_back(ri.hostname);
   }
   tcp_->connect_all(addresses, hosts, deadline);
-  transports_ = {tcp_.get()};
+  add_transport(tcp_.get());
   route_.assign(static_cast<size_t>(size_), tcp_.get());
   connect_shm(me, deadline);
 }
@@ -285,18 +285,15 @@ void World::connect_shm(const RankInfo& me, const Deadline& deadline) {
     if (r == rank_ || ri.host_id != me.host_id || ri.shm_address.empty()) continue;
     peers.push_back({r, ri.shm_address, ri.shm_key, ri.hostname});
   }
-  if (peers.empty()) {
-    shm_.reset();
-    return;
-  }
   shm_->connect_all(peers, deadline);
-  transports_.push_back(shm_.get());
+  if (peers.empty()) return;  // unused (kept: the progress thread may be looking at it)
+  add_transport(shm_.get());
   for (const auto& p : peers) route_[static_cast<size_t>(p.rank)] = shm_.get();
 }
 
 std::string World::transport_names() const {
   std::string names;
-  for (auto* t : transports_) {
+  for (auto* t : transports()) {
     if (!names.empty()) names += '+';
     names += t->name();
   }
@@ -325,7 +322,7 @@ void World::shutdown_once() {
             AbortedError(fmt::format("rank {}: the communicator was destroyed", rank_)));
       }
     }
-    for (auto* t : transports_) t->fail_all(error());
+    for (auto* t : transports()) t->fail_all(error());
   }
   if (executor_.joinable()) executor_.join();
   if (tcp_) {
@@ -337,7 +334,7 @@ void World::shutdown_once() {
       if (abort_known_) tcp_->broadcast_abort(abort_kind_, abort_culprit_, abort_reason_);
     }
     // The other transports first: the TCP goodbye must come last.
-    for (auto it = transports_.rbegin(); it != transports_.rend(); ++it) {
+    for (auto it = transports().rbegin(); it != transports().rend(); ++it) {
       (*it)->close(Deadline::after(std::chrono::seconds(2)));
     }
   }
@@ -401,7 +398,7 @@ void World::abort(std::exception_ptr error, AbortKind kind, int culprit, const s
     }
   }
   // Also when already aborted: returns only once no request can be written to any more.
-  for (auto* t : transports_) t->fail_all(this->error());
+  for (auto* t : transports()) t->fail_all(this->error());
   if (engine_) engine_->wake();
 }
 
@@ -456,7 +453,7 @@ void World::begin_collective(uint64_t comm_id, const transport::OpDesc& desc) {
     active_[{comm_id, desc.seq}] = desc;
   }
   std::exception_ptr err;
-  for (auto* t : transports_) {
+  for (auto* t : transports()) {
     if (!err) err = t->find_conflict(comm_id, desc);
   }
   if (err) {
@@ -481,7 +478,7 @@ std::exception_ptr World::check_unexpected(int peer, uint64_t comm_id,
     mine = it->second;
   }
   (void)peer;
-  for (auto* t : transports_) {
+  for (auto* t : transports()) {
     if (auto err = t->find_conflict(comm_id, mine)) return err;
   }
   return nullptr;

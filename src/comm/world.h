@@ -4,6 +4,8 @@
 // asynchronous collectives. Groups (communicators) are views on a World.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -12,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -134,7 +137,17 @@ class World : public std::enable_shared_from_this<World> {
   // Shared memory with the ranks of this host (null when none or disabled).
   std::unique_ptr<transport::shm::ShmTransport> shm_;
   // Every transport, TCP first; route_[peer] is the one for that peer's data.
-  std::vector<transport::Transport*> transports_;
+  // Published by a release store of the count: the progress thread may
+  // read them (an abort) while the set-up adds shared memory.
+  std::array<transport::Transport*, 2> transports_{};
+  std::atomic<size_t> num_transports_{0};
+  std::span<transport::Transport* const> transports() const {
+    return {transports_.data(), num_transports_.load(std::memory_order_acquire)};
+  }
+  void add_transport(transport::Transport* t) {
+    transports_[num_transports_.load(std::memory_order_relaxed)] = t;
+    num_transports_.fetch_add(1, std::memory_order_release);
+  }
   std::vector<transport::Transport*> route_;
 
   mutable std::mutex error_mu_;

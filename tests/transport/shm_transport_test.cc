@@ -307,6 +307,40 @@ TEST(ShmTransport, InvalidRingPositionFailsThePeer) {
   EXPECT_NE(a.failures[0].find("producer position"), std::string::npos) << a.failures[0];
 }
 
+// A sender whose communicator fails gives up its single-copy sends before
+// their buffers can be reused: a receiver that reads one anyway must not
+// complete with what it read; it waits for its own world's abort (which
+// names the real cause) or, if none comes, fails the sender.
+TEST(ShmTransport, ASingleCopySendGivenUpByItsSenderIsNotDelivered) {
+  for (bool abort_comes : {true, false}) {
+    Side a(0, true), b(1, true);
+    connect(a, b);
+    std::vector<uint8_t> x(200000, 1), y(200000, 0);
+    auto s = send_req(1, 5, x);
+    a.t->isend(s);
+    a.t->fail_all(std::make_exception_ptr(AbortedError("rank 0 gives up")));
+    ASSERT_TRUE(s->done() && !s->ok());
+    auto r = recv_req(0, 5, y);
+    b.t->irecv(r);
+    EXPECT_FALSE(b.wait(r, 500ms)) << "completed with a buffer its sender gave up";
+    if (abort_comes) {
+      b.t->fail_all(std::make_exception_ptr(PeerError("the world aborted", 2, "h", "")));
+      ASSERT_TRUE(r->done());
+      try {
+        std::rethrow_exception(r->error());
+      } catch (const PeerError& e) {
+        EXPECT_EQ(e.rank(), 2);  // the cause, not the sender that gave up
+      }
+      EXPECT_EQ(b.failure_count(), 0u);
+    } else {
+      ASSERT_TRUE(b.wait(r, 10s));
+      ASSERT_FALSE(r->ok());
+      ASSERT_TRUE(b.engine->wait([&] { return b.failure_count() > 0; }, Deadline::after(5s)));
+      EXPECT_NE(b.failures[0].find("gave up its message"), std::string::npos) << b.failures[0];
+    }
+  }
+}
+
 // Connects to a transport's socket as a stranger would.
 net::Fd connect_raw(const std::string& name) {
   net::Fd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));

@@ -78,6 +78,7 @@ std::pair<net::Fd, Mapping> create_segment(const SegmentSpec& spec) {
     c->tail.store(0, std::memory_order_relaxed);
     c->consumer_sleeping.store(0, std::memory_order_relaxed);
     c->producer_sleeping.store(0, std::memory_order_relaxed);
+    c->cancels.store(0, std::memory_order_relaxed);
   }
   // Passing the descriptor (sendmsg) orders these writes before the peer's reads.
   return {std::move(fd), std::move(map)};

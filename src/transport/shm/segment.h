@@ -8,7 +8,7 @@
 //
 //   offset 0       SegmentHeader, written once by the creator (4096 bytes)
 //   4096           RingControl of ring 0 (lower rank -> higher rank)
-//   4096 + 256     RingControl of ring 1 (higher rank -> lower rank)
+//   4096 + 512     RingControl of ring 1 (higher rank -> lower rank)
 //   8192           data of ring 0 (ring_bytes)
 //   8192 + rb      data of ring 1 (ring_bytes)
 //
@@ -34,7 +34,7 @@ inline constexpr uint64_t kSegmentMagic = 0x314d485354464557ull;  // "WEFTSHM1"
 inline constexpr uint32_t kSegmentVersion = 1;
 inline constexpr size_t kLine = 64;
 inline constexpr size_t kSegmentHeaderBytes = 4096;
-inline constexpr size_t kRingControlBytes = 256;
+inline constexpr size_t kRingControlBytes = 512;
 inline constexpr size_t kRingDataOffset = 8192;
 inline constexpr uint64_t kMinRingBytes = 64u << 10;
 inline constexpr uint64_t kMaxRingBytes = 64u << 20;
@@ -67,9 +67,9 @@ struct SegmentHeader {
 
 // Shared state of one ring; every field on a cache line of its own.
 struct RingControl {
-  // Bytes published by the producer (release store after the data).
+  // Bytes published by the producer (stored after the data).
   alignas(kLine) std::atomic<uint64_t> head;
-  // Bytes released by the consumer (release store after reading).
+  // Bytes released by the consumer (stored after reading).
   alignas(kLine) std::atomic<uint64_t> tail;
   // 1: the consumer is going to sleep in epoll_wait and wants its eventfd
   // signalled when head moves. Set by the consumer, cleared by either side.
@@ -77,6 +77,11 @@ struct RingControl {
   // 1: the producer waits for space and wants its eventfd signalled when
   // tail moves.
   alignas(kLine) std::atomic<uint32_t> producer_sleeping;
+  // Times the producer gave up single-copy sends still waiting for their
+  // acknowledgement (its communicator failed), before failing them: a
+  // receiver that sees it move during its read discards what it read,
+  // since the sender's buffer may have been reused.
+  alignas(kLine) std::atomic<uint64_t> cancels;
 };
 static_assert(sizeof(RingControl) <= kRingControlBytes);
 static_assert(std::atomic<uint64_t>::is_always_lock_free &&
@@ -169,7 +174,8 @@ static_assert(sizeof(RecordHeader) == kLine);
 struct CmaBody {
   uint64_t address;  // in the sender's address space
   uint64_t length;   // same as the header's
-  uint8_t pad[kLine - 16];
+  uint64_t cancels;  // the sender's RingControl::cancels when it sent it
+  uint8_t pad[kLine - 24];
 };
 static_assert(sizeof(CmaBody) == kLine);
 

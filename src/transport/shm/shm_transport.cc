@@ -23,6 +23,9 @@ namespace weft::transport::shm {
 namespace {
 
 constexpr int kMaxPassedFds = 4;
+// How long a receive whose single-copy read failed waits for the world's
+// abort before its sender is failed for it (see stall()).
+constexpr auto kStallGrace = std::chrono::seconds(3);
 // Bytes of a payload copied out of a ring before the space is given back.
 constexpr uint64_t kReleaseStep = 256u << 10;
 
@@ -199,6 +202,7 @@ struct ShmTransport::Unexpected {
   bool cma = false;  // DataCma: read from the sender on delivery
   uint64_t address = 0;
   uint64_t send_id = 0;
+  uint64_t cancels = 0;
   size_t held_bytes() const { return cma ? 0 : header.length; }
 };
 
@@ -231,6 +235,9 @@ struct ShmTransport::Peer {
   bool failed = false;        // GUARDED_BY(mu)
   bool departed = false;      // GUARDED_BY(mu)
   std::string failure;        // GUARDED_BY(mu)
+  // Receives whose single-copy read failed or may have read a reused
+  // buffer: they wait for the world's abort (see stall()).
+  std::vector<RequestPtr> stalled;  // GUARDED_BY(mu)
 
   // Inbound ring: the progress owner only.
   enum class In { Header, Paused, Payload, Dead };
@@ -314,6 +321,7 @@ ShmTransport::ShmTransport(Engine& engine, ShmOptions options, ShmEvents events)
 }
 
 ShmTransport::~ShmTransport() {
+  alive_->store(false);  // timers that run later do nothing
   if (registered_) {
     engine_.remove_poller(poller_.get());
     engine_.remove(wake_->fd());
@@ -332,6 +340,20 @@ bool ShmTransport::single_copy_to(int peer) const {
 }
 
 void ShmTransport::connect_all(const std::vector<ShmPeer>& peers, const Deadline& deadline) {
+  auto ready = [this] {
+    std::vector<int> early;
+    {
+      std::lock_guard<std::mutex> lk(setup_mu_);
+      ready_ = true;
+      early.swap(early_departures_);
+    }
+    for (int r : early) peer_departed(r);
+  };
+  if (peers.empty()) {
+    listen_fd_.reset();
+    ready();
+    return;
+  }
   if (options_.ring_bytes == 0)
     options_.ring_bytes = auto_ring_bytes(static_cast<int>(peers.size()) + 1);
   std::vector<ShmPeer> lower;
@@ -362,6 +384,7 @@ void ShmTransport::connect_all(const std::vector<ShmPeer>& peers, const Deadline
   engine_.add(wake_->fd(), EPOLLIN, wake_);
   engine_.add_poller(poller_);
   registered_ = true;
+  ready();
   std::string how;
   for (Peer* p : local_) {
     how += fmt::format(" {}{}", p->rank, p->send_cma ? "" : "(ring)");
@@ -573,10 +596,11 @@ void ShmTransport::attach(std::unique_ptr<Peer> peer) {
 // Sending.
 
 void ShmTransport::signal(Peer& p, std::atomic<uint32_t>& sleeping) {
-  // Pairs with the fence in prepare_block(): either the sleeper sees what
-  // was just published, or this sees its flag.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (sleeping.load(std::memory_order_relaxed) != 0 && sleeping.exchange(0) != 0) {
+  // Called right after a sequentially consistent store of head or tail.
+  // With prepare_block()'s sequentially consistent store of the flag and
+  // load of the positions (a Dekker handshake), either the sleeper sees
+  // what was just published, or this sees its flag.
+  if (sleeping.load(std::memory_order_seq_cst) != 0 && sleeping.exchange(0) != 0) {
     uint64_t one = 1;
     ssize_t n = ::write(p.wake.get(), &one, sizeof one);
     (void)n;  // EAGAIN: the counter is saturated, the peer wakes anyway
@@ -620,7 +644,7 @@ ShmTransport::WriteResult ShmTransport::write_some(Peer& p, SendOp& op) {
   }
   p.out_head += n;
   op.off = end;
-  p.out_ctl->head.store(p.out_head, std::memory_order_release);
+  p.out_ctl->head.store(p.out_head, std::memory_order_seq_cst);  // see signal()
   signal(p, p.out_ctl->consumer_sleeping);
   return op.off == op.total ? WriteResult::Done : WriteResult::Partial;
 }
@@ -641,6 +665,8 @@ bool ShmTransport::submit(Peer& p, SendOp op) {
     if (op.type() == RecordType::DataCma) {
       op.rec.aux = p.next_send_id++;
       p.awaiting[op.rec.aux] = op.req;
+      op.body.cancels =
+          p.out_ctl->cancels.load(std::memory_order_relaxed);  // only this side writes it
     }
     WriteResult r = p.sendq.empty() ? write_some(p, op) : WriteResult::Partial;
     if (r == WriteResult::Corrupt) {
@@ -776,15 +802,21 @@ void ShmTransport::irecv(const RequestPtr& req) {
   engine_.wake();
 }
 
-void ShmTransport::read_remote(Peer& p, const RequestPtr& req, uint64_t address, uint64_t send_id) {
+void ShmTransport::read_remote(Peer& p, const RequestPtr& req, uint64_t address, uint64_t send_id,
+                               uint64_t cancels) {
   int err = 0;
   if (req->bytes() > 0 && !cma_copy(p.pid, req->recv_data, address, req->bytes(), &err)) {
-    std::string why = fmt::format("its message for {} cannot be read with process_vm_readv: {}{}",
-                                  req->describe(), net::errno_string(err),
-                                  err == ESRCH ? " (the process is gone)" : "");
-    req->fail(request_peer_error(*req, p.host, "failed: " + why));
-    report([this, &p, why] { peer_failed(p, why, true); });
-    return;
+    return stall(p, req,
+                 fmt::format("its message for {} cannot be read with process_vm_readv: {}{}",
+                             req->describe(), net::errno_string(err),
+                             err == ESRCH ? " (the process is gone)" : ""));
+  }
+  // Read after the copy: if the sender gave up its sends meanwhile (or
+  // before), its buffer may have been reused under the copy.
+  if (p.in_ctl->cancels.load(std::memory_order_seq_cst) != cancels) {
+    return stall(
+        p, req,
+        fmt::format("it gave up its message for {} while it was being read", req->describe()));
   }
   req->complete();
   SendOp ack;
@@ -793,6 +825,37 @@ void ShmTransport::read_remote(Peer& p, const RequestPtr& req, uint64_t address,
   ack.rec.aux = send_id;
   ack.total = kLine;
   submit(p, std::move(ack));  // false: the ring is broken, and the peer fails anyway
+}
+
+void ShmTransport::stall(Peer& p, const RequestPtr& req, const std::string& why) {
+  // The sender is most likely failing: it is gone (its TCP connection
+  // closes) or it aborted (its abort frame, which names the cause, went out
+  // before it gave up its sends). Either way fail_all() fails this receive
+  // with the right error soon; only if nothing comes does the peer fail.
+  bool held = false;
+  {
+    std::lock_guard<std::mutex> lk(p.mu);
+    if (!p.failed && !failed_flag_.load()) {
+      p.stalled.push_back(req);
+      held = true;
+    }
+  }
+  if (!held) {  // already failed: fail it like the others
+    std::lock_guard<std::mutex> lk(fail_mu_);
+    req->fail(failed_ ? failed_ : request_peer_error(*req, p.host, "failed: " + why));
+    return;
+  }
+  engine_.add_timer(Deadline::after(kStallGrace), [this, &p, r = req, why, alive = alive_] {
+    if (!alive->load()) return;
+    {
+      std::lock_guard<std::mutex> lk(p.mu);
+      auto it = std::find(p.stalled.begin(), p.stalled.end(), r);
+      if (it == p.stalled.end()) return;  // failed meanwhile
+      p.stalled.erase(it);
+    }
+    r->fail(request_peer_error(*r, p.host, "failed: " + why));
+    peer_failed(p, why, true);
+  });
 }
 
 bool ShmTransport::begin_data(Peer& p) {
@@ -860,7 +923,7 @@ void ShmTransport::deliver(Peer& p, const RequestPtr& req, const Unexpected& u) 
       if (events_.on_mismatch) events_.on_mismatch(err);
     });
   } else if (u.cma) {
-    read_remote(p, req, u.address, u.send_id);
+    read_remote(p, req, u.address, u.send_id, u.cancels);
   } else {
     if (req->bytes() > 0) std::memcpy(req->recv_data, u.data.get(), req->bytes());
     req->complete();
@@ -910,6 +973,7 @@ void ShmTransport::on_cma(Peer& p, const RecordHeader& h, const CmaBody& body) {
       u->cma = true;
       u->address = body.address;
       u->send_id = h.aux;
+      u->cancels = body.cancels;
       p.q.unexpected.push_back(std::move(u));
       held = true;
     }
@@ -921,7 +985,7 @@ void ShmTransport::on_cma(Peer& p, const RecordHeader& h, const CmaBody& body) {
   } else if (mismatch) {
     req->fail(mismatch);
   } else {
-    read_remote(p, req, body.address, h.aux);
+    read_remote(p, req, body.address, h.aux, body.cancels);
   }
   if (mismatch) {
     report([this, mismatch] {
@@ -958,7 +1022,7 @@ void ShmTransport::on_ack(Peer& p, uint64_t send_id) {
 
 void ShmTransport::release_tail(Peer& p) {
   if (p.in_tail == p.in_released) return;
-  p.in_ctl->tail.store(p.in_tail, std::memory_order_release);
+  p.in_ctl->tail.store(p.in_tail, std::memory_order_seq_cst);  // see signal()
   p.in_released = p.in_tail;
   signal(p, p.in_ctl->producer_sleeping);
 }
@@ -1063,22 +1127,22 @@ void ShmTransport::report(std::function<void()> fn) {
 bool ShmTransport::prepare_block() {
   for (Peer* p : local_) {
     if (p->in_state != Peer::In::Dead)
-      p->in_ctl->consumer_sleeping.store(1, std::memory_order_relaxed);
-    if (p->queued.load(std::memory_order_relaxed))
-      p->out_ctl->producer_sleeping.store(1, std::memory_order_relaxed);
+      p->in_ctl->consumer_sleeping.store(1, std::memory_order_seq_cst);
+    if (p->queued.load(std::memory_order_seq_cst))
+      p->out_ctl->producer_sleeping.store(1, std::memory_order_seq_cst);
   }
-  // Pairs with the fence in signal(): either the peer sees the flag, or
-  // this sees what the peer published before it looked.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // The flags are stored before the positions are loaded again, all
+  // sequentially consistent: with signal(), either the peer sees the flag,
+  // or this sees what the peer published before it looked.
   bool work = !deferred_.empty();
   for (Peer* p : local_) {
     if (p->in_state != Peer::In::Dead && p->in_state != Peer::In::Paused &&
-        p->in_ctl->head.load(std::memory_order_relaxed) != p->in_tail) {
+        p->in_ctl->head.load(std::memory_order_seq_cst) != p->in_tail) {
       work = true;
     }
-    if (p->queued.load(std::memory_order_relaxed)) {
+    if (p->queued.load(std::memory_order_seq_cst)) {
       std::lock_guard<std::mutex> lk(p->out_mu);
-      if (!p->out_dead && p->out_ctl->tail.load(std::memory_order_relaxed) != p->out_tail_seen)
+      if (!p->out_dead && p->out_ctl->tail.load(std::memory_order_seq_cst) != p->out_tail_seen)
         work = true;
     }
   }
@@ -1116,6 +1180,8 @@ void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_i
     p.failed = true;
     p.failure = reason;
     failed = p.q.clear();
+    failed.insert(failed.end(), p.stalled.begin(), p.stalled.end());
+    p.stalled.clear();
   }
   if (p.cur_req) failed.push_back(std::move(p.cur_req));
   p.cur_unexp = nullptr;
@@ -1129,6 +1195,8 @@ void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_i
     p.sendq.clear();
     p.queued.store(false);
     p.out_dead = true;
+    // Before the sends fail (and their buffers may be reused): see RingControl::cancels.
+    if (!p.awaiting.empty()) p.out_ctl->cancels.fetch_add(1, std::memory_order_seq_cst);
     for (auto& [id, r] : p.awaiting) failed.push_back(r);
     p.awaiting.clear();
   }
@@ -1140,6 +1208,13 @@ void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_i
 }
 
 void ShmTransport::peer_departed(int rank) {
+  {
+    std::lock_guard<std::mutex> lk(setup_mu_);
+    if (!ready_) {
+      early_departures_.push_back(rank);
+      return;
+    }
+  }
   Peer* p = peer_for(rank);
   if (p == nullptr) return;
   auto leave = [this, p] {
@@ -1149,7 +1224,7 @@ void ShmTransport::peer_departed(int rank) {
     {
       std::lock_guard<std::mutex> lk(p->mu);
       p->departed = true;
-      pending = pending || !p->q.posted.empty();
+      pending = pending || !p->q.posted.empty() || !p->stalled.empty();
     }
     {
       std::lock_guard<std::mutex> lk(p->out_mu);
@@ -1189,6 +1264,8 @@ void ShmTransport::fail_all_in_progress() {
     {
       std::lock_guard<std::mutex> lk(p->mu);
       failed = p->q.clear();
+      failed.insert(failed.end(), p->stalled.begin(), p->stalled.end());
+      p->stalled.clear();
     }
     if (p->in_state == Peer::In::Payload || p->in_state == Peer::In::Paused) {
       // The rest of the message being received is dropped.
@@ -1213,6 +1290,8 @@ void ShmTransport::fail_all_in_progress() {
       }
       p->sendq = p->out_dead ? std::deque<SendOp>() : std::move(keep);
       p->queued.store(!p->sendq.empty());
+      // Before the sends fail (and their buffers may be reused): see RingControl::cancels.
+      if (!p->awaiting.empty()) p->out_ctl->cancels.fetch_add(1, std::memory_order_seq_cst);
       for (auto& [id, r] : p->awaiting) failed.push_back(r);
       p->awaiting.clear();
     }

@@ -116,7 +116,8 @@ class ShmTransport : public Transport {
   // lower ranks, then accepts the higher ones. Strangers (wrong key, world,
   // generation, version) are refused with a log line. Throws
   // ProtocolError / PeerError / TimeoutError if a pair cannot be set up by
-  // the deadline. Then registers with the engine.
+  // the deadline. Then registers with the engine (not when `peers` is
+  // empty: the transport is then unused).
   void connect_all(const std::vector<ShmPeer>& peers, const Deadline& deadline);
 
   // Whether large messages to `peer` go by single copy (tests, logs).
@@ -169,8 +170,13 @@ class ShmTransport : public Transport {
   // the sender and acknowledges it; fails it on a mismatch (reported).
   void deliver(Peer& p, const RequestPtr& req, const Unexpected& u);
   // Reads a single-copy message into req's buffer and acknowledges it; if
-  // the sender's memory cannot be read, fails req and (later) the peer.
-  void read_remote(Peer& p, const RequestPtr& req, uint64_t address, uint64_t send_id);
+  // the sender's memory cannot be read, or the sender gave up the send
+  // meanwhile (`cancels` moved), stalls req instead.
+  void read_remote(Peer& p, const RequestPtr& req, uint64_t address, uint64_t send_id,
+                   uint64_t cancels);
+  // Leaves req pending until the world fails (which names the real cause)
+  // or, after a grace period, fails it and the peer with `why`.
+  void stall(Peer& p, const RequestPtr& req, const std::string& why);
   // Runs a report on the progress thread (from any thread).
   void report(std::function<void()> fn);
   std::exception_ptr peer_error(const Peer& p, const std::string& reason) const;
@@ -184,11 +190,18 @@ class ShmTransport : public Transport {
   std::shared_ptr<Wake> wake_;
   std::shared_ptr<Poll> poller_;
   bool registered_ = false;
+  std::shared_ptr<std::atomic<bool>> alive_ = std::make_shared<std::atomic<bool>>(true);
   // Random bytes a peer reads with process_vm_readv to probe single copy.
   alignas(64) uint8_t probe_[32] = {};
 
   std::vector<std::unique_ptr<Peer>> peers_;  // by world rank; null unless local
   std::vector<Peer*> local_;                  // the non-null ones
+
+  // Departures reported (by TCP, on the progress thread) before
+  // connect_all() is done are applied when it is.
+  std::mutex setup_mu_;
+  bool ready_ = false;                 // GUARDED_BY(setup_mu_)
+  std::vector<int> early_departures_;  // GUARDED_BY(setup_mu_)
 
   std::mutex fail_mu_;
   std::exception_ptr failed_;  // GUARDED_BY(fail_mu_)

@@ -213,7 +213,15 @@ struct ShmTransport::SendOp {
   const uint8_t* payload = nullptr;  // Data
   uint64_t total = 0;                // bytes of the record
   uint64_t off = 0;                  // bytes of it written
+  bool may_cma = false;              // a Data record that may go by single copy instead
   RecordType type() const { return static_cast<RecordType>(rec.type); }
+  void to_cma() {
+    rec.type = static_cast<uint8_t>(RecordType::DataCma);
+    body.address = reinterpret_cast<uintptr_t>(payload);
+    body.length = rec.length;
+    payload = nullptr;
+    total = record_bytes(RecordType::DataCma, rec.length);
+  }
 };
 
 struct ShmTransport::Peer {
@@ -607,6 +615,18 @@ void ShmTransport::signal(Peer& p, std::atomic<uint32_t>& sleeping) {
   }
 }
 
+bool ShmTransport::fits_now(Peer& p, const SendOp& op) {
+  // Copying through the ring costs two copies but no system call, and both
+  // copies stay in cache: better for what fits at once into a ring that
+  // is not busy; single copy for the rest (no queueing behind it either).
+  if (!p.sendq.empty() || op.rec.length > p.ring_bytes / 4) return false;
+  if (p.ring_bytes - (p.out_head - p.out_tail_seen) >= op.total) return true;
+  const uint64_t t = p.out_ctl->tail.load(std::memory_order_acquire);
+  if (t < p.out_tail_seen || t > p.out_head) return false;  // write_some() reports it
+  p.out_tail_seen = t;
+  return p.ring_bytes - (p.out_head - t) >= op.total;
+}
+
 ShmTransport::WriteResult ShmTransport::write_some(Peer& p, SendOp& op) {
   const uint64_t cap = p.ring_bytes;
   uint64_t free = cap - (p.out_head - p.out_tail_seen);
@@ -662,6 +682,7 @@ bool ShmTransport::submit(Peer& p, SendOp op) {
       op.req->fail(failed_);
       return true;
     }
+    if (op.may_cma && !fits_now(p, op)) op.to_cma();
     if (op.type() == RecordType::DataCma) {
       op.rec.aux = p.next_send_id++;
       p.awaiting[op.rec.aux] = op.req;
@@ -720,15 +741,10 @@ void ShmTransport::isend(const RequestPtr& req) {
   op.rec.tag = req->tag();
   op.rec.length = req->bytes();
   op.rec.desc = req->desc;
-  if (req->bytes() >= options_.cma_min_bytes && p->send_cma) {
-    op.rec.type = static_cast<uint8_t>(RecordType::DataCma);
-    op.body.address = reinterpret_cast<uintptr_t>(req->send_data);
-    op.body.length = req->bytes();
-  } else {
-    op.rec.type = static_cast<uint8_t>(RecordType::Data);
-    op.payload = static_cast<const uint8_t*>(req->send_data);
-  }
-  op.total = record_bytes(op.type(), req->bytes());
+  op.rec.type = static_cast<uint8_t>(RecordType::Data);
+  op.payload = static_cast<const uint8_t*>(req->send_data);
+  op.total = record_bytes(RecordType::Data, req->bytes());
+  op.may_cma = req->bytes() >= options_.cma_min_bytes && p->send_cma;
   if (!submit(*p, std::move(op))) {
     req->fail(
         request_peer_error(*req, p->host, "cannot be reached: its shared-memory ring is broken"));

@@ -165,6 +165,9 @@ class ShmTransport : public Transport {
   // Any thread.
   bool submit(Peer& p, SendOp op);
   WriteResult write_some(Peer& p, SendOp& op);
+  // Whether a message that may go by single copy goes through the ring
+  // instead (small enough, and room for it now). out_mu held.
+  bool fits_now(Peer& p, const SendOp& op);
   void signal(Peer& p, std::atomic<uint32_t>& sleeping);
   // Completes a receive with a held message: copies it, or reads it from
   // the sender and acknowledges it; fails it on a mismatch (reported).

@@ -9,7 +9,7 @@
 // is checked.
 //
 //   weft run -n 4 build/bin/weft-bench allreduce [--min-bytes 4K] [--max-bytes 64M]
-//       [--dtype float32] [--op sum] [--algo auto] [--iters N] [--json]
+//       [--dtype float32] [--op sum] [--algo auto] [--iters N] [--json] [--in-place]
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
@@ -80,6 +80,7 @@ struct Options {
   int iters = 0;
   int warmup = 3;
   bool json = false;
+  bool in_place = false;  // allreduce only: the result overwrites the input
 };
 
 // Input value of element i on rank r (small integers: exact in every dtype).
@@ -132,8 +133,9 @@ int run(const Options& o) {
   const uint64_t max_b = weft::settings::parse_bytes(o.max_bytes, "--max-bytes");
   const std::string transport = comm->transports();
   if (rank == 0 && !o.json) {
-    std::printf("# weft-bench %s, %d ranks, %s, op %s, transport %s\n", o.collective.c_str(), n,
-                o.dtype.c_str(), o.op.c_str(), transport.c_str());
+    std::printf("# weft-bench %s%s, %d ranks, %s, op %s, transport %s\n", o.collective.c_str(),
+                o.in_place ? " (in place)" : "", n, o.dtype.c_str(), o.op.c_str(),
+                transport.c_str());
     std::printf("# %12s %12s %8s %5s %10s %12s %10s %10s %12s %7s\n", "bytes", "count", "type",
                 "op", "algo", "time_us", "algbw_GBps", "busbw_GBps", "cpu_us/iter", "errors");
   }
@@ -160,13 +162,45 @@ int run(const Options& o) {
         algo == weft::Algorithm::Auto ? comm->selected_algorithm(coll.kind, in_count, dtype) : algo;
     int iters =
         o.iters > 0 ? o.iters : (bytes >= (16u << 20) ? 10 : (bytes >= (1u << 20) ? 30 : 200));
+    // The input and the expected result are computed once per size; each
+    // iteration copies the input in and compares the result with memcmp,
+    // so that the untimed work between iterations stays as light as the
+    // peers' (a heavy check on a rank sharing a core with another would
+    // land in that other rank's timed call).
+    std::vector<uint8_t> in_ref(in.size());
+    for (size_t i = 0; i < in_count; ++i) set(in_ref.data(), dtype, i, input(rank, i));
+    const bool in_place = o.in_place && coll.kind == weft::Collective::Allreduce;
+    const bool checked =
+        !((coll.kind == weft::Collective::Reduce || coll.kind == weft::Collective::Gather) &&
+          rank != 0) &&
+        coll.kind != weft::Collective::Barrier;
+    const bool check_in = in_place || coll.kind == weft::Collective::Broadcast;
+    const size_t check_count = check_in ? in_count : out_count;
+    std::vector<uint8_t> expect(std::max<size_t>(1, check_count * esize));
+    for (size_t i = 0; checked && i < check_count; ++i) {
+      double v = 0;
+      switch (coll.kind) {
+        case weft::Collective::Allreduce:
+        case weft::Collective::Reduce: v = reduced(op, n, i); break;
+        case weft::Collective::ReduceScatter: v = reduced(op, n, rank * blk + i); break;
+        case weft::Collective::Broadcast: v = input(0, i); break;
+        case weft::Collective::Allgather:
+        case weft::Collective::Gather: v = input(static_cast<int>(i / blk), i % blk); break;
+        case weft::Collective::Scatter: v = input(0, rank * blk + i); break;
+        case weft::Collective::Alltoall:
+          v = input(static_cast<int>(i / blk), rank * blk + i % blk);
+          break;
+        default: break;
+      }
+      set(expect.data(), dtype, i, v);
+    }
     std::vector<double> times;
     double cpu = 0, wrong = 0;
     for (int it = 0; it < iters + o.warmup; ++it) {
-      for (size_t i = 0; i < in_count; ++i) set(in.data(), dtype, i, input(rank, i));
-      std::fill(out.begin(), out.end(), 0);
+      std::memcpy(in.data(), in_ref.data(), in.size());
+      if (!in_place) std::fill(out.begin(), out.end(), 0);
       weft::ConstBuffer ib(in.data(), in_count, dtype);
-      weft::Buffer ob(out.data(), out_count, dtype);
+      weft::Buffer ob(in_place ? in.data() : out.data(), in_place ? in_count : out_count, dtype);
       comm->barrier();
       double c0 = cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
@@ -206,43 +240,11 @@ int run(const Options& o) {
         cpu += c1 - c0;
       }
       // Check every element of the result.
-      auto expect_eq = [&](const uint8_t* data, size_t i, double v) {
-        uint8_t e[8];
-        set(e, dtype, 0, v);
-        wrong += std::memcmp(e, data + i * esize, esize) != 0;
-      };
-      switch (coll.kind) {
-        case weft::Collective::Allreduce:
-          for (size_t i = 0; i < out_count; ++i) expect_eq(out.data(), i, reduced(op, n, i));
-          break;
-        case weft::Collective::Reduce:
-          if (rank == 0)
-            for (size_t i = 0; i < out_count; ++i) expect_eq(out.data(), i, reduced(op, n, i));
-          break;
-        case weft::Collective::ReduceScatter:
-          for (size_t i = 0; i < out_count; ++i)
-            expect_eq(out.data(), i, reduced(op, n, rank * blk + i));
-          break;
-        case weft::Collective::Broadcast:
-          for (size_t i = 0; i < in_count; ++i) expect_eq(in.data(), i, input(0, i));
-          break;
-        case weft::Collective::Allgather:
-          for (size_t i = 0; i < out_count; ++i)
-            expect_eq(out.data(), i, input(static_cast<int>(i / blk), i % blk));
-          break;
-        case weft::Collective::Gather:
-          if (rank == 0)
-            for (size_t i = 0; i < out_count; ++i)
-              expect_eq(out.data(), i, input(static_cast<int>(i / blk), i % blk));
-          break;
-        case weft::Collective::Scatter:
-          for (size_t i = 0; i < out_count; ++i) expect_eq(out.data(), i, input(0, rank * blk + i));
-          break;
-        case weft::Collective::Alltoall:
-          for (size_t i = 0; i < out_count; ++i)
-            expect_eq(out.data(), i, input(static_cast<int>(i / blk), rank * blk + i % blk));
-          break;
-        default: break;
+      const uint8_t* got = check_in ? in.data() : out.data();
+      if (checked && std::memcmp(got, expect.data(), check_count * esize) != 0) {
+        for (size_t i = 0; i < check_count; ++i) {
+          wrong += std::memcmp(got + i * esize, expect.data() + i * esize, esize) != 0;
+        }
       }
     }
     comm->allreduce(Buffer(times.data(), times.size(), DType::Float64), ReduceOp::Max);
@@ -263,6 +265,7 @@ int run(const Options& o) {
                             {"world", n},
                             {"algo", weft::algorithm_name(used)},
                             {"transport", transport},
+                            {"in_place", in_place},
                             {"time_us", med * 1e6},
                             {"algbw_gbps", algbw},
                             {"busbw_gbps", busbw},
@@ -300,6 +303,8 @@ int main(int argc, char** argv) {
   app.add_option("--iters", o.iters, "timed iterations per size (default: 200 / 30 / 10 by size)");
   app.add_option("--warmup", o.warmup, "warm-up iterations per size");
   app.add_flag("--json", o.json, "one JSON object per size");
+  app.add_flag("--in-place", o.in_place,
+               "allreduce: the result overwrites the input (as the peers' programs do)");
   CLI11_PARSE(app, argc, argv);
   try {
     return run(o);

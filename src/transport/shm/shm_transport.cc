@@ -618,13 +618,13 @@ void ShmTransport::signal(Peer& p, std::atomic<uint32_t>& sleeping) {
 bool ShmTransport::fits_now(Peer& p, const SendOp& op) {
   // Copying through the ring costs two copies but no system call, and both
   // copies stay in cache: better for what fits at once into a ring that
-  // is not busy; single copy for the rest (no queueing behind it either).
+  // is not busy (at most half full with it); single copy for the rest (a
+  // stream of large messages, which would have to wait for ring space).
   if (!p.sendq.empty() || op.rec.length > p.ring_bytes / 4) return false;
-  if (p.ring_bytes - (p.out_head - p.out_tail_seen) >= op.total) return true;
   const uint64_t t = p.out_ctl->tail.load(std::memory_order_acquire);
   if (t < p.out_tail_seen || t > p.out_head) return false;  // write_some() reports it
   p.out_tail_seen = t;
-  return p.ring_bytes - (p.out_head - t) >= op.total;
+  return (p.out_head - t) + op.total <= p.ring_bytes / 2;
 }
 
 ShmTransport::WriteResult ShmTransport::write_some(Peer& p, SendOp& op) {

@@ -246,6 +246,14 @@ struct ShmTransport::Peer {
   // Receives whose single-copy read failed or may have read a reused
   // buffer: they wait for the world's abort (see stall()).
   std::vector<RequestPtr> stalled;  // GUARDED_BY(mu)
+  // Receives matched in irecv() with a single-copy message that arrived
+  // first: the progress thread reads them (irecv() returns at once).
+  struct Read {
+    RequestPtr req;
+    uint64_t address, send_id, cancels;
+  };
+  std::deque<Read> reads;  // GUARDED_BY(mu)
+  std::atomic<bool> have_reads{false};
 
   // Inbound ring: the progress owner only.
   enum class In { Header, Paused, Payload, Dead };
@@ -813,7 +821,7 @@ void ShmTransport::irecv(const RequestPtr& req) {
     }
     if (!matched) p->q.posted.push_back(req);
   }
-  if (matched) deliver(*p, req, *matched);
+  if (matched) deliver(*p, req, *matched, false);
   if (p->in_paused.load(std::memory_order_acquire)) engine_.kick();  // the ring may go on now
   engine_.wake();
 }
@@ -932,14 +940,25 @@ bool ShmTransport::begin_data(Peer& p) {
   return true;
 }
 
-void ShmTransport::deliver(Peer& p, const RequestPtr& req, const Unexpected& u) {
+void ShmTransport::deliver(Peer& p, const RequestPtr& req, const Unexpected& u, bool now) {
   if (auto err = check_match(options_.rank, p.rank, p.host, *req, u.header, events_.describe_op)) {
     req->fail(err);
     report([this, err] {
       if (events_.on_mismatch) events_.on_mismatch(err);
     });
-  } else if (u.cma) {
+  } else if (u.cma && now) {
     read_remote(p, req, u.address, u.send_id, u.cancels);
+  } else if (u.cma) {
+    // Not on the caller's thread: a collective posts its receives before
+    // its sends, and the peer is waiting for those.
+    std::lock_guard<std::mutex> lk(p.mu);
+    if (p.failed || failed_flag_.load()) {
+      std::lock_guard<std::mutex> flk(fail_mu_);
+      req->fail(failed_ ? failed_ : request_peer_error(*req, p.host, "failed: " + p.failure));
+      return;
+    }
+    p.reads.push_back({req, u.address, u.send_id, u.cancels});
+    p.have_reads.store(true, std::memory_order_seq_cst);
   } else {
     if (req->bytes() > 0) std::memcpy(req->recv_data, u.data.get(), req->bytes());
     req->complete();
@@ -963,7 +982,7 @@ void ShmTransport::finish_data(Peer& p) {
     p.cur_unexp = nullptr;
     ready = p.q.take_deliverable();
   }
-  for (auto& [req, u] : ready) deliver(p, req, *u);
+  for (auto& [req, u] : ready) deliver(p, req, *u, true);
   engine_.notify_completion();
 }
 
@@ -1119,6 +1138,7 @@ int ShmTransport::poll_in(Peer& p) {
 int ShmTransport::poll_all() {
   int n = 0;
   for (Peer* p : local_) {
+    if (p->have_reads.load(std::memory_order_acquire)) n += run_reads(*p);
     n += poll_in(*p);
     n += flush(*p);
   }
@@ -1140,6 +1160,18 @@ void ShmTransport::report(std::function<void()> fn) {
   }
 }
 
+int ShmTransport::run_reads(Peer& p) {
+  std::deque<Peer::Read> reads;
+  {
+    std::lock_guard<std::mutex> lk(p.mu);
+    reads.swap(p.reads);
+    p.have_reads.store(false, std::memory_order_relaxed);
+  }
+  for (auto& r : reads) read_remote(p, r.req, r.address, r.send_id, r.cancels);
+  if (!reads.empty()) engine_.notify_completion();
+  return static_cast<int>(reads.size());
+}
+
 bool ShmTransport::prepare_block() {
   for (Peer* p : local_) {
     if (p->in_state != Peer::In::Dead)
@@ -1152,6 +1184,7 @@ bool ShmTransport::prepare_block() {
   // or this sees what the peer published before it looked.
   bool work = !deferred_.empty();
   for (Peer* p : local_) {
+    if (p->have_reads.load(std::memory_order_seq_cst)) work = true;
     if (p->in_state != Peer::In::Dead && p->in_state != Peer::In::Paused &&
         p->in_ctl->head.load(std::memory_order_seq_cst) != p->in_tail) {
       work = true;
@@ -1198,6 +1231,8 @@ void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_i
     failed = p.q.clear();
     failed.insert(failed.end(), p.stalled.begin(), p.stalled.end());
     p.stalled.clear();
+    for (auto& r : p.reads) failed.push_back(r.req);
+    p.reads.clear();
   }
   if (p.cur_req) failed.push_back(std::move(p.cur_req));
   p.cur_unexp = nullptr;
@@ -1240,7 +1275,7 @@ void ShmTransport::peer_departed(int rank) {
     {
       std::lock_guard<std::mutex> lk(p->mu);
       p->departed = true;
-      pending = pending || !p->q.posted.empty() || !p->stalled.empty();
+      pending = pending || !p->q.posted.empty() || !p->stalled.empty() || !p->reads.empty();
     }
     {
       std::lock_guard<std::mutex> lk(p->out_mu);
@@ -1282,6 +1317,8 @@ void ShmTransport::fail_all_in_progress() {
       failed = p->q.clear();
       failed.insert(failed.end(), p->stalled.begin(), p->stalled.end());
       p->stalled.clear();
+      for (auto& r : p->reads) failed.push_back(r.req);
+      p->reads.clear();
     }
     if (p->in_state == Peer::In::Payload || p->in_state == Peer::In::Paused) {
       // The rest of the message being received is dropped.

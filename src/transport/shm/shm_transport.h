@@ -170,8 +170,11 @@ class ShmTransport : public Transport {
   bool fits_now(Peer& p, const SendOp& op);
   void signal(Peer& p, std::atomic<uint32_t>& sleeping);
   // Completes a receive with a held message: copies it, or reads it from
-  // the sender and acknowledges it; fails it on a mismatch (reported).
-  void deliver(Peer& p, const RequestPtr& req, const Unexpected& u);
+  // the sender and acknowledges it (`now`: here, on the progress thread;
+  // else queued for it); fails it on a mismatch (reported).
+  void deliver(Peer& p, const RequestPtr& req, const Unexpected& u, bool now);
+  // Performs the single-copy reads queued by irecv().
+  int run_reads(Peer& p);
   // Reads a single-copy message into req's buffer and acknowledges it; if
   // the sender's memory cannot be read, or the sender gave up the send
   // meanwhile (`cancels` moved), stalls req instead.

@@ -281,8 +281,10 @@ class DataParallel {
   // parameter, duplicate names or bad options.
   DataParallel(std::shared_ptr<Communicator> comm, std::vector<Parameter> params,
                std::vector<StateBuffer> buffers = {}, DataParallelOptions options = {});
-  // Waits for any collective still in flight (errors are logged, not
-  // thrown) before releasing the buckets.
+  // Releases the buckets. If gradient allreduces of an unfinished step are
+  // still in flight (the step was abandoned, e.g. by an exception during
+  // backward), the communicator is aborted first, so that the peers fail
+  // at once instead of waiting for buckets this rank will never send.
   ~DataParallel();
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;

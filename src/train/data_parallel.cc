@@ -196,13 +196,25 @@ DataParallel::DataParallel(std::shared_ptr<Communicator> comm, std::vector<Param
 
 DataParallel::~DataParallel() { drain(); }
 
+// Gradient allreduces still in flight at destruction belong to a step that
+// was abandoned (an exception between backward and finish_gradients()): the
+// peers may never issue the buckets this rank is waiting for, so the
+// communicator is aborted (they fail at once, naming this rank, instead of
+// hanging until their deadline) before the bucket memory is released.
 void DataParallel::drain() noexcept {
+  bool in_flight = false;
+  for (WorkPtr& w : works_) in_flight = in_flight || (w && !w->test());
+  if (in_flight) {
+    WEFT_WARN("DataParallel destroyed in the middle of step {}: aborting the communicator", step_);
+    comm_->abort(
+        fmt::format("DataParallel destroyed with gradient allreduces of step {} in flight", step_));
+  }
   for (WorkPtr& w : works_) {
     if (!w) continue;
     try {
       w->wait(options_.timeout);
     } catch (const std::exception& e) {
-      WEFT_WARN("DataParallel: a gradient allreduce failed during shutdown: {}", e.what());
+      WEFT_DEBUG("DataParallel: {} ended with: {}", w->describe(), e.what());
     }
     w.reset();
   }

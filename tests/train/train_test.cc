@@ -12,6 +12,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "testing/testing.h"
 #include "weft/data.h"
@@ -483,6 +484,42 @@ TEST(DataParallel, MisuseIsReportedClearly) {
   opts.sync = SyncMode::LocalSGD;
   opts.local_steps = 0;
   EXPECT_THROW(DataParallel(comm, {param("a", a)}, {}, opts), InvalidArgument);
+}
+
+// A rank that abandons a step with a bucket in flight (an exception during
+// backward destroys its engine) makes its peer fail fast, not hang until the
+// deadline.
+TEST(DataParallel, AbandonedStepFailsThePeerQuickly) {
+  auto store = std::make_shared<MemoryStore>();
+  auto errors = run_ranks(2, [&](int r) {
+    auto comm = make_comm(r, 2, store);
+    std::vector<float> a(1000), ga(1000), b(1000), gb(1000);
+    DataParallelOptions opts;
+    opts.buckets = {.bucket_bytes = 100, .first_bucket_bytes = 100};  // one bucket each
+    if (r == 0) {
+      DataParallel dp(comm, {param("a", a, &ga), param("b", b, &gb)}, {}, opts);
+      comm->barrier();
+      dp.grad_ready(1);  // bucket 0 starts, then the step is abandoned
+      return;
+    }
+    // Rank 1: whatever it is doing when rank 0 leaves fails with a CommError.
+    const auto t0 = std::chrono::steady_clock::now();
+    bool failed = false;
+    try {
+      DataParallel dp(comm, {param("a", a, &ga), param("b", b, &gb)}, {}, opts);
+      comm->barrier();
+      std::this_thread::sleep_for(200ms);
+      dp.grad_ready(1);
+      dp.grad_ready(0);
+      dp.finish_gradients();
+    } catch (const CommError&) {
+      failed = true;
+    }
+    EXPECT_TRUE(failed);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 30s);
+  });
+  EXPECT_FALSE(errors[0]);
+  EXPECT_FALSE(errors[1]);
 }
 
 TEST(DataParallel, WorldOfOneTouchesNothing) {

@@ -52,7 +52,9 @@ struct CommOptions {
   // buffer (process_vm_readv), where the kernel allows it (WEFT_SHM_CMA);
   // off, or where not allowed, they are copied through the rings.
   bool shm_single_copy = true;
-  // Messages of at least this many bytes use single copy (WEFT_SHM_CMA_MIN).
+  // Messages of at least this many bytes may use single copy: those larger
+  // than a quarter of a ring, or any when the ring is busy
+  // (WEFT_SHM_CMA_MIN).
   size_t shm_single_copy_min_bytes = 32u << 10;
   // Bytes of each shared-memory ring, per pair of ranks and direction
   // (WEFT_SHM_RING, a power of two from 64K to 64M); 0: 1 MiB, less on

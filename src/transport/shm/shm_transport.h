@@ -10,14 +10,15 @@
 // then close the descriptors they no longer need. Nothing has a name in
 // /dev/shm, so a killed process leaves nothing behind.
 //
-// Messages: a message shorter than ShmOptions::cma_min_bytes (or any
-// message when single copy is not possible) is copied into the ring and
-// out of it on the receiving side, in pieces when it is larger than the
-// ring. A larger one is sent as a descriptor of the sender's buffer; the
-// receiver copies it straight into the posted receive with
-// process_vm_readv (one copy) and acknowledges it, which completes the
-// send. Whether each direction may use single copy is probed at set-up
-// (ptrace rules, seccomp, WEFT_SHM_CMA=0).
+// Messages: a message shorter than ShmOptions::cma_min_bytes, one of up to
+// a quarter of the ring while the ring is at most half full with it, or any
+// message when single copy is not possible, is copied into the ring and out
+// of it on the receiving side (in pieces when it is larger than the ring).
+// Others are sent as a descriptor of the sender's buffer; the receiver
+// copies it straight into the posted receive with process_vm_readv (one
+// copy) and acknowledges it, which completes the send. Whether each
+// direction may use single copy is probed at set-up (ptrace rules,
+// seccomp, WEFT_SHM_CMA=0).
 //
 // Matching is the TCP transport's (matching.h): per peer by (comm id, tag),
 // FIFO per tag, early messages held within max_unexpected_bytes (beyond
@@ -64,8 +65,8 @@ struct ShmOptions {
   // Allow single-copy transfers (process_vm_readv) where the kernel allows
   // them (WEFT_SHM_CMA). Off: everything goes through the rings.
   bool cma = true;
-  // Messages of at least this many bytes use single copy when possible
-  // (WEFT_SHM_CMA_MIN).
+  // Messages of at least this many bytes may use single copy (when the
+  // ring is busy or they are large; WEFT_SHM_CMA_MIN).
   size_t cma_min_bytes = 32u << 10;
   // Bytes of each ring (per direction and pair); 0: 1 MiB, less on hosts
   // with more than 8 ranks (WEFT_SHM_RING).

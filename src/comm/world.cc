@@ -1,6 +1,7 @@
 #include "comm/world.h"
 
 #include <fmt/format.h>
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -263,6 +264,16 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
       if (r < rank_) ++local_rank_;
       ++local_size_;
     }
+  }
+  // More ranks of this job on the host than CPUs it may run on: a waiter's
+  // bounded poll would hold a CPU that the peer it waits for needs, so the
+  // poll yields the CPU on every round instead.
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof cpus, &cpus) == 0 && local_size_ > CPU_COUNT(&cpus)) {
+    engine_->set_spin(
+        std::chrono::microseconds(settings::get_int("WEFT_SPIN_YIELD_US", 100, 0, 10000)), true);
+    WEFT_DEBUG("{} ranks on this host share {} CPUs: the bounded poll yields", local_size_,
+               CPU_COUNT(&cpus));
   }
   std::vector<std::string> addresses, hosts;
   for (auto& ri : ranks_) {

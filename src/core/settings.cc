@@ -28,17 +28,25 @@ constexpr std::array kSettings = {
     Setting{"WEFT_IFNAME", "", "network interface to listen on and advertise"},
     Setting{"WEFT_ADDRESS", "", "IP address to listen on and advertise (over WEFT_IFNAME)"},
     Setting{"WEFT_HOST_ID", "", "identity of this host (ranks with the same id share memory)"},
-    Setting{"WEFT_SHM", "1", "1: ranks of one host exchange data through shared memory (0: TCP only)"},
-    Setting{"WEFT_SHM_CMA", "1",
-            "1: large shared-memory messages are copied once with process_vm_readv (0: via the rings)"},
+    Setting{"WEFT_SHM", "1",
+            "1: ranks of one host exchange data through shared memory (0: TCP only)"},
+    Setting{
+        "WEFT_SHM_CMA", "1",
+        "1: large shared-memory messages are copied once with process_vm_readv (0: via the rings)"},
     Setting{"WEFT_SHM_CMA_MIN", "32K",
             "smallest shared-memory message that may be copied with process_vm_readv"},
     Setting{"WEFT_SHM_RING", "0",
-            "bytes of each shared-memory ring (power of two, 64K..64M; 0: 1M, less above 8 local ranks)"},
+            "bytes of each shared-memory ring (power of two, 64K..64M; 0: 1M, less above 8 local "
+            "ranks)"},
     Setting{"WEFT_SOCKETS_PER_PEER", "1", "TCP connections per pair of ranks (1..16)"},
     Setting{"WEFT_SOCKET_BUFFER", "4M", "SO_SNDBUF/SO_RCVBUF of data connections (0: kernel)"},
     Setting{"WEFT_MAX_UNEXPECTED", "256M", "bytes of early messages held per peer"},
     Setting{"WEFT_SPIN_US", "20", "bounded poll before a waiter sleeps, microseconds (0: none)"},
+    Setting{"WEFT_SPIN_YIELD_US", "100",
+            "the same poll, yielding the CPU every round, when the host has more ranks of the job "
+            "than CPUs"},
+    Setting{"WEFT_SEGMENT_BYTES", "0",
+            "segment of the pipelined algorithms (0: a quarter of the chunk, 256K..2M)"},
     Setting{"WEFT_REDUCE_ISA", "auto", "reduction kernels ISA cap: auto, avx512, avx2 or generic"},
     Setting{"WEFT_MODEL_INTER_MBPS", "1250", "cost model: one host's network bandwidth, MB/s"},
     Setting{"WEFT_MODEL_INTER_LATENCY_NS", "50000", "cost model: latency between hosts, ns"},
@@ -90,13 +98,18 @@ uint64_t parse_bytes(std::string_view text, std::string_view what) {
   errno = 0;
   char* end = nullptr;
   unsigned long long x = std::strtoull(s.c_str(), &end, 10);
-  if (errno != 0 || end == s.c_str() || s[0] == '-') bad(what, text, "a byte count such as 4096, 64K, 4M or 1G");
+  if (errno != 0 || end == s.c_str() || s[0] == '-')
+    bad(what, text, "a byte count such as 4096, 64K, 4M or 1G");
   uint64_t mult = 1;
   std::string_view suffix(end);
-  if (suffix == "K" || suffix == "k" || suffix == "KiB") mult = 1ull << 10;
-  else if (suffix == "M" || suffix == "m" || suffix == "MiB") mult = 1ull << 20;
-  else if (suffix == "G" || suffix == "g" || suffix == "GiB") mult = 1ull << 30;
-  else if (!suffix.empty()) bad(what, text, "a byte count such as 4096, 64K, 4M or 1G");
+  if (suffix == "K" || suffix == "k" || suffix == "KiB")
+    mult = 1ull << 10;
+  else if (suffix == "M" || suffix == "m" || suffix == "MiB")
+    mult = 1ull << 20;
+  else if (suffix == "G" || suffix == "g" || suffix == "GiB")
+    mult = 1ull << 30;
+  else if (!suffix.empty())
+    bad(what, text, "a byte count such as 4096, 64K, 4M or 1G");
   if (x > UINT64_MAX / mult) bad(what, text, "a byte count below 2^64");
   return x * mult;
 }
@@ -117,7 +130,8 @@ std::chrono::milliseconds parse_seconds(std::string_view text, std::string_view 
   if (errno != 0 || end == s.c_str() || *end != '\0' || !std::isfinite(x) || x <= 0 || x > 1e9) {
     bad(what, text, "a positive number of seconds such as 30 or 0.5");
   }
-  return std::chrono::milliseconds(std::max<int64_t>(1, static_cast<int64_t>(std::llround(x * 1000))));
+  return std::chrono::milliseconds(
+      std::max<int64_t>(1, static_cast<int64_t>(std::llround(x * 1000))));
 }
 
 std::chrono::milliseconds get_seconds(std::string_view env, std::chrono::milliseconds def) {

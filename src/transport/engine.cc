@@ -34,7 +34,10 @@ inline void cpu_relax() {
 
 }  // namespace
 
-Engine::Engine(EngineOptions options) : options_(std::move(options)) {
+Engine::Engine(EngineOptions options)
+    : options_(std::move(options)),
+      spin_us_(options_.spin.count()),
+      spin_yield_(options_.spin_yield) {
   epoll_fd_.reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_fd_.valid()) throw Error(fmt::format("epoll_create1: {}", net::errno_string(errno)));
   wake_fd_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
@@ -259,22 +262,25 @@ bool Engine::run_as_owner(const std::function<bool()>& done, const Deadline& dea
     // that way is not polling and does not count against options_.spin,
     // within a limit of 8 x options_.spin in all.
     bool progressed = false;
-    if (options_.spin.count() > 0) {
+    const auto spin = std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
+    const bool yield_always = spin_yield_.load(std::memory_order_relaxed);
+    if (spin.count() > 0) {
       auto now = Deadline::Clock::now();
-      const auto give_up = now + 8 * options_.spin;
+      const auto give_up = now + 8 * spin;
       auto polled = Deadline::Clock::duration::zero();
-      for (unsigned round = 1; polled < options_.spin && now < give_up; ++round) {
+      for (unsigned round = 1; polled < spin && now < give_up; ++round) {
         const bool polling = !pollers_.empty();
-        for (int i = 0; i < (polling ? 4 : 32); ++i) cpu_relax();
+        const bool yielding = yield_always || (polling && round % 16 == 0);
+        for (int i = 0; i < (polling || yield_always ? 4 : 32); ++i) cpu_relax();
         if (done() || (polling && run_pollers() > 0) ||
-            ((!polling || round % 16 == 0) && progress_once(0) > 0)) {
+            ((!polling || yielding) && progress_once(0) > 0)) {
           progressed = true;
           break;
         }
         auto t = Deadline::Clock::now();
         polled += t - now;
         now = t;
-        if (polling && round % 16 == 0) {
+        if (yielding) {
           sched_yield();
           now = Deadline::Clock::now();
         }
@@ -342,6 +348,11 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
   }
   leave();
   return result;
+}
+
+void Engine::set_spin(std::chrono::microseconds spin, bool yield) {
+  spin_us_.store(spin.count(), std::memory_order_relaxed);
+  spin_yield_.store(yield, std::memory_order_relaxed);
 }
 
 void Engine::wake() {

@@ -75,6 +75,10 @@ class Poller {
 struct EngineOptions {
   // Bounded poll before sleeping in epoll_wait (WEFT_SPIN_US).
   std::chrono::microseconds spin{20};
+  // Yield the CPU on every round of that poll: for processes that share
+  // their CPUs with other ranks of the job (more ranks on the host than
+  // CPUs), where a pure poll would hold off the very peer it waits for.
+  bool spin_yield = false;
   // How long the background thread leaves the token to foreground waiters
   // after the last one finished.
   std::chrono::microseconds idle_grace{2000};
@@ -115,7 +119,12 @@ class Engine {
   // request was completed or failed outside of a handler, e.g. an inline
   // send or an abort). Cheap when nobody sleeps.
   void wake();
-  // Same, from inside a handler: only sleeping waiters need waking.
+  // Changes the bounded poll (see EngineOptions::spin and spin_yield), e.g.
+  // once rendezvous has told how many ranks share this host. Thread-safe;
+  // takes effect at the next wait.
+  void set_spin(std::chrono::microseconds spin, bool yield);
+
+  // Same as wake(), from inside a handler: only sleeping waiters need waking.
   void notify_completion();
 
   // Hands the background thread the token as soon as possible, because
@@ -189,6 +198,8 @@ class Engine {
   Deadline::Clock::time_point last_fg_release_{};
   std::atomic<int> sleepers_{0};            // waiters asleep on cv_
   std::atomic<bool> owner_blocked_{false};  // the token holder may be blocked in epoll_wait
+  std::atomic<int64_t> spin_us_;            // the bounded poll (set_spin)
+  std::atomic<bool> spin_yield_;
 
   std::thread background_;
 };

@@ -143,12 +143,16 @@ class Pending {
   std::vector<transport::RequestPtr> reqs_;
 };
 
-// Segment size of pipelined algorithms (WEFT_SEGMENT_BYTES).
-size_t segment_bytes();
+// Segment size of pipelined algorithms for a chunk of `bytes`: fixed by
+// WEFT_SEGMENT_BYTES when set; otherwise a quarter of the chunk, within
+// [256 KiB, 2 MiB]. Four segments keep a pipeline of send, receive and
+// reduction busy; fewer, larger ones cost fewer system calls and wake-ups
+// per byte, which is what decides large messages over TCP.
+size_t segment_bytes(size_t bytes);
 
 // Segments a chunk of `bytes` is cut into (at least one).
 inline size_t segments_for(size_t bytes) {
-  const size_t seg = segment_bytes();
+  const size_t seg = segment_bytes(bytes);
   return std::max<size_t>(1, (bytes + seg - 1) / seg);
 }
 

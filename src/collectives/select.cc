@@ -112,7 +112,7 @@ double flat_cost(Kind k, Algorithm a, int n, double bytes, const Links& l) {
   while (p * 2 <= n) p *= 2;
   const double fold = p == n ? 0.0 : 2.0 * (a_ + bytes * b_);
   const double lp = std::log2(static_cast<double>(p));
-  const double seg = static_cast<double>(segment_bytes());
+  auto seg_of = [](double b) { return static_cast<double>(segment_bytes(static_cast<size_t>(b))); };
   switch (k) {
     case Kind::Allreduce:
       if (a == Algorithm::RecursiveDoubling) return lp * (a_ + bytes * b_ + bytes * g_) + fold;
@@ -124,20 +124,20 @@ double flat_cost(Kind k, Algorithm a, int n, double bytes, const Links& l) {
         // while the next ones are on the wire, so only one segment's
         // reduction is on the critical path (the other algorithms reduce a
         // whole step's data between transfers).
-        double chunk = bytes / n, segs = std::max(1.0, std::ceil(chunk / seg));
+        double chunk = bytes / n, seg = seg_of(chunk), segs = std::max(1.0, std::ceil(chunk / seg));
         return 2.0 * (n - 1) * a_ + (2.0 * (n - 1) / n * bytes) * b_ + std::min(chunk, seg) * g_ +
                (segs - 1) * a_ * 0.25;
       }
     case Kind::Broadcast:
       if (a == Algorithm::Tree) return log2_ceil(n) * (a_ + bytes * b_);
       {
-        double segs = std::max(1.0, std::ceil(bytes / seg)), sb = bytes / segs;
+        double segs = std::max(1.0, std::ceil(bytes / seg_of(bytes))), sb = bytes / segs;
         return (n - 1 + segs - 1) * (a_ + sb * b_);
       }
     case Kind::Reduce:
       if (a == Algorithm::Tree) return log2_ceil(n) * (a_ + bytes * (b_ + g_));
       {
-        double segs = std::max(1.0, std::ceil(bytes / seg)), sb = bytes / segs;
+        double segs = std::max(1.0, std::ceil(bytes / seg_of(bytes))), sb = bytes / segs;
         return (n - 1 + segs - 1) * (a_ + sb * (b_ + g_));
       }
     case Kind::Allgather:
@@ -260,9 +260,10 @@ bool supports(Kind k, Algorithm a) {
   return std::find(algos.begin(), algos.end(), a) != algos.end();
 }
 
-size_t segment_bytes() {
-  static const size_t s = settings::get_bytes("WEFT_SEGMENT_BYTES", 256u << 10, 4096, 1ull << 30);
-  return s;
+size_t segment_bytes(size_t bytes) {
+  static const size_t fixed = settings::get_bytes("WEFT_SEGMENT_BYTES", 0, 0, 1ull << 30);
+  if (fixed > 0) return std::max<size_t>(fixed, 4096);
+  return std::clamp<size_t>(bytes / 4, 256u << 10, 2u << 20);
 }
 
 }  // namespace coll

@@ -55,7 +55,8 @@ def run_weft(build, n, max_bytes, env_extra, algo):
     env = dict(os.environ)
     env.update(env_extra)
     cmd = [os.path.join(build, "bin", "weft"), "run", "-n", str(n), "--no-prefix",
-           os.path.join(build, "bin", "weft-bench"), "allreduce", "--json", "--max-bytes", str(max_bytes)]
+           os.path.join(build, "bin", "weft-bench"), "allreduce", "--json", "--in-place", "--max-bytes",
+           str(max_bytes)]
     if algo:
         cmd += ["--algo", algo]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env).stdout

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -65,6 +66,14 @@ struct Worker {
 };
 
 }  // namespace
+
+std::vector<int> worker_cpus(const std::vector<int>& allowed, int local_rank, int nproc) {
+  const size_t c = allowed.size(), n = static_cast<size_t>(nproc),
+               i = static_cast<size_t>(local_rank);
+  if (nproc <= 1 || c < n || local_rank < 0 || i >= n) return {};
+  return {allowed.begin() + static_cast<std::ptrdiff_t>(i * c / n),
+          allowed.begin() + static_cast<std::ptrdiff_t>((i + 1) * c / n)};
+}
 
 std::string signal_name(int sig) {
   const char* abbrev = sigabbrev_np(sig);
@@ -209,6 +218,20 @@ struct LocalLauncher::Impl {
     int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     net::Fd devnull_fd(devnull);
     const pid_t parent = ::getpid();
+    // The CPU set is built here: the child may only make async-signal-safe calls.
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    bool bind = false;
+    if (opts.bind == WorkerOptions::Bind::Auto) {
+      cpu_set_t mine;
+      if (::sched_getaffinity(0, sizeof mine, &mine) == 0) {
+        std::vector<int> allowed;
+        for (int c = 0; c < CPU_SETSIZE; ++c)
+          if (CPU_ISSET(c, &mine)) allowed.push_back(c);
+        for (int c : worker_cpus(allowed, w.local_rank, opts.nproc)) CPU_SET(c, &cpus);
+        bind = CPU_COUNT(&cpus) > 0;
+      }
+    }
 
     pid_t pid = ::fork();
     if (pid < 0) throw Error(fmt::format("fork: {}", net::errno_string(errno)));
@@ -220,6 +243,7 @@ struct LocalLauncher::Impl {
       sigset_t none;
       sigemptyset(&none);
       ::sigprocmask(SIG_SETMASK, &none, nullptr);
+      if (bind) ::sched_setaffinity(0, sizeof cpus, &cpus);  // best effort
       if (devnull >= 0) ::dup2(devnull, STDIN_FILENO);
       if (opts.prefix_output) {
         ::dup2(out_fd, STDOUT_FILENO);

@@ -57,7 +57,20 @@ struct WorkerOptions {
   bool prefix_output = true;
   // Extra environment of every worker, over the launcher's own.
   std::vector<std::pair<std::string, std::string>> env;
+  // CPU binding. Auto: when the launcher may run on at least as many CPUs
+  // as there are workers on this node, each worker is bound to its own
+  // equal share of them (local rank i gets the i-th share, in CPU order),
+  // as mpirun and srun do: a worker keeps its caches and never waits behind
+  // a sibling for a CPU. With more workers than CPUs nobody is bound.
+  // None: workers inherit the launcher's CPUs.
+  enum class Bind { Auto, None };
+  Bind bind = Bind::Auto;
 };
+
+// The CPUs local rank `local_rank` of `nproc` is bound to under
+// WorkerOptions::Bind::Auto, out of `allowed` (the launcher's CPUs, in
+// order); empty when it is not bound.
+std::vector<int> worker_cpus(const std::vector<int>& allowed, int local_rank, int nproc);
 
 // Where this node's workers stand in the job.
 struct JobLayout {

@@ -10,6 +10,7 @@
 //                     print it and exit 0
 //   sleep             prints "ready pid=P" and waits forever
 //   trapterm          same, ignoring SIGTERM and SIGINT
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -68,6 +69,20 @@ int main(int argc, char** argv) {
                " store=" + env("WEFT_STORE") + " token_len=" + std::to_string(token.size()) +
                " token_head=" + token.substr(0, 8) + " timeout=" + env("WEFT_TIMEOUT") +
                " log_level=" + env("WEFT_LOG_LEVEL") + " extra=" + env("WEFT_PROBE_EXTRA") + "\n");
+    return 0;
+  }
+  if (mode == "cpus") {
+    // The CPUs this worker may run on, e.g. "cpus=0,1".
+    cpu_set_t set;
+    std::string list;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+      for (int c = 0; c < CPU_SETSIZE; ++c) {
+        if (!CPU_ISSET(c, &set)) continue;
+        list += list.empty() ? "" : ",";
+        list += std::to_string(c);
+      }
+    }
+    put(1, "cpus=" + list + "\n");
     return 0;
   }
   if (mode == "lines" && argc == 3) {

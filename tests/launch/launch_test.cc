@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "core/settings.h"
+#include "launch/local_launcher.h"
 #include "testing/testing.h"
 
 namespace weft::testing {
@@ -142,6 +143,72 @@ TEST(Launch, EachRankGetsItsEnvironment) {
   EXPECT_EQ(ranks, (std::set<int>{0, 1, 2, 3}));
   EXPECT_EQ(stores.size(), 1u);
   EXPECT_EQ(tokens.size(), 1u);
+}
+
+TEST(Bind, WorkersGetEqualSharesInCpuOrder) {
+  using launch::worker_cpus;
+  const std::vector<int> four = {0, 1, 4, 5};
+  EXPECT_EQ(worker_cpus(four, 0, 2), (std::vector<int>{0, 1}));
+  EXPECT_EQ(worker_cpus(four, 1, 2), (std::vector<int>{4, 5}));
+  EXPECT_EQ(worker_cpus(four, 2, 4), (std::vector<int>{4}));
+  // Uneven: 3 workers on 4 CPUs get 1, 1 and 2.
+  EXPECT_EQ(worker_cpus(four, 0, 3), (std::vector<int>{0}));
+  EXPECT_EQ(worker_cpus(four, 2, 3), (std::vector<int>{4, 5}));
+  // More workers than CPUs, or one worker: nobody is bound.
+  EXPECT_TRUE(worker_cpus(four, 0, 5).empty());
+  EXPECT_TRUE(worker_cpus(four, 0, 1).empty());
+  EXPECT_TRUE(worker_cpus({}, 0, 2).empty());
+}
+
+// The CPU list ("0,1") each rank's probe printed, by rank.
+std::map<int, std::string> cpus_by_rank(const std::string& out) {
+  static const std::regex re(R"(^\[(\d+)\] cpus=([\d,]*)$)");
+  std::map<int, std::string> cpus;
+  for (const auto& line : lines_of(out)) {
+    std::smatch m;
+    if (std::regex_match(line, m, re)) cpus[std::stoi(m[1])] = m[2];
+  }
+  return cpus;
+}
+
+TEST(Launch, WorkersAreBoundToTheirShareOfTheCpus) {
+  cpu_set_t set;
+  ASSERT_EQ(sched_getaffinity(0, sizeof set, &set), 0);
+  std::vector<int> mine;
+  std::string all;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (!CPU_ISSET(c, &set)) continue;
+    mine.push_back(c);
+    all += all.empty() ? "" : ",";
+    all += std::to_string(c);
+  }
+  const int n = static_cast<int>(std::min<size_t>(mine.size(), 4));
+  if (n < 2) GTEST_SKIP() << "needs 2 CPUs";
+  {
+    Weft w({"run", "-n", std::to_string(n), probe_bin(), "cpus"});
+    ASSERT_EQ(w.wait(), 0) << w.all();
+    auto cpus = cpus_by_rank(w.out());
+    ASSERT_EQ(cpus.size(), static_cast<size_t>(n)) << w.all();
+    for (int r = 0; r < n; ++r) {
+      std::string expect;
+      for (int c : launch::worker_cpus(mine, r, n)) {
+        expect += expect.empty() ? "" : ",";
+        expect += std::to_string(c);
+      }
+      EXPECT_EQ(cpus[r], expect) << "rank " << r;
+    }
+  }
+  // --bind none, and more workers than CPUs: every worker may use every CPU.
+  for (auto args : {std::vector<std::string>{"run", "-n", std::to_string(n), "--bind", "none"},
+                    std::vector<std::string>{"run", "-n", std::to_string(mine.size() + 1)}}) {
+    args.push_back(probe_bin());
+    args.push_back("cpus");
+    Weft w(args);
+    ASSERT_EQ(w.wait(), 0) << w.all();
+    auto cpus = cpus_by_rank(w.out());
+    ASSERT_FALSE(cpus.empty()) << w.all();
+    for (auto& [r, list] : cpus) EXPECT_EQ(list, all) << "rank " << r;
+  }
 }
 
 TEST(Launch, EveryJobGetsAFreshToken) {

@@ -58,6 +58,7 @@ struct RunArgs {
   std::string log_level;
   double grace_seconds = 5;
   bool no_prefix = false;
+  std::string bind = "auto";
   std::vector<std::string> env;
   // Multi-node.
   int nnodes = 1;
@@ -125,6 +126,13 @@ void add_run_options(CLI::App* run, RunArgs& a) {
       ->type_name("SECONDS")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1e6));
+  run->add_option("--bind", a.bind,
+                  "CPU binding of the workers: auto binds each worker to its own equal share of "
+                  "the launcher's CPUs when there are at least as many CPUs as workers on this "
+                  "node (none otherwise); none leaves them unbound")
+      ->type_name("auto|none")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "none"}));
   run->add_option("--env", a.env,
                   "Set an environment variable in every worker (repeatable; the last one wins)")
       ->type_name("K=V")
@@ -159,6 +167,8 @@ std::string read_token_file(const std::string& path) {
 int do_run(RunArgs& a, const CLI::App* run) {
   auto& w = a.workers;
   w.prefix_output = !a.no_prefix;
+  w.bind = a.bind == "none" ? weft::launch::WorkerOptions::Bind::None
+                            : weft::launch::WorkerOptions::Bind::Auto;
   w.grace = std::chrono::milliseconds(static_cast<int64_t>(a.grace_seconds * 1000 + 0.5));
   for (const auto& kv : a.env) {
     size_t eq = kv.find('=');

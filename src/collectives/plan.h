@@ -144,15 +144,18 @@ class Pending {
 };
 
 // Segment size of pipelined algorithms for a chunk of `bytes`: fixed by
-// WEFT_SEGMENT_BYTES when set; otherwise a quarter of the chunk, within
-// [256 KiB, 2 MiB]. Four segments keep a pipeline of send, receive and
-// reduction busy; fewer, larger ones cost fewer system calls and wake-ups
-// per byte, which is what decides large messages over TCP.
-size_t segment_bytes(size_t bytes);
+// WEFT_SEGMENT_BYTES when set. Otherwise, over TCP, a quarter of the chunk
+// within [256 KiB, 2 MiB]: four segments keep a pipeline of send, receive
+// and reduction busy, and fewer, larger ones cost fewer system calls and
+// wake-ups per byte, which is what decides large messages. Over shared
+// memory (shm: every link of the pipeline is), half the chunk within
+// [1 MiB, 8 MiB]: a large message there is one single-copy read, whose
+// cost is per call and per page touched, not per byte on a wire.
+size_t segment_bytes(size_t bytes, bool shm = false);
 
 // Segments a chunk of `bytes` is cut into (at least one).
-inline size_t segments_for(size_t bytes) {
-  const size_t seg = segment_bytes(bytes);
+inline size_t segments_for(size_t bytes, bool shm = false) {
+  const size_t seg = segment_bytes(bytes, shm);
   return std::max<size_t>(1, (bytes + seg - 1) / seg);
 }
 

@@ -25,7 +25,7 @@ constexpr size_t kWindow = 4;  // receives posted ahead, per phase
 
 class Ring : public Plan {
  public:
-  explicit Ring(comm::Group& g) : n_(g.size()), r_(g.rank()) {}
+  explicit Ring(comm::Group& g) : n_(g.size()), r_(g.rank()), shm_(over_shm(g)) {}
 
   void run(comm::Group& g, const Call& call) override {
     switch (call.kind) {
@@ -59,6 +59,19 @@ class Ring : public Plan {
   };
 
   int mod(int x) const { return ((x % n_) + n_) % n_; }
+
+  // Whether the whole group is on one host with shared memory enabled on
+  // every rank. Decided from the rendezvous records, which every member
+  // reads alike: the segment count it drives must agree across the ring.
+  static bool over_shm(comm::Group& g) {
+    const auto& ranks = g.world().ranks();
+    const auto& first = ranks[static_cast<size_t>(g.world_rank(0))];
+    for (int m : g.members()) {
+      const auto& ri = ranks[static_cast<size_t>(m)];
+      if (ri.host_id != first.host_id || ri.shm_address.empty()) return false;
+    }
+    return true;
+  }
 
   void allreduce(comm::Group& g, const Call& call) {
     Reduction red(call.dtype, call.op, n_);
@@ -135,7 +148,7 @@ class Ring : public Plan {
     const size_t es = call.esize(), ws = red.wire_size();
     size_t max_chunk = 0;
     for (size_t c : job.cnt) max_chunk = std::max(max_chunk, c);
-    const size_t m = segments_for(max_chunk * std::max(es, ws));
+    const size_t m = segments_for(max_chunk * std::max(es, ws), shm_);
     const int rs_steps = job.reduce_phase ? n_ - 1 : 0;
     const int ag_steps = job.gather_phase ? n_ - 1 : 0;
     const size_t total = static_cast<size_t>(rs_steps + ag_steps) * m;
@@ -346,6 +359,7 @@ class Ring : public Plan {
   }
 
   const int n_, r_;
+  const bool shm_;  // the whole group shares memory (segment sizes)
   Scratch slots_, partial_;
 };
 

@@ -260,9 +260,10 @@ bool supports(Kind k, Algorithm a) {
   return std::find(algos.begin(), algos.end(), a) != algos.end();
 }
 
-size_t segment_bytes(size_t bytes) {
+size_t segment_bytes(size_t bytes, bool shm) {
   static const size_t fixed = settings::get_bytes("WEFT_SEGMENT_BYTES", 0, 0, 1ull << 30);
   if (fixed > 0) return std::max<size_t>(fixed, 4096);
+  if (shm) return std::clamp<size_t>(bytes / 2, 1u << 20, 8u << 20);
   return std::clamp<size_t>(bytes / 4, 256u << 10, 2u << 20);
 }
 

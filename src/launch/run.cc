@@ -226,12 +226,24 @@ int run_node(WorkerOptions options, NodeOptions node) {
 
   // The first failure anywhere is the job's.
   std::atomic<bool> recorded{false};
+  // A worker that exits with an error code is often failing because a peer
+  // on another node died (PeerError): that node's launcher records the cause
+  // a moment later. Give it that moment (1 s) before recording this exit as
+  // the job's failure, so that every node names the rank that really failed.
   launcher.on_failure([&](const WorkerExit& e) {
-    recorded = true;
-    store.compare_set(kAbortKey, std::nullopt,
-                      fmt::format("rank {} (node {}, host {}, pid {}) {}", e.rank, node.node_rank,
-                                  me, e.pid, e.describe()),
-                      std::chrono::seconds(5));
+    if (e.signal == 0 && node.nnodes > 1) {
+      try {
+        store.wait({kAbortKey}, std::chrono::seconds(1));
+        return;  // recorded elsewhere first: the watcher announces it
+      } catch (const Error&) {
+      }
+    }
+    recorded = true;  // before the record exists: the watcher must not take it for another's
+    auto r = store.compare_set(kAbortKey, std::nullopt,
+                               fmt::format("rank {} (node {}, host {}, pid {}) {}", e.rank,
+                                           node.node_rank, me, e.pid, e.describe()),
+                               std::chrono::seconds(5));
+    recorded = r.swapped;
   });
   // Watch for failures elsewhere (a store client of its own: calls on one
   // client are serialized).

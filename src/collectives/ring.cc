@@ -22,6 +22,8 @@ using transport::RequestPtr;
 namespace {
 
 constexpr size_t kWindow = 4;  // receives posted ahead, per phase
+// Reduce-scatter slots up to this size hold every message of a call.
+constexpr size_t kMaxSlotBytes = 64u << 20;
 
 class Ring : public Plan {
  public:
@@ -165,9 +167,15 @@ class Ring : public Plan {
     auto ag_send_chunk = [&](int u) { return mod(job.own_chunk - u); };
     auto ag_recv_chunk = [&](int u) { return mod(job.own_chunk - u - 1); };
 
-    // Receive slots of the reduce-scatter (wire type), one per window position.
+    // Receive slots of the reduce-scatter (wire type): one per message when
+    // they fit in kMaxSlotBytes, so that every receive is posted before its
+    // data can arrive (a message that finds no receive is staged in a
+    // freshly allocated buffer and copied again); else a window of kWindow.
     const size_t seg_elems = (max_chunk + m - 1) / m + 1;
-    uint8_t* slots = job.reduce_phase ? slots_.get(kWindow * seg_elems * ws) : nullptr;
+    const size_t rs_total = static_cast<size_t>(rs_steps) * m;
+    const size_t window =
+        rs_total * seg_elems * ws <= kMaxSlotBytes ? std::max<size_t>(rs_total, 1) : kWindow;
+    uint8_t* slots = job.reduce_phase ? slots_.get(window * seg_elems * ws) : nullptr;
 
     Pending sends(g, deadline);
     std::vector<RequestPtr> recvs(total);
@@ -175,16 +183,17 @@ class Ring : public Plan {
     auto send = [&](size_t idx, const void* data, size_t bytes) {
       sends.add(g.isend(right, tag(idx), data, bytes, desc, "ring"));
     };
-    // Reduce-scatter receives go to a window of slots; allgather receives go
-    // straight to their place. (Posting early is safe: a chunk's allgather
-    // data only exists once this rank's reduce-scatter sends of it are out.)
+    // Reduce-scatter receives go to the slots; allgather receives go
+    // straight to their place, all posted at the start. (Posting early is
+    // safe: the allgather data of a segment only exists once the segment's
+    // reduction is complete, which needs this rank's reduce-scatter send of
+    // it, and this rank is done with that part of the buffer by then.)
     size_t rs_posted = 0;
-    const size_t rs_total = static_cast<size_t>(rs_steps) * m;
     auto post_rs = [&](size_t upto) {
       for (; rs_posted < std::min(upto, rs_total); ++rs_posted) {
         const size_t idx = rs_posted;
         const int c = rs_recv_chunk(static_cast<int>(idx / m));
-        recvs[idx] = g.irecv(left, tag(idx), slots + (idx % kWindow) * seg_elems * ws,
+        recvs[idx] = g.irecv(left, tag(idx), slots + (idx % window) * seg_elems * ws,
                              seg_count(c, idx % m) * ws, desc, "ring");
       }
     };
@@ -195,9 +204,9 @@ class Ring : public Plan {
                            seg_count(c, j) * es, desc, "ring");
     };
 
-    post_rs(kWindow);
-    if (ag_steps > 0) {
-      for (size_t j = 0; j < m; ++j) post_ag(0, j);
+    post_rs(window);
+    for (int u = 0; u < ag_steps; ++u) {
+      for (size_t j = 0; j < m; ++j) post_ag(u, j);
     }
     for (size_t j = 0; j < m; ++j) {
       if (rs_steps > 0) {
@@ -224,12 +233,12 @@ class Ring : public Plan {
       if (t < rs_steps) {
         const int c = rs_recv_chunk(t);
         const size_t k = seg_count(c, j), b = seg_begin(c, j);
-        const uint8_t* got = slots + (idx % kWindow) * seg_elems * ws;
+        const uint8_t* got = slots + (idx % window) * seg_elems * ws;
         if (t + 1 < rs_steps) {
           // A partial result: add our contribution and pass it on.
           uint8_t* p = job.partial + b * ws;
           red.combine_own(p, got, job.own + b * es, k);
-          post_rs(idx + 1 + kWindow);
+          post_rs(idx + 1 + window);
           send(idx + m, p, k * ws);
         } else {
           // The last contribution: this segment of the final chunk is complete.
@@ -242,13 +251,12 @@ class Ring : public Plan {
             red.combine_own(out, got, job.own + b * es, k);
             red.finalize(out, out, k);
           }
-          post_rs(idx + 1 + kWindow);
+          post_rs(idx + 1 + window);
           if (ag_steps > 0) send(idx + m, job.gathered + b * es, k * es);
         }
       } else {
         const int u = t - rs_steps;
         if (u + 1 < ag_steps) {
-          post_ag(u + 1, j);
           const int c = ag_recv_chunk(u);
           send(idx + m, job.gathered + seg_begin(c, j) * es, seg_count(c, j) * es);
         }

@@ -5,8 +5,9 @@
 // Segments flow around the ring independently: as soon as a segment of
 // the reduce-scatter is complete, its allgather starts, and a rank reduces
 // a segment as soon as it arrives (while it is hot in cache) and forwards
-// it at once. Receives are posted ahead of the data (a window of segments),
-// so payloads land straight in their destination; sends are written inline
+// it at once. Receives are posted ahead of the data (all of a call's, when
+// the reduce-scatter's slots fit in 64 MiB; else a window of segments), so
+// payloads land straight in their destination; sends are written inline
 // and keep both directions of every connection busy.
 #include <algorithm>
 #include <cstring>

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 
 namespace weft::transport {
@@ -78,5 +79,30 @@ class Request {
 };
 
 using RequestPtr = std::shared_ptr<Request>;
+
+// The error that failed a whole transport (fail_all): the first one set
+// wins and stays. failed() is a cheap check for hot paths. Thread-safe.
+class FirstError {
+ public:
+  // Records error unless one is recorded already.
+  void set(std::exception_ptr error) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!failed_.load()) {
+      error_ = std::move(error);
+      failed_.store(true);
+    }
+  }
+  bool failed() const { return failed_.load(); }
+  // The recorded error (null while none is).
+  std::exception_ptr get() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return error_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::exception_ptr error_;  // GUARDED_BY(mu_)
+  std::atomic<bool> failed_{false};
+};
 
 }  // namespace weft::transport

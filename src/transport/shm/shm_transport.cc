@@ -685,9 +685,8 @@ bool ShmTransport::submit(Peer& p, SendOp op) {
     if (p.out_dead) return false;
     // A data record queued after fail_all() cleared the queues would never
     // fail: fail_all() sets the flag before it takes this lock.
-    if (op.req && failed_flag_.load()) {
-      std::lock_guard<std::mutex> flk(fail_mu_);
-      op.req->fail(failed_);
+    if (op.req && first_error_.failed()) {
+      op.req->fail(first_error_.get());
       return true;
     }
     if (op.may_cma && !fits_now(p, op)) op.to_cma();
@@ -723,9 +722,8 @@ bool ShmTransport::submit(Peer& p, SendOp op) {
 }
 
 void ShmTransport::isend(const RequestPtr& req) {
-  if (failed_flag_.load()) {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    req->fail(failed_);
+  if (first_error_.failed()) {
+    req->fail(first_error_.get());
     return;
   }
   Peer* p = peer_for(req->peer());
@@ -793,9 +791,8 @@ int ShmTransport::flush(Peer& p) {
 // Receiving.
 
 void ShmTransport::irecv(const RequestPtr& req) {
-  if (failed_flag_.load()) {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    req->fail(failed_);
+  if (first_error_.failed()) {
+    req->fail(first_error_.get());
     return;
   }
   Peer* p = peer_for(req->peer());
@@ -814,9 +811,8 @@ void ShmTransport::irecv(const RequestPtr& req) {
                                    p->failed ? p->failure : "has closed its communicator"));
       return;
     }
-    if (!matched && failed_flag_.load()) {  // fail_all() ran since the check above
-      std::lock_guard<std::mutex> flk(fail_mu_);
-      req->fail(failed_);
+    if (!matched && first_error_.failed()) {  // fail_all() ran since the check above
+      req->fail(first_error_.get());
       return;
     }
     if (!matched) p->q.posted.push_back(req);
@@ -859,14 +855,14 @@ void ShmTransport::stall(Peer& p, const RequestPtr& req, const std::string& why)
   bool held = false;
   {
     std::lock_guard<std::mutex> lk(p.mu);
-    if (!p.failed && !failed_flag_.load()) {
+    if (!p.failed && !first_error_.failed()) {
       p.stalled.push_back(req);
       held = true;
     }
   }
   if (!held) {  // already failed: fail it like the others
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    req->fail(failed_ ? failed_ : request_peer_error(*req, p.host, "failed: " + why));
+    auto first = first_error_.get();
+    req->fail(first ? first : request_peer_error(*req, p.host, "failed: " + why));
     return;
   }
   engine_.add_timer(Deadline::after(kStallGrace), [this, &p, r = req, why, alive = alive_] {
@@ -891,7 +887,7 @@ bool ShmTransport::begin_data(Peer& p) {
   RequestPtr mismatched;
   {
     std::lock_guard<std::mutex> lk(p.mu);
-    if (p.failed || failed_flag_.load()) {
+    if (p.failed || first_error_.failed()) {
       p.discard = true;
     } else if ((p.cur_req = p.q.take_posted(h.comm_id, h.tag))) {
       mismatch = check_match(options_.rank, p.rank, p.host, *p.cur_req, h, events_.describe_op);
@@ -952,9 +948,9 @@ void ShmTransport::deliver(Peer& p, const RequestPtr& req, const Unexpected& u, 
     // Not on the caller's thread: a collective posts its receives before
     // its sends, and the peer is waiting for those.
     std::lock_guard<std::mutex> lk(p.mu);
-    if (p.failed || failed_flag_.load()) {
-      std::lock_guard<std::mutex> flk(fail_mu_);
-      req->fail(failed_ ? failed_ : request_peer_error(*req, p.host, "failed: " + p.failure));
+    if (p.failed || first_error_.failed()) {
+      auto first = first_error_.get();
+      req->fail(first ? first : request_peer_error(*req, p.host, "failed: " + p.failure));
       return;
     }
     p.reads.push_back({req, u.address, u.send_id, u.cancels});
@@ -997,7 +993,7 @@ void ShmTransport::on_cma(Peer& p, const RecordHeader& h, const CmaBody& body) {
   bool held = false;
   {
     std::lock_guard<std::mutex> lk(p.mu);
-    if (p.failed || failed_flag_.load()) return;  // dropped: nobody waits for it any more
+    if (p.failed || first_error_.failed()) return;  // dropped: nobody waits for it any more
     req = p.q.take_posted(h.comm_id, h.tag);
     if (req) {
       mismatch = check_match(options_.rank, p.rank, p.host, *req, h, events_.describe_op);
@@ -1051,7 +1047,7 @@ void ShmTransport::on_ack(Peer& p, uint64_t send_id) {
     failed = p.failed;
   }
   // After a failure the sends were failed and forgotten: a late ack is fine.
-  if (!failed && !failed_flag_.load())
+  if (!failed && !first_error_.failed())
     violation(p, fmt::format("acknowledgement of unknown send {}", send_id));
 }
 
@@ -1253,7 +1249,7 @@ void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_i
   }
   for (auto& r : failed) r->fail(request_peer_error(*r, p.host, "failed: " + reason));
   engine_.wake();
-  if (report_it && !failed_flag_.load() && events_.on_peer_failure) {
+  if (report_it && !first_error_.failed() && events_.on_peer_failure) {
     events_.on_peer_failure(p.rank, peer_error(p, "failed: " + reason));
   }
 }
@@ -1290,13 +1286,7 @@ void ShmTransport::peer_departed(int rank) {
 }
 
 void ShmTransport::fail_all(std::exception_ptr error) {
-  {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    if (!failed_flag_.load()) {
-      failed_ = error;
-      failed_flag_.store(true);
-    }
-  }
+  first_error_.set(error);
   // On the progress thread, so that no poll is filling a buffer of a request
   // while it fails; returns once done (by this call or an earlier one).
   engine_.run_in_progress([this] { fail_all_in_progress(); },
@@ -1305,11 +1295,7 @@ void ShmTransport::fail_all(std::exception_ptr error) {
 
 void ShmTransport::fail_all_in_progress() {
   if (fail_done_) return;
-  std::exception_ptr error;
-  {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    error = failed_;
-  }
+  const std::exception_ptr error = first_error_.get();
   for (Peer* p : local_) {
     std::vector<RequestPtr> failed;
     {

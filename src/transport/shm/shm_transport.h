@@ -210,9 +210,7 @@ class ShmTransport : public Transport {
   bool ready_ = false;                 // GUARDED_BY(setup_mu_)
   std::vector<int> early_departures_;  // GUARDED_BY(setup_mu_)
 
-  std::mutex fail_mu_;
-  std::exception_ptr failed_;  // GUARDED_BY(fail_mu_)
-  std::atomic<bool> failed_flag_{false};
+  FirstError first_error_;                       // set by fail_all
   bool fail_done_ = false;                       // progress thread only
   std::vector<std::function<void()>> deferred_;  // progress thread only
 };

@@ -465,7 +465,7 @@ class TcpTransport::Connection : public Handler {
     RequestPtr mismatched;
     {
       std::lock_guard<std::mutex> lk(peer_.mu);
-      if (peer_.failed || t_.failed_flag_.load()) {
+      if (peer_.failed || t_.first_error_.failed()) {
         discard_ = true;
       } else {
         cur_req_ = peer_.q.take_posted(cur_.comm_id, cur_.tag);
@@ -897,9 +897,8 @@ std::exception_ptr TcpTransport::peer_error(const Peer& peer, const std::string&
 }
 
 void TcpTransport::isend(const RequestPtr& req) {
-  if (failed_flag_.load()) {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    req->fail(failed_);
+  if (first_error_.failed()) {
+    req->fail(first_error_.get());
     return;
   }
   Peer& peer = *peers_[static_cast<size_t>(req->peer())];
@@ -930,9 +929,8 @@ void TcpTransport::isend(const RequestPtr& req) {
 }
 
 void TcpTransport::irecv(const RequestPtr& req) {
-  if (failed_flag_.load()) {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    req->fail(failed_);
+  if (first_error_.failed()) {
+    req->fail(first_error_.get());
     return;
   }
   Peer& peer = *peers_[static_cast<size_t>(req->peer())];
@@ -1016,7 +1014,7 @@ void TcpTransport::peer_failed(Peer& peer, const std::string& reason, bool repor
   }
   for (auto& r : failed) r->fail(error_for(*r));
   engine_.wake();
-  if (report && !failed_flag_.load() && events_.on_peer_failure) {
+  if (report && !first_error_.failed() && events_.on_peer_failure) {
     events_.on_peer_failure(peer.rank, peer_error(peer, "failed: " + reason));
   }
 }
@@ -1038,13 +1036,7 @@ void TcpTransport::peer_said_bye(Peer& peer) {
 }
 
 void TcpTransport::fail_all(std::exception_ptr error) {
-  {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    if (!failed_flag_.load()) {
-      failed_ = error;
-      failed_flag_.store(true);
-    }
-  }
+  first_error_.set(error);
   // Runs on the progress thread, so that no handler is filling a buffer of a
   // request while it fails; returns once done (by this call or an earlier one).
   engine_.run_in_progress([this] { fail_all_in_progress(); },
@@ -1053,11 +1045,7 @@ void TcpTransport::fail_all(std::exception_ptr error) {
 
 void TcpTransport::fail_all_in_progress() {
   if (fail_done_) return;
-  std::exception_ptr error;
-  {
-    std::lock_guard<std::mutex> lk(fail_mu_);
-    error = failed_;
-  }
+  const std::exception_ptr error = first_error_.get();
   auto error_for = [&](const Request&) { return error; };
   for (auto& p : peers_) {
     std::vector<RequestPtr> failed;

@@ -157,9 +157,7 @@ class TcpTransport : public Transport {
   std::vector<std::shared_ptr<Acceptor>> acceptors_;
   std::atomic<int> connections_ready_{0};
 
-  std::mutex fail_mu_;
-  std::exception_ptr failed_;  // set by fail_all
-  std::atomic<bool> failed_flag_{false};
+  FirstError first_error_;  // set by fail_all
   bool fail_done_ = false;  // progress thread only
 };
 

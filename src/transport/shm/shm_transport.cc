@@ -721,17 +721,22 @@ bool ShmTransport::submit(Peer& p, SendOp op) {
   return true;
 }
 
-void ShmTransport::isend(const RequestPtr& req) {
+ShmTransport::Peer* ShmTransport::admit(const RequestPtr& req) {
   if (first_error_.failed()) {
     req->fail(first_error_.get());
-    return;
+    return nullptr;
   }
   Peer* p = peer_for(req->peer());
   if (p == nullptr) {
     req->fail(std::make_exception_ptr(InternalError(
         fmt::format("{}: no shared memory with rank {}", req->describe(), req->peer()))));
-    return;
   }
+  return p;
+}
+
+void ShmTransport::isend(const RequestPtr& req) {
+  Peer* p = admit(req);
+  if (p == nullptr) return;
   {
     std::lock_guard<std::mutex> lk(p->mu);
     if (p->failed || p->departed) {
@@ -791,16 +796,8 @@ int ShmTransport::flush(Peer& p) {
 // Receiving.
 
 void ShmTransport::irecv(const RequestPtr& req) {
-  if (first_error_.failed()) {
-    req->fail(first_error_.get());
-    return;
-  }
-  Peer* p = peer_for(req->peer());
-  if (p == nullptr) {
-    req->fail(std::make_exception_ptr(InternalError(
-        fmt::format("{}: no shared memory with rank {}", req->describe(), req->peer()))));
-    return;
-  }
+  Peer* p = admit(req);
+  if (p == nullptr) return;
   std::unique_ptr<Unexpected> matched;
   {
     std::lock_guard<std::mutex> lk(p->mu);

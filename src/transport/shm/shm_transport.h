@@ -142,6 +142,9 @@ class ShmTransport : public Transport {
   enum class WriteResult { Done, Partial, Corrupt };
 
   Peer* peer_for(int rank) const;
+  // The peer of a new request, or null after failing the request (the
+  // transport failed, or that rank is not reached through shared memory).
+  Peer* admit(const RequestPtr& req);
   void connect_to(const ShmPeer& peer, const Deadline& deadline);
   bool accept_one(const std::vector<ShmPeer>& peers, const Deadline& deadline);
   void attach(std::unique_ptr<Peer> peer);

@@ -313,6 +313,10 @@ struct LocalLauncher::Impl {
   }
 
   void reap() {
+    // Of the failures reaped together, a death by signal is reported first:
+    // the others are usually its consequence (their peer vanished), and
+    // worker order says nothing about which came first.
+    const WorkerExit* cause = nullptr;
     for (auto& w : workers) {
       if (!w.running) continue;
       int st = 0;
@@ -330,8 +334,10 @@ struct LocalLauncher::Impl {
       if (w.out) w.out->drain();
       if (w.err) w.err->drain();
       WEFT_DEBUG("launcher: rank {} (pid {}) {}", w.rank, w.pid, w.exit.describe());
-      if (w.exit.failed() && !stopping) worker_failed(w.exit);
+      if (w.exit.failed() && (cause == nullptr || (cause->signal == 0 && w.exit.signal != 0)))
+        cause = &w.exit;
     }
+    if (cause != nullptr && !stopping) worker_failed(*cause);
   }
 
   void on_signal(int sig) {

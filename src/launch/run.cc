@@ -247,14 +247,13 @@ int run_node(WorkerOptions options, NodeOptions node) {
   });
   // Watch for failures elsewhere (a store client of its own: calls on one
   // client are serialized).
-  std::atomic<bool> done{false}, announced{false};
+  std::atomic<bool> done{false};
   std::thread watcher([&] {
     TcpStore w(master.first, master.second, so);
     while (!done) {
       try {
         w.wait({kAbortKey}, kPoll);
         if (!recorded) {
-          announced = true;
           launcher.stop("the job failed on another node: " + w.get(kAbortKey, kPoll), 1);
         }
         return;
@@ -286,7 +285,9 @@ int run_node(WorkerOptions options, NodeOptions node) {
                                     node.node_rank, me, code),
                         kShort);
     }
-    if (code != 0 && !announced) {
+    // Always the last word on a failed job: the stop message above may not
+    // have named the cause (a local worker's error exit can come first).
+    if (code != 0) {
       if (auto rec = store.try_get(kAbortKey, kShort)) say("job failed: " + *rec);
     }
     store.set(done_key(node.node_rank), std::to_string(code), kShort);

@@ -46,7 +46,8 @@ constexpr std::array kSettings = {
             "the same poll, yielding the CPU every round, when the host has more ranks of the job "
             "than CPUs"},
     Setting{"WEFT_SEGMENT_BYTES", "0",
-            "segment of the pipelined algorithms (0: a quarter of the chunk, 256K..2M)"},
+            "segment of the pipelined algorithms (0: a quarter of the chunk, 256K..2M; half, "
+            "1M..8M, when the group shares memory)"},
     Setting{"WEFT_REDUCE_ISA", "auto", "reduction kernels ISA cap: auto, avx512, avx2 or generic"},
     Setting{"WEFT_MODEL_INTER_MBPS", "1250", "cost model: one host's network bandwidth, MB/s"},
     Setting{"WEFT_MODEL_INTER_LATENCY_NS", "50000", "cost model: latency between hosts, ns"},

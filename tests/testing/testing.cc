@@ -1,5 +1,6 @@
 #include "testing/testing.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -8,12 +9,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
-#include <atomic>
 #include <thread>
 
 extern char** environ;
@@ -61,8 +63,8 @@ void run_ranks_ok(int n, const std::function<void(int)>& fn) {
 Process::Process(std::vector<std::string> argv, std::map<std::string, std::string> env) {
   static std::atomic<int> counter{0};
   const char* base = std::getenv("TMPDIR");
-  out_path_ = std::string(base && *base ? base : "/tmp") + "/weft-proc-" + std::to_string(getpid()) +
-              "-" + std::to_string(counter++) + ".log";
+  out_path_ = std::string(base && *base ? base : "/tmp") + "/weft-proc-" +
+              std::to_string(getpid()) + "-" + std::to_string(counter++) + ".log";
   std::vector<std::string> envs;
   for (char** e = environ; *e != nullptr; ++e) {
     std::string kv = *e;
@@ -146,6 +148,16 @@ int free_port() {
   int port = ntohs(a.sin_port);
   ::close(fd);
   return port;
+}
+
+std::vector<std::string> dev_shm() {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir("/dev/shm")) {
+    while (dirent* e = ::readdir(d)) names.push_back(e->d_name);
+    ::closedir(d);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
 }
 
 }  // namespace weft::testing

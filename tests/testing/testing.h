@@ -64,4 +64,7 @@ class Process {
 // A free TCP port on 127.0.0.1 (bound then released; racy but adequate).
 int free_port();
 
+// The names in /dev/shm, sorted (to check that a test leaves nothing behind).
+std::vector<std::string> dev_shm();
+
 }  // namespace weft::testing

@@ -20,6 +20,7 @@ namespace weft {
 namespace {
 
 using namespace std::chrono_literals;
+using testing::dev_shm;
 using testing::run_ranks_ok;
 
 struct Mode {
@@ -326,16 +327,6 @@ size_t open_memfds() {
   }
   ::closedir(d);
   return n;
-}
-
-std::vector<std::string> dev_shm() {
-  std::vector<std::string> names;
-  if (DIR* d = ::opendir("/dev/shm")) {
-    while (dirent* e = ::readdir(d)) names.push_back(e->d_name);
-    ::closedir(d);
-  }
-  std::sort(names.begin(), names.end());
-  return names;
 }
 
 TEST(ShmWorld, NothingIsLeftBehind) {

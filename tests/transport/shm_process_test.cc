@@ -4,7 +4,6 @@
 // a rank killed in the middle of transfers over shared memory: every
 // survivor fails with a PeerError naming it, no memfd stays open, every
 // segment is unmapped, and nothing of the job appears in /dev/shm.
-#include <dirent.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -17,16 +16,7 @@ namespace weft {
 namespace {
 
 using namespace std::chrono_literals;
-
-std::vector<std::string> dev_shm() {
-  std::vector<std::string> names;
-  if (DIR* d = ::opendir("/dev/shm")) {
-    while (dirent* e = ::readdir(d)) names.push_back(e->d_name);
-    ::closedir(d);
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
+using testing::dev_shm;
 
 size_t count(const std::string& text, const std::string& needle) {
   size_t n = 0;

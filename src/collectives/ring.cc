@@ -26,6 +26,34 @@ constexpr size_t kWindow = 4;  // receives posted ahead, per phase
 // Reduce-scatter slots up to this size hold every message of a call.
 constexpr size_t kMaxSlotBytes = 64u << 20;
 
+// Folds a received reduce-scatter segment (wire type) into the partial
+// result: partial = op(received, own). On the last step (out set) the
+// result is complete: it is finalized into out. Plain values only: it may
+// run on the progress thread (Request::consume).
+struct Fold {
+  Reduction red;
+  const uint8_t* got;  // the received segment (wire type)
+  const uint8_t* own;  // this rank's contribution (dtype)
+  uint8_t* partial;    // the partial result (wire type)
+  uint8_t* out;        // last step: the final values (dtype); else null
+  size_t es, ws;
+
+  // Elements [e0, e1) of the segment.
+  void apply(size_t e0, size_t e1) const {
+    if (e1 <= e0) return;
+    const size_t k = e1 - e0;
+    if (out == nullptr) {
+      red.combine_own(partial + e0 * ws, got + e0 * ws, own + e0 * es, k);
+    } else if (red.widened()) {
+      red.combine_own(partial + e0 * ws, got + e0 * ws, own + e0 * es, k);
+      red.finalize(out + e0 * es, partial + e0 * ws, k);
+    } else {
+      red.combine_own(out + e0 * es, got + e0 * ws, own + e0 * es, k);
+      red.finalize(out + e0 * es, out + e0 * es, k);
+    }
+  }
+};
+
 class Ring : public Plan {
  public:
   explicit Ring(comm::Group& g) : n_(g.size()), r_(g.rank()), shm_(over_shm(g)) {}
@@ -189,13 +217,32 @@ class Ring : public Plan {
     // safe: the allgather data of a segment only exists once the segment's
     // reduction is complete, which needs this rank's reduce-scatter send of
     // it, and this rank is done with that part of the buffer by then.)
+    //
+    // What reduce-scatter message idx is combined into, by element range
+    // of its segment. Handed to the transport (Request::consume) so that
+    // a payload that lands in pieces is reduced while in cache; whatever
+    // the transport did not consume is reduced after the receive.
+    auto rs_fold = [&](size_t idx) {
+      const int t = static_cast<int>(idx / m);
+      const int c = rs_recv_chunk(t);
+      const size_t b = seg_begin(c, idx % m);
+      return Fold{red,
+                  slots + (idx % window) * seg_elems * ws,
+                  job.own + b * es,
+                  job.partial + b * ws,
+                  t + 1 < rs_steps ? nullptr : job.final_out + (b - job.off[c]) * es,
+                  es,
+                  ws};
+    };
     size_t rs_posted = 0;
     auto post_rs = [&](size_t upto) {
       for (; rs_posted < std::min(upto, rs_total); ++rs_posted) {
         const size_t idx = rs_posted;
         const int c = rs_recv_chunk(static_cast<int>(idx / m));
-        recvs[idx] = g.irecv(left, tag(idx), slots + (idx % window) * seg_elems * ws,
-                             seg_count(c, idx % m) * ws, desc, "ring");
+        const size_t k = seg_count(c, idx % m);
+        recvs[idx] = g.irecv(
+            left, tag(idx), slots + (idx % window) * seg_elems * ws, k * ws, desc, "ring",
+            [f = rs_fold(idx), ws](size_t from, size_t to) { f.apply(from / ws, to / ws); });
       }
     };
     auto post_ag = [&](int u, size_t j) {
@@ -230,30 +277,17 @@ class Ring : public Plan {
       const int t = static_cast<int>(idx / m);
       const size_t j = idx % m;
       g.wait(recvs[idx], deadline);
+      const size_t consumed = recvs[idx]->consumed;
       recvs[idx].reset();
       if (t < rs_steps) {
         const int c = rs_recv_chunk(t);
         const size_t k = seg_count(c, j), b = seg_begin(c, j);
-        const uint8_t* got = slots + (idx % window) * seg_elems * ws;
+        rs_fold(idx).apply(consumed / ws, k);
+        post_rs(idx + 1 + window);
         if (t + 1 < rs_steps) {
-          // A partial result: add our contribution and pass it on.
-          uint8_t* p = job.partial + b * ws;
-          red.combine_own(p, got, job.own + b * es, k);
-          post_rs(idx + 1 + window);
-          send(idx + m, p, k * ws);
-        } else {
-          // The last contribution: this segment of the final chunk is complete.
-          uint8_t* out = job.final_out + (b - job.off[c]) * es;
-          if (red.widened()) {
-            uint8_t* p = job.partial + b * ws;
-            red.combine_own(p, got, job.own + b * es, k);
-            red.finalize(out, p, k);
-          } else {
-            red.combine_own(out, got, job.own + b * es, k);
-            red.finalize(out, out, k);
-          }
-          post_rs(idx + 1 + window);
-          if (ag_steps > 0) send(idx + m, job.gathered + b * es, k * es);
+          send(idx + m, job.partial + b * ws, k * ws);  // a partial result: pass it on
+        } else if (ag_steps > 0) {
+          send(idx + m, job.gathered + b * es, k * es);  // a segment of the final chunk
         }
       } else {
         const int u = t - rs_steps;

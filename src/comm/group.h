@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -54,8 +55,10 @@ class Group : public std::enable_shared_from_this<Group> {
 
   transport::RequestPtr isend(int dst, uint64_t tag, const void* data, size_t bytes,
                               const transport::OpDesc& desc = {}, const char* op = nullptr);
+  // consume: see transport::Request::consume.
   transport::RequestPtr irecv(int src, uint64_t tag, void* data, size_t bytes,
-                              const transport::OpDesc& desc = {}, const char* op = nullptr);
+                              const transport::OpDesc& desc = {}, const char* op = nullptr,
+                              std::function<void(size_t, size_t)> consume = nullptr);
   // Waits for a request; rethrows its error; TimeoutError (and abort) at the deadline.
   void wait(const transport::RequestPtr& req, const Deadline& deadline) {
     world_->wait(req, deadline);

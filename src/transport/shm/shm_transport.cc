@@ -28,6 +28,10 @@ constexpr int kMaxPassedFds = 4;
 constexpr auto kStallGrace = std::chrono::seconds(3);
 // Bytes of a payload copied out of a ring before the space is given back.
 constexpr uint64_t kReleaseStep = 256u << 10;
+// Bytes of a single-copy read handed to Request::consume at a time: small
+// enough to be used while in cache, large enough that the read's cost per
+// system call stays small.
+constexpr size_t kConsumeStep = 256u << 10;
 
 std::string text_of(const char* p, size_t cap) { return std::string(p, strnlen(p, cap)); }
 
@@ -822,7 +826,23 @@ void ShmTransport::irecv(const RequestPtr& req) {
 void ShmTransport::read_remote(Peer& p, const RequestPtr& req, uint64_t address, uint64_t send_id,
                                uint64_t cancels) {
   int err = 0;
-  if (req->bytes() > 0 && !cma_copy(p.pid, req->recv_data, address, req->bytes(), &err)) {
+  bool ok = true;
+  if (!req->consume) {
+    ok = req->bytes() == 0 || cma_copy(p.pid, req->recv_data, address, req->bytes(), &err);
+  } else {
+    // In pieces, each used while it is in cache.
+    auto* dst = static_cast<uint8_t*>(req->recv_data);
+    for (size_t off = 0; ok && off < req->bytes();) {
+      const size_t k = std::min<size_t>(req->bytes() - off, kConsumeStep);
+      ok = cma_copy(p.pid, dst + off, address + off, k, &err);
+      if (ok) {
+        req->consume(off, off + k);
+        off += k;
+        req->consumed = off;
+      }
+    }
+  }
+  if (!ok) {
     return stall(p, req,
                  fmt::format("its message for {} cannot be read with process_vm_readv: {}{}",
                              req->describe(), net::errno_string(err),
@@ -1110,8 +1130,13 @@ int ShmTransport::poll_in(Peer& p) {
       if (n > 0) {
         const uint64_t len = p.cur.length;
         const uint64_t useful = p.cur_got < len ? std::min(n, len - p.cur_got) : 0;
-        if (!p.discard && useful > 0)
+        if (!p.discard && useful > 0) {
           ring_get(p.in_data, cap, p.in_tail, p.target + p.cur_got, useful);
+          if (p.cur_req && p.cur_req->consume) {
+            p.cur_req->consume(p.cur_got, p.cur_got + useful);
+            p.cur_req->consumed = p.cur_got + useful;
+          }
+        }
         p.cur_got += n;
         p.in_tail += n;
         ++progressed;

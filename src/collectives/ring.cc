@@ -38,17 +38,19 @@ struct Fold {
   uint8_t* out;        // last step: the final values (dtype); else null
   size_t es, ws;
 
-  // Elements [e0, e1) of the segment.
-  void apply(size_t e0, size_t e1) const {
+  // Elements [e0, e1) of the segment, received at `in` (default: where
+  // they were received in place, got + e0).
+  void apply(size_t e0, size_t e1, const void* in = nullptr) const {
     if (e1 <= e0) return;
     const size_t k = e1 - e0;
+    const void* g = in != nullptr ? in : got + e0 * ws;
     if (out == nullptr) {
-      red.combine_own(partial + e0 * ws, got + e0 * ws, own + e0 * es, k);
+      red.combine_own(partial + e0 * ws, g, own + e0 * es, k);
     } else if (red.widened()) {
-      red.combine_own(partial + e0 * ws, got + e0 * ws, own + e0 * es, k);
+      red.combine_own(partial + e0 * ws, g, own + e0 * es, k);
       red.finalize(out + e0 * es, partial + e0 * ws, k);
     } else {
-      red.combine_own(out + e0 * es, got + e0 * ws, own + e0 * es, k);
+      red.combine_own(out + e0 * es, g, own + e0 * es, k);
       red.finalize(out + e0 * es, out + e0 * es, k);
     }
   }
@@ -240,9 +242,11 @@ class Ring : public Plan {
         const size_t idx = rs_posted;
         const int c = rs_recv_chunk(static_cast<int>(idx / m));
         const size_t k = seg_count(c, idx % m);
-        recvs[idx] = g.irecv(
-            left, tag(idx), slots + (idx % window) * seg_elems * ws, k * ws, desc, "ring",
-            [f = rs_fold(idx), ws](size_t from, size_t to) { f.apply(from / ws, to / ws); });
+        recvs[idx] =
+            g.irecv(left, tag(idx), slots + (idx % window) * seg_elems * ws, k * ws, desc, "ring",
+                    [f = rs_fold(idx), ws](size_t from, size_t to, const void* in) {
+                      f.apply(from / ws, to / ws, in);
+                    });
       }
     };
     auto post_ag = [&](int u, size_t j) {

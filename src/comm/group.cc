@@ -57,7 +57,7 @@ transport::RequestPtr Group::isend(int dst, uint64_t tag, const void* data, size
 
 transport::RequestPtr Group::irecv(int src, uint64_t tag, void* data, size_t bytes,
                                    const transport::OpDesc& desc, const char* op,
-                                   std::function<void(size_t, size_t)> consume) {
+                                   transport::Request::Consumer consume) {
   auto req = make(false, src, tag, bytes, desc, op);
   req->recv_data = data;
   req->consume = std::move(consume);

@@ -58,7 +58,7 @@ class Group : public std::enable_shared_from_this<Group> {
   // consume: see transport::Request::consume.
   transport::RequestPtr irecv(int src, uint64_t tag, void* data, size_t bytes,
                               const transport::OpDesc& desc = {}, const char* op = nullptr,
-                              std::function<void(size_t, size_t)> consume = nullptr);
+                              transport::Request::Consumer consume = nullptr);
   // Waits for a request; rethrows its error; TimeoutError (and abort) at the deadline.
   void wait(const transport::RequestPtr& req, const Deadline& deadline) {
     world_->wait(req, deadline);

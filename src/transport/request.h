@@ -62,17 +62,20 @@ class Request {
 
   // Receive side: where the payload goes, and the descriptor expected.
   void* recv_data = nullptr;
-  // Receive side, optional: uses the payload while it lands, when it is
-  // still in cache (a reduction). A transport that fills recv_data in
-  // pieces may call it, on the progress thread and before completing the
-  // request, with each newly filled byte range [from, to): in order, from
-  // 0, on 64-byte boundaries except at the end of the payload. `consumed`
-  // is then the end of the last range; the issuer handles [consumed,
-  // bytes()) itself once the request is done. Transports that do not fill
-  // in pieces never call it. Must not throw, and must not refer to
-  // anything that dies before the request (a failed call may leave the
-  // request in a transport until the world's failure reaches it).
-  std::function<void(size_t from, size_t to)> consume;
+  // Receive side, optional: uses the payload while it arrives, when it is
+  // still in cache (a reduction). A transport that moves the payload in
+  // pieces may hand each piece to it instead of storing it in recv_data,
+  // on the progress thread and before completing the request: bytes [from,
+  // to) of the payload are at `data` (the transport's memory, valid during
+  // the call), in order, from 0, on 64-byte boundaries except at the end of
+  // the payload. `consumed` is then the end of the last piece: recv_data
+  // holds only [consumed, bytes()), which the issuer handles itself once
+  // the request is done. Transports that do not move payloads in pieces
+  // never call it. Must not throw, and must not refer to anything that
+  // dies before the request (a failed call may leave the request in a
+  // transport until the world's failure reaches it).
+  using Consumer = std::function<void(size_t from, size_t to, const void* data)>;
+  Consumer consume;
   size_t consumed = 0;  // written before completion, read after it
   // Send side: the payload.
   const void* send_data = nullptr;

@@ -628,15 +628,17 @@ void ShmTransport::signal(Peer& p, std::atomic<uint32_t>& sleeping) {
 }
 
 bool ShmTransport::fits_now(Peer& p, const SendOp& op) {
-  // Copying through the ring costs two copies but no system call, and both
-  // copies stay in cache: better for what fits at once into a ring that
-  // is not busy (at most half full with it); single copy for the rest (a
-  // stream of large messages, which would have to wait for ring space).
-  if (!p.sendq.empty() || op.rec.length > p.ring_bytes / 4) return false;
+  // Through the ring, a message costs two copies but no system call and no
+  // page pinning, and both copies stay in cache (a receiver with a consumer
+  // even uses the payload in the ring, without copying it out): better for
+  // a message that fits at once into the ring's free space. Single copy
+  // for the rest (large messages, or a ring that is busy), which would
+  // otherwise wait for ring space.
+  if (!p.sendq.empty() || op.rec.length > p.ring_bytes / 2) return false;
   const uint64_t t = p.out_ctl->tail.load(std::memory_order_acquire);
   if (t < p.out_tail_seen || t > p.out_head) return false;  // write_some() reports it
   p.out_tail_seen = t;
-  return (p.out_head - t) + op.total <= p.ring_bytes / 2;
+  return (p.out_head - t) + op.total <= p.ring_bytes;
 }
 
 ShmTransport::WriteResult ShmTransport::write_some(Peer& p, SendOp& op) {
@@ -830,13 +832,14 @@ void ShmTransport::read_remote(Peer& p, const RequestPtr& req, uint64_t address,
   if (!req->consume) {
     ok = req->bytes() == 0 || cma_copy(p.pid, req->recv_data, address, req->bytes(), &err);
   } else {
-    // In pieces, each used while it is in cache.
-    auto* dst = static_cast<uint8_t*>(req->recv_data);
+    // In pieces, each read into the staging buffer (which stays in cache)
+    // and used there.
+    if (!stage_) stage_.reset(new uint8_t[kConsumeStep]);
     for (size_t off = 0; ok && off < req->bytes();) {
       const size_t k = std::min<size_t>(req->bytes() - off, kConsumeStep);
-      ok = cma_copy(p.pid, dst + off, address + off, k, &err);
+      ok = cma_copy(p.pid, stage_.get(), address + off, k, &err);
       if (ok) {
-        req->consume(off, off + k);
+        req->consume(off, off + k, stage_.get());
         off += k;
         req->consumed = off;
       }
@@ -1131,10 +1134,16 @@ int ShmTransport::poll_in(Peer& p) {
         const uint64_t len = p.cur.length;
         const uint64_t useful = p.cur_got < len ? std::min(n, len - p.cur_got) : 0;
         if (!p.discard && useful > 0) {
-          ring_get(p.in_data, cap, p.in_tail, p.target + p.cur_got, useful);
           if (p.cur_req && p.cur_req->consume) {
-            p.cur_req->consume(p.cur_got, p.cur_got + useful);
+            // Straight from the ring, in at most two pieces (it wraps on a line).
+            const size_t at = static_cast<size_t>(p.in_tail & (cap - 1));
+            const size_t first = std::min<size_t>(useful, static_cast<size_t>(cap) - at);
+            p.cur_req->consume(p.cur_got, p.cur_got + first, p.in_data + at);
+            if (useful > first)
+              p.cur_req->consume(p.cur_got + first, p.cur_got + useful, p.in_data);
             p.cur_req->consumed = p.cur_got + useful;
+          } else {
+            ring_get(p.in_data, cap, p.in_tail, p.target + p.cur_got, useful);
           }
         }
         p.cur_got += n;

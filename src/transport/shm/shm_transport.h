@@ -11,12 +11,14 @@
 // /dev/shm, so a killed process leaves nothing behind.
 //
 // Messages: a message shorter than ShmOptions::cma_min_bytes, one of up to
-// a quarter of the ring while the ring is at most half full with it, or any
+// half the ring that fits into the ring's free space at once, or any
 // message when single copy is not possible, is copied into the ring and out
-// of it on the receiving side (in pieces when it is larger than the ring).
+// of it on the receiving side (in pieces when it is larger than the ring;
+// a receive with a consumer, Request::consume, uses it in the ring).
 // Others are sent as a descriptor of the sender's buffer; the receiver
 // copies it straight into the posted receive with process_vm_readv (one
-// copy) and acknowledges it, which completes the send. Whether each
+// copy; in pieces through a staging buffer for a consumer) and acknowledges
+// it, which completes the send. Whether each
 // direction may use single copy is probed at set-up (ptrace rules,
 // seccomp, WEFT_SHM_CMA=0).
 //
@@ -213,6 +215,9 @@ class ShmTransport : public Transport {
   bool ready_ = false;                 // GUARDED_BY(setup_mu_)
   std::vector<int> early_departures_;  // GUARDED_BY(setup_mu_)
 
+  // Where single-copy pieces for a consumer land (Request::consume):
+  // progress thread only.
+  std::unique_ptr<uint8_t[]> stage_;
   FirstError first_error_;                       // set by fail_all
   bool fail_done_ = false;                       // progress thread only
   std::vector<std::function<void()>> deferred_;  // progress thread only

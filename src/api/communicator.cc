@@ -63,18 +63,19 @@ void expect_count(const char* what, const char* which, size_t got, size_t expect
   }
 }
 
-// Runs a collective on the caller's thread, naming it in any error. A
-// collective that fails part-way leaves requests in flight on its buffers
-// and its peers out of step: the communicator is aborted (every rank
-// learns it) before the error reaches the caller and the buffers are freed.
-template <typename Fn>
-void run_blocking(comm::Group& g, const std::string& what, Fn&& fn) {
+// Runs a collective on the caller's thread, naming it (what(), only
+// formatted on failure) in any error. A collective that fails part-way
+// leaves requests in flight on its buffers and its peers out of step: the
+// communicator is aborted (every rank learns it) before the error reaches
+// the caller and the buffers are freed.
+template <typename What, typename Fn>
+void run_blocking(comm::Group& g, What&& what, Fn&& fn) {
   try {
     g.world().throw_if_failed();
     fn();
   } catch (const Error&) {
     g.world().abort_with(std::current_exception());
-    rethrow_with_context(std::current_exception(), what);
+    rethrow_with_context(std::current_exception(), what());
   }
 }
 
@@ -108,7 +109,8 @@ void Communicator::run_call(coll::Call& call, Timeout timeout) {
   coll::validate(call, size(), rank());
   call.seq = group_->next_seq();
   call.deadline = group_->deadline(timeout);
-  run_blocking(*group_, call.describe(), [&] { coll::run(*group_, call); });
+  run_blocking(
+      *group_, [&] { return call.describe(); }, [&] { coll::run(*group_, call); });
 }
 
 WorkPtr Communicator::submit_call(coll::Call& call, Timeout timeout) {
@@ -386,7 +388,8 @@ Algorithm Communicator::selected_algorithm(Collective kind, size_t count, DType 
 std::shared_ptr<Communicator> Communicator::split(int color, int key, Timeout timeout) {
   Deadline d = group_->deadline(timeout);
   std::shared_ptr<comm::Group> child;
-  run_blocking(*group_, "split", [&] { child = group_->split(color, key, d); });
+  run_blocking(
+      *group_, [] { return std::string("split"); }, [&] { child = group_->split(color, key, d); });
   if (!child) return nullptr;
   return std::make_shared<Communicator>(std::move(child), false);
 }

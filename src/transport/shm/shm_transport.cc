@@ -608,6 +608,12 @@ bool ShmTransport::accept_one(const std::vector<ShmPeer>& peers, const Deadline&
 }
 
 void ShmTransport::attach(std::unique_ptr<Peer> peer) {
+  // The outgoing ring is written once now, before any record: its lines
+  // are then in this rank's cache, and the first pass of messages through
+  // the ring does not fetch each line from memory (the zero-filled pages
+  // the kernel gave it are not in any cache). Nobody reads it yet: the
+  // peer reads only what the head position announces.
+  std::memset(peer->out_data, 0, peer->ring_bytes);
   const int r = peer->rank;
   peers_[static_cast<size_t>(r)] = std::move(peer);
 }

@@ -29,4 +29,34 @@ std::exception_ptr request_peer_error(const Request& req, const std::string& pee
                 req.peer(), peer_host, req.op_name));
 }
 
+HoldBuffers::Block HoldBuffers::get(size_t n) {
+  if (n < kMinKept) return {std::unique_ptr<uint8_t[]>(new uint8_t[std::max<size_t>(n, 1)]), n};
+  size_t cap = kMinKept;
+  while (cap < n) cap *= 2;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = free_.find(cap);
+    if (it != free_.end() && !it->second.empty()) {
+      Block b{std::move(it->second.back()), cap};
+      it->second.pop_back();
+      kept_ -= cap;
+      return b;
+    }
+  }
+  return {std::unique_ptr<uint8_t[]>(new uint8_t[cap]), cap};
+}
+
+void HoldBuffers::put(Block b) {
+  if (!b.data || b.capacity < kMinKept) return;  // freed here
+  std::lock_guard<std::mutex> lk(mu_);
+  if (kept_ + b.capacity > keep_bytes_) return;
+  kept_ += b.capacity;
+  free_[b.capacity].push_back(std::move(b.data));
+}
+
+size_t HoldBuffers::kept_bytes() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return kept_;
+}
+
 }  // namespace weft::transport

@@ -16,7 +16,9 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -142,6 +144,35 @@ struct MatchQueues {
       return u.header.length;
     }
   }
+};
+
+// Memory for held messages, kept for reuse. A large early message held in
+// a fresh allocation costs a page fault per 4 KiB each time the allocator
+// has given the previous one back to the system (glibc maps blocks from
+// 128 KiB on, and trims its heap), which for a collective whose messages
+// often arrive before their receive is most calls. Blocks of at least
+// kMinKept bytes are sized to a power of two and kept after use, up to
+// `keep_bytes` in all; smaller ones come from the allocator. Thread-safe.
+class HoldBuffers {
+ public:
+  static constexpr size_t kMinKept = 64u << 10;
+  struct Block {
+    std::unique_ptr<uint8_t[]> data;
+    size_t capacity = 0;
+    uint8_t* get() const { return data.get(); }
+  };
+  explicit HoldBuffers(size_t keep_bytes = 32u << 20) : keep_bytes_(keep_bytes) {}
+  // A block of at least n bytes (at least 1).
+  Block get(size_t n);
+  // Returns a block once its message was delivered (kept or freed).
+  void put(Block b);
+  size_t kept_bytes() const;
+
+ private:
+  const size_t keep_bytes_;
+  mutable std::mutex mu_;
+  std::map<size_t, std::vector<std::unique_ptr<uint8_t[]>>> free_;  // GUARDED_BY(mu_), by capacity
+  size_t kept_ = 0;                                                 // GUARDED_BY(mu_)
 };
 
 // Checks a message against the receive it is matched with: a MismatchError

@@ -201,7 +201,7 @@ uint64_t auto_ring_bytes(int local_size) {
 
 struct ShmTransport::Unexpected {
   MessageHeader header;
-  std::unique_ptr<uint8_t[]> data;  // Data: the payload
+  HoldBuffers::Block data;  // Data: the payload
   bool complete = false;
   bool cma = false;  // DataCma: read from the sender on delivery
   uint64_t address = 0;
@@ -932,7 +932,7 @@ bool ShmTransport::begin_data(Peer& p) {
       }
       auto u = std::make_unique<Unexpected>();
       u->header = MessageHeader{h.comm_id, h.tag, h.length, h.desc};
-      u->data.reset(new uint8_t[std::max<uint64_t>(h.length, 1)]);
+      u->data = holds_.get(h.length);
       p.target = u->data.get();
       p.cur_unexp = u.get();
       p.q.unexpected_bytes += h.length;
@@ -962,7 +962,7 @@ bool ShmTransport::begin_data(Peer& p) {
   return true;
 }
 
-void ShmTransport::deliver(Peer& p, const RequestPtr& req, const Unexpected& u, bool now) {
+void ShmTransport::deliver(Peer& p, const RequestPtr& req, Unexpected& u, bool now) {
   if (auto err = check_match(options_.rank, p.rank, p.host, *req, u.header, events_.describe_op)) {
     req->fail(err);
     report([this, err] {
@@ -983,6 +983,7 @@ void ShmTransport::deliver(Peer& p, const RequestPtr& req, const Unexpected& u, 
     p.have_reads.store(true, std::memory_order_seq_cst);
   } else {
     if (req->bytes() > 0) std::memcpy(req->recv_data, u.data.get(), req->bytes());
+    holds_.put(std::move(u.data));
     req->complete();
   }
 }

@@ -178,7 +178,7 @@ class ShmTransport : public Transport {
   // Completes a receive with a held message: copies it, or reads it from
   // the sender and acknowledges it (`now`: here, on the progress thread;
   // else queued for it); fails it on a mismatch (reported).
-  void deliver(Peer& p, const RequestPtr& req, const Unexpected& u, bool now);
+  void deliver(Peer& p, const RequestPtr& req, Unexpected& u, bool now);
   // Performs the single-copy reads queued by irecv().
   int run_reads(Peer& p);
   // Reads a single-copy message into req's buffer and acknowledges it; if
@@ -215,6 +215,7 @@ class ShmTransport : public Transport {
   bool ready_ = false;                 // GUARDED_BY(setup_mu_)
   std::vector<int> early_departures_;  // GUARDED_BY(setup_mu_)
 
+  HoldBuffers holds_;  // payloads that arrive before their receive
   // Where single-copy pieces for a consumer land (Request::consume):
   // progress thread only.
   std::unique_ptr<uint8_t[]> stage_;

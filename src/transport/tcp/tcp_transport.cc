@@ -73,7 +73,7 @@ thread_local uint8_t g_discard[16u << 10];
 
 struct TcpTransport::Unexpected {
   FrameHeader header;
-  std::unique_ptr<uint8_t[]> data;
+  HoldBuffers::Block data;
   bool complete = false;
 };
 
@@ -491,7 +491,7 @@ class TcpTransport::Connection : public Handler {
           }
           auto u = std::make_unique<Unexpected>();
           u->header = cur_;
-          u->data.reset(new uint8_t[std::max<uint64_t>(cur_.length, 1)]);
+          u->data = t_.holds_.get(cur_.length);
           target_ = u->data.get();
           cur_unexp_ = u.get();
           peer_.q.unexpected_bytes += cur_.length;
@@ -955,6 +955,7 @@ void TcpTransport::irecv(const RequestPtr& req) {
       }
     } else {
       if (req->bytes() > 0) std::memcpy(req->recv_data, matched->data.get(), req->bytes());
+      holds_.put(std::move(matched->data));
       req->complete();
     }
   }
@@ -974,6 +975,7 @@ std::vector<std::exception_ptr> TcpTransport::deliver_unexpected_locked(Peer& pe
       mismatches.push_back(err);
     } else {
       if (req->bytes() > 0) std::memcpy(req->recv_data, u->data.get(), req->bytes());
+      holds_.put(std::move(u->data));
       req->complete();
     }
   }

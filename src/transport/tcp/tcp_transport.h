@@ -158,6 +158,7 @@ class TcpTransport : public Transport {
   std::atomic<int> connections_ready_{0};
 
   FirstError first_error_;  // set by fail_all
+  HoldBuffers holds_;       // payloads that arrive before their receive
   bool fail_done_ = false;  // progress thread only
 };
 

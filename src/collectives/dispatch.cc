@@ -274,8 +274,17 @@ void run(comm::Group& g, Call call) {
   call.algorithm = select(call, cache.topology());
   auto plan = cache.acquire(call.kind, call.algorithm, g);
   ActiveCall active(g, call);
-  plan->run(g, call);
-  // A plan whose call failed is dropped: the communicator is aborted anyway.
+  try {
+    plan->run(g, call);
+  } catch (...) {
+    // Receives of the failed call may still be in a transport, which would
+    // go on writing into the plan's scratch and calling its consumers
+    // (Request::consume). The world is aborted first (abort_with returns
+    // once no request can be written to any more); only then is the plan
+    // dropped: a plan whose call failed is not reused.
+    g.world().abort_with(std::current_exception());
+    throw;
+  }
   cache.release(call.kind, call.algorithm, std::move(plan));
 }
 

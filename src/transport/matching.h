@@ -151,8 +151,9 @@ struct MatchQueues {
 // has given the previous one back to the system (glibc maps blocks from
 // 128 KiB on, and trims its heap), which for a collective whose messages
 // often arrive before their receive is most calls. Blocks of at least
-// kMinKept bytes are sized to a power of two and kept after use, up to
-// `keep_bytes` in all; smaller ones come from the allocator. Thread-safe.
+// kMinKept bytes are rounded up to one of 8 sizes per power of two and
+// kept after use, up to `keep_bytes` in all; smaller ones, and ones that
+// could never be kept, are allocated at their size and freed. Thread-safe.
 class HoldBuffers {
  public:
   static constexpr size_t kMinKept = 64u << 10;

@@ -242,11 +242,10 @@ class Ring : public Plan {
         const size_t idx = rs_posted;
         const int c = rs_recv_chunk(static_cast<int>(idx / m));
         const size_t k = seg_count(c, idx % m);
-        recvs[idx] =
-            g.irecv(left, tag(idx), slots + (idx % window) * seg_elems * ws, k * ws, desc, "ring",
-                    [f = rs_fold(idx), ws](size_t from, size_t to, const void* in) {
-                      f.apply(from / ws, to / ws, in);
-                    });
+        recvs[idx] = g.irecv(left, tag(idx), slots + (idx % window) * seg_elems * ws, k * ws, desc,
+                             "ring", [f = rs_fold(idx)](size_t from, size_t to, const void* in) {
+                               f.apply(from / f.ws, to / f.ws, in);
+                             });
       }
     };
     auto post_ag = [&](int u, size_t j) {

@@ -1,12 +1,25 @@
 # The two set-up commands (README): `make demo` and `make test`.
 # Both install what is missing (Debian packages, scripts/deps.sh), configure
 # and build with CMake + Ninja in build/ (Release, warnings as errors).
+# `make test` is also what CI runs (.ci/run): the whole suite on the Release
+# build (`make test-release`), then the checks of `make ci-checks`.
 BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 DEMO_ARGS ?=
+# ccache when installed (faster rebuilds of the extra builds below).
+LAUNCHER := $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+# The extra builds leave out what their checks do not need.
+SMALL_BUILD := -DWEFT_BUILD_BENCH=OFF -DWEFT_BUILD_EXAMPLES=OFF $(LAUNCHER)
+# What the sanitizer builds run: the transport, collective and fault tests
+# (ctest labels: weft_add_test labels each test with its folder and binary).
+SAN_LABELS := ^(transport|collectives|comm_fault_test)$$
+SAN_TARGETS := matching_test shm_transport_test shm_p2p_test shm_process_test shm_worker \
+  reduce_kernels_test collectives_test coll_worker comm_fault_test comm_worker weft_cli
+SAN_CTEST := ctest --output-on-failure -j $(JOBS) --timeout 900 -L '$(SAN_LABELS)'
 
-.PHONY: all deps build test demo install bench bench-deps format clean
+.PHONY: all deps build test test-release demo install bench bench-deps format clean \
+        ci-checks format-check ci-thread-safety ci-asan ci-tsan
 
 all: build
 
@@ -19,8 +32,37 @@ $(BUILD)/build.ninja:
 build: deps $(BUILD)/build.ninja
 	cmake --build $(BUILD) -j $(JOBS)
 
-test: build
+test: test-release ci-checks
+
+test-release: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 900
+
+# The checks CI adds to the test suite (each can be run on its own):
+# - format-check: every C++ file as .clang-format says (`make format` fixes);
+# - ci-thread-safety: clang with -Wthread-safety -Werror (core/thread_annotations.h), in build-clang/;
+# - ci-asan: AddressSanitizer + UBSan build of the transport, collective and fault tests, in build-asan/;
+# - ci-tsan: ThreadSanitizer build of the same, in build-tsan/ (suppressions: scripts/tsan.supp).
+ci-checks: format-check ci-thread-safety ci-asan ci-tsan
+
+format-check:
+	scripts/check_format.sh
+
+ci-thread-safety: deps
+	CXX=clang++ CC=clang cmake -S . -B build-clang -G Ninja -DCMAKE_BUILD_TYPE=Debug \
+	  -DWEFT_BUILD_TESTS=OFF -DWEFT_WERROR=ON $(SMALL_BUILD)
+	cmake --build build-clang -j $(JOBS)
+
+ci-asan: deps
+	cmake --preset asan $(SMALL_BUILD)
+	cmake --build build-asan -j $(JOBS) --target $(SAN_TARGETS)
+	cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(SAN_CTEST)
+
+ci-tsan: deps
+	cmake --preset tsan $(SMALL_BUILD)
+	cmake --build build-tsan -j $(JOBS) --target $(SAN_TARGETS)
+	cd build-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$(CURDIR)/scripts/tsan.supp" \
+	  $(SAN_CTEST)
 
 demo: build
 	scripts/demo.sh $(DEMO_ARGS)
@@ -38,4 +80,4 @@ format:
 	find include src tests tools bench examples -name '*.h' -o -name '*.cc' | xargs clang-format -i
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) build-clang build-asan build-tsan

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Weft needs that are missing (as root, with
-# apt-get). `deps.sh` installs what building, testing and the demo need;
+# apt-get). `deps.sh` installs what building, testing (clang and clang-format
+# for the checks of `make test`) and the demo need;
 # `deps.sh bench` adds the peers the benchmarks compare against.
 set -euo pipefail
 packages=(
   cmake ninja-build g++ make pkg-config
   libssl-dev libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev
   libgtest-dev libgmock-dev
+  clang clang-format
   libtorch-dev dataset-fashion-mnist
   iproute2 procps
 )

@@ -17,7 +17,6 @@
 #include "comm/group.h"
 #include "core/deadline.h"
 #include "transport/request.h"
-#include "weft/communicator.h"
 #include "weft/types.h"
 
 namespace weft::coll {

@@ -7,6 +7,7 @@
 #include "collectives/collectives.h"
 #include "collectives/plan.h"
 #include "core/describe.h"
+#include "core/enforce.h"
 #include "weft/errors.h"
 
 namespace weft::coll {
@@ -102,7 +103,7 @@ void validate(const Call& c, int n, int r) {
       }
       size_t total = 0;
       for (size_t x : c.counts) total += x;
-      if (total != c.count) throw InternalError("allgatherv: total count mismatch");
+      WEFT_ENFORCE_EQ(total, c.count, "allgatherv: the sum of the counts");
       in_bytes = c.counts[r] * es;
       out_bytes = total * es;
       break;
@@ -177,13 +178,12 @@ std::unique_ptr<Plan> make_plan(Kind kind, Algorithm algorithm, comm::Group& g) 
     case Algorithm::Hierarchical: return make_hierarchical_plan(g);
     case Algorithm::Auto: break;
   }
-  throw InternalError(
-      fmt::format("no plan for {} with {}", collective_name(kind), algorithm_name(algorithm)));
+  WEFT_UNREACHABLE("no plan for {} with {}", collective_name(kind), algorithm_name(algorithm));
 }
 
 std::unique_ptr<Plan> PlanCache::acquire(Kind kind, Algorithm algorithm, comm::Group& g) {
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     auto& v = idle_[{kind, algorithm}];
     if (!v.empty()) {
       auto p = std::move(v.back());
@@ -195,7 +195,7 @@ std::unique_ptr<Plan> PlanCache::acquire(Kind kind, Algorithm algorithm, comm::G
 }
 
 void PlanCache::release(Kind kind, Algorithm algorithm, std::unique_ptr<Plan> plan) {
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   idle_[{kind, algorithm}].push_back(std::move(plan));
 }
 

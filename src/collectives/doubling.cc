@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "collectives/plan.h"
+#include "core/enforce.h"
 #include "weft/errors.h"
 
 namespace weft::coll {
@@ -43,7 +44,8 @@ class Doubling : public Plan {
   }
 
   void run(comm::Group& g, const Call& call) override {
-    if (call.kind != Kind::Allreduce) throw InternalError("doubling: unsupported collective");
+    WEFT_ENFORCE(call.kind == Kind::Allreduce, "doubling: {} is not supported",
+                 collective_name(call.kind));
     Reduction red(call.dtype, call.op, n_);
     const size_t es = call.esize(), ws = red.wire_size(), count = call.count;
     const auto desc = call.desc();

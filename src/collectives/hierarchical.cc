@@ -42,6 +42,7 @@
 
 #include "collectives/plan.h"
 #include "core/bytes.h"
+#include "core/enforce.h"
 #include "core/settings.h"
 #include "weft/errors.h"
 
@@ -105,7 +106,7 @@ class Hierarchical : public Plan {
       case Kind::Broadcast: return broadcast(call);
       case Kind::Allgather:
       case Kind::Allgatherv: return allgather(call);
-      default: throw InternalError("hierarchical: unsupported collective");
+      default: WEFT_UNREACHABLE("hierarchical: {} is not supported", collective_name(call.kind));
     }
   }
 

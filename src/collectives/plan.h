@@ -13,13 +13,13 @@
 #include <cstring>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
 #include "collectives/collectives.h"
 #include "collectives/reduce_kernels.h"
 #include "comm/group.h"
+#include "core/mutex.h"
 
 namespace weft::coll {
 
@@ -42,9 +42,8 @@ class PlanCache {
 
  private:
   const Topology topo_;
-  std::mutex mu_;
-  std::map<std::pair<Kind, Algorithm>, std::vector<std::unique_ptr<Plan>>>
-      idle_;  // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::map<std::pair<Kind, Algorithm>, std::vector<std::unique_ptr<Plan>>> idle_ GUARDED_BY(mu_);
 };
 
 // A scratch buffer that only grows.

@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "collectives/plan.h"
+#include "core/enforce.h"
 #include "weft/errors.h"
 
 namespace weft::coll {
@@ -68,7 +69,7 @@ class Ring : public Plan {
       case Kind::Allgatherv: return allgather(g, call);
       case Kind::Broadcast: return chain_broadcast(g, call);
       case Kind::Reduce: return chain_reduce(g, call);
-      default: throw InternalError("ring: unsupported collective");
+      default: WEFT_UNREACHABLE("ring: {} is not supported", collective_name(call.kind));
     }
   }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "collectives/plan.h"
+#include "core/enforce.h"
 #include "weft/errors.h"
 
 namespace weft::coll {
@@ -29,7 +30,7 @@ class Tree : public Plan {
         return algo_ == Algorithm::Tree ? scatter_tree(g, call) : scatter_linear(g, call);
       case Kind::Alltoall:
       case Kind::Alltoallv: return alltoall(g, call);
-      default: throw InternalError("tree: unsupported collective");
+      default: WEFT_UNREACHABLE("tree: {} is not supported", collective_name(call.kind));
     }
   }
 

@@ -2,6 +2,9 @@
 // with the expression, both values, the file and the line:
 //
 //   WEFT_ENFORCE_EQ(received, expected, "bytes of segment {}", seg);
+//
+// For a broken invariant only (a bug in Weft); bad input from a caller is
+// InvalidArgument with a message that names it.
 #pragma once
 
 #include <fmt/format.h>
@@ -38,6 +41,11 @@ std::string enforce_values(const char* op, const char* ea, const char* eb, const
           ::weft::detail::enforce_values(#op, #a, #b, weft_a_, weft_b_),                   \
           fmt::format("" __VA_ARGS__));                                                    \
   } while (0)
+
+// A place the code never reaches (the default of a switch over every case
+// that can arrive): throws InternalError with the message.
+#define WEFT_UNREACHABLE(...) \
+  ::weft::detail::enforce_fail(__FILE__, __LINE__, "unreachable code", fmt::format("" __VA_ARGS__))
 
 #define WEFT_ENFORCE_EQ(a, b, ...) WEFT_ENFORCE_OP_(==, a, b, __VA_ARGS__)
 #define WEFT_ENFORCE_NE(a, b, ...) WEFT_ENFORCE_OP_(!=, a, b, __VA_ARGS__)

@@ -6,9 +6,9 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
-#include <mutex>
 
 #include "core/log.h"
+#include "core/mutex.h"
 #include "weft/data.h"
 #include "weft/errors.h"
 
@@ -17,13 +17,13 @@ namespace weft::data {
 namespace {
 
 struct CacheEntry {
-  std::mutex mu;  // held while loading
-  std::shared_ptr<const Dataset> dataset;
+  Mutex mu;  // held while loading
+  std::shared_ptr<const Dataset> dataset GUARDED_BY(mu);
 };
 
 struct Cache {
-  std::mutex mu;
-  std::map<std::string, std::shared_ptr<CacheEntry>> entries;
+  Mutex mu;
+  std::map<std::string, std::shared_ptr<CacheEntry>> entries GUARDED_BY(mu);
 };
 
 Cache& cache() {
@@ -110,12 +110,12 @@ std::shared_ptr<const Dataset> Dataset::load(const std::string& images_path,
   Cache& c = cache();
   std::shared_ptr<CacheEntry> entry;
   {
-    std::lock_guard lock(c.mu);
+    MutexLock lock(&c.mu);
     auto& slot = c.entries[key];
     if (!slot) slot = std::make_shared<CacheEntry>();
     entry = slot;
   }
-  std::lock_guard lock(entry->mu);
+  MutexLock lock(&entry->mu);
   if (entry->dataset) {
     WEFT_DEBUG("data: {} already decoded (cache)", images_path);
     return entry->dataset;
@@ -123,7 +123,7 @@ std::shared_ptr<const Dataset> Dataset::load(const std::string& images_path,
   try {
     entry->dataset = DatasetLoader::decode(images_path, labels_path, num_classes);
   } catch (...) {
-    std::lock_guard clock(c.mu);
+    MutexLock clock(&c.mu);
     auto it = c.entries.find(key);
     if (it != c.entries.end() && it->second == entry) c.entries.erase(it);
     throw;
@@ -160,12 +160,12 @@ std::shared_ptr<const Dataset> Dataset::fashion_mnist(Split split, std::string_v
 }
 
 void Dataset::clear_cache() {
-  std::lock_guard lock(cache().mu);
+  MutexLock lock(&cache().mu);
   cache().entries.clear();
 }
 
 size_t Dataset::cache_size() {
-  std::lock_guard lock(cache().mu);
+  MutexLock lock(&cache().mu);
   return cache().entries.size();
 }
 

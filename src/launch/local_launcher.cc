@@ -15,10 +15,10 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
-#include <mutex>
 
 #include "core/deadline.h"
 #include "core/log.h"
+#include "core/mutex.h"
 #include "core/socket.h"
 #include "launch/output_mux.h"
 
@@ -124,9 +124,9 @@ struct LocalLauncher::Impl {
   net::Fd sigfd;
   net::Fd epfd;
   net::Fd stopfd;  // eventfd: stop() was called
-  std::mutex stop_mu;
-  std::string stop_reason;  // GUARDED_BY(stop_mu)
-  int stop_code = 0;        // GUARDED_BY(stop_mu)
+  Mutex stop_mu;
+  std::string stop_reason GUARDED_BY(stop_mu);
+  int stop_code GUARDED_BY(stop_mu) = 0;
   std::vector<Worker> workers;
   std::function<void(const WorkerExit&)> on_failure;
   bool started = false;
@@ -360,7 +360,7 @@ struct LocalLauncher::Impl {
     if (stopping) return;
     std::string reason;
     {
-      std::lock_guard<std::mutex> lk(stop_mu);
+      MutexLock lk(&stop_mu);
       reason = stop_reason;
       exit_code = stop_code;
     }
@@ -467,7 +467,7 @@ LocalLauncher::LocalLauncher(WorkerOptions options) : impl_(std::make_unique<Imp
 void LocalLauncher::stop(const std::string& reason, int exit_code) {
   Impl& m = *impl_;
   {
-    std::lock_guard<std::mutex> lk(m.stop_mu);
+    MutexLock lk(&m.stop_mu);
     if (!m.stop_reason.empty()) return;
     m.stop_reason = reason.empty() ? std::string("stopped") : reason;
     m.stop_code = exit_code;

@@ -2,10 +2,9 @@
 // variable until a write or their deadline.
 #include <fmt/format.h>
 
-#include <condition_variable>
 #include <map>
-#include <mutex>
 
+#include "core/mutex.h"
 #include "store/store_util.h"
 #include "weft/store.h"
 
@@ -15,14 +14,16 @@ using store::call_name;
 
 struct MemoryStore::Impl {
   Timeout default_timeout;
-  std::mutex mu;
-  std::condition_variable changed;
-  std::map<std::string, std::string, std::less<>> data;
+  Mutex mu;
+  CondVar changed{&mu};  // notified after every write
+  std::map<std::string, std::string, std::less<>> data GUARDED_BY(mu);
 
-  // Waits until pred() holds (true) or the deadline passes (false).
-  template <typename Pred>
-  bool wait_until(std::unique_lock<std::mutex>& lock, const Deadline& deadline, Pred pred) {
-    return changed.wait_until(lock, deadline.when(), pred);
+  // The first of keys that is missing (null: none).
+  const std::string* first_missing(const std::vector<std::string>& keys) REQUIRES(mu) {
+    for (const auto& k : keys) {
+      if (data.find(k) == data.end()) return &k;
+    }
+    return nullptr;
   }
 };
 
@@ -38,7 +39,7 @@ void MemoryStore::set(std::string_view key, std::string_view value, Timeout) {
   store::check_key("set", key);
   store::check_value("set", key, value.size());
   {
-    std::lock_guard lock(impl_->mu);
+    MutexLock lock(&impl_->mu);
     impl_->data.insert_or_assign(std::string(key), std::string(value));
   }
   impl_->changed.notify_all();
@@ -47,20 +48,21 @@ void MemoryStore::set(std::string_view key, std::string_view value, Timeout) {
 std::string MemoryStore::get(std::string_view key, Timeout timeout) {
   store::check_key("get", key);
   Deadline deadline = store::deadline_for(timeout, impl_->default_timeout);
-  std::unique_lock lock(impl_->mu);
-  auto it = impl_->data.end();
-  bool found = impl_->wait_until(lock, deadline, [&] {
+  MutexLock lock(&impl_->mu);
+  auto it = impl_->data.find(key);
+  while (it == impl_->data.end()) {
+    const bool in_time = impl_->changed.wait_until(deadline.when());
     it = impl_->data.find(key);
-    return it != impl_->data.end();
-  });
-  if (!found)
-    store::throw_timeout(call_name("get", key), resolve_timeout(timeout, impl_->default_timeout));
+    if (it == impl_->data.end() && !in_time) {
+      store::throw_timeout(call_name("get", key), resolve_timeout(timeout, impl_->default_timeout));
+    }
+  }
   return it->second;
 }
 
 std::optional<std::string> MemoryStore::try_get(std::string_view key, Timeout) {
   store::check_key("try_get", key);
-  std::lock_guard lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   auto it = impl_->data.find(key);
   if (it == impl_->data.end()) return std::nullopt;
   return it->second;
@@ -70,7 +72,7 @@ int64_t MemoryStore::add(std::string_view key, int64_t delta, Timeout) {
   store::check_key("add", key);
   int64_t sum = 0;
   {
-    std::lock_guard lock(impl_->mu);
+    MutexLock lock(&impl_->mu);
     auto it = impl_->data.find(key);
     sum = store::add_to_value(key, it == impl_->data.end() ? nullptr : &it->second, delta);
     impl_->data.insert_or_assign(std::string(key), std::to_string(sum));
@@ -87,7 +89,7 @@ CompareSetResult MemoryStore::compare_set(std::string_view key,
   if (expected) store::check_value("compare_set", key, expected->size());
   CompareSetResult result;
   {
-    std::lock_guard lock(impl_->mu);
+    MutexLock lock(&impl_->mu);
     auto it = impl_->data.find(key);
     const bool matches =
         expected ? (it != impl_->data.end() && it->second == *expected) : it == impl_->data.end();
@@ -106,26 +108,22 @@ CompareSetResult MemoryStore::compare_set(std::string_view key,
 void MemoryStore::wait(const std::vector<std::string>& keys, Timeout timeout) {
   store::check_wait_keys(keys);
   Deadline deadline = store::deadline_for(timeout, impl_->default_timeout);
-  std::unique_lock lock(impl_->mu);
-  const std::string* missing = nullptr;
-  bool all = impl_->wait_until(lock, deadline, [&] {
-    for (const auto& k : keys) {
-      if (impl_->data.find(k) == impl_->data.end()) {
-        missing = &k;
-        return false;
-      }
+  MutexLock lock(&impl_->mu);
+  const std::string* missing = impl_->first_missing(keys);
+  while (missing != nullptr) {
+    const bool in_time = impl_->changed.wait_until(deadline.when());
+    missing = impl_->first_missing(keys);
+    if (missing != nullptr && !in_time) {
+      store::throw_timeout(call_name("wait", keys),
+                           resolve_timeout(timeout, impl_->default_timeout),
+                           fmt::format(" (key {} is missing)", store::quote(*missing)));
     }
-    return true;
-  });
-  if (!all) {
-    store::throw_timeout(call_name("wait", keys), resolve_timeout(timeout, impl_->default_timeout),
-                         fmt::format(" (key {} is missing)", store::quote(*missing)));
   }
 }
 
 bool MemoryStore::remove(std::string_view key, Timeout) {
   store::check_key("remove", key);
-  std::lock_guard lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   auto it = impl_->data.find(key);
   if (it == impl_->data.end()) return false;
   impl_->data.erase(it);

@@ -2,15 +2,14 @@
 // names of calls for messages, and the integer arithmetic of add().
 #pragma once
 
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "core/deadline.h"
+#include "core/mutex.h"
 #include "weft/store.h"
 
 namespace weft::store {
@@ -22,26 +21,28 @@ inline constexpr size_t kMaxWaitListBytes = 16u << 20;
 // A mutex that can be waited for until a deadline. (std::timed_mutex would
 // do, but ThreadSanitizer does not see its pthread_mutex_clocklock and then
 // reports false races.)
-class TimedMutex {
+class CAPABILITY("mutex") TimedMutex {
  public:
-  bool try_lock_until(Deadline::Clock::time_point when) {
-    std::unique_lock lock(mu_);
-    if (!free_.wait_until(lock, when, [&] { return !held_; })) return false;
+  bool try_lock_until(Deadline::Clock::time_point when) TRY_ACQUIRE(true) {
+    MutexLock lock(&mu_);
+    while (held_) {
+      if (!free_.wait_until(when) && held_) return false;
+    }
     held_ = true;
     return true;
   }
-  void unlock() {
+  void unlock() RELEASE() {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(&mu_);
       held_ = false;
     }
     free_.notify_one();
   }
 
  private:
-  std::mutex mu_;
-  std::condition_variable free_;
-  bool held_ = false;
+  Mutex mu_;
+  CondVar free_{&mu_};
+  bool held_ GUARDED_BY(mu_) = false;
 };
 
 // The deadline of a call: timeout (kDefaultTimeout -> def) from now, capped

@@ -14,7 +14,6 @@
 #include <atomic>
 #include <cerrno>
 #include <map>
-#include <mutex>
 #include <set>
 #include <span>
 #include <thread>
@@ -24,6 +23,7 @@
 #include "core/auth.h"
 #include "core/bytes.h"
 #include "core/log.h"
+#include "core/mutex.h"
 #include "core/socket.h"
 #include "store/store_util.h"
 #include "store/tcp_protocol.h"
@@ -74,10 +74,10 @@ struct TcpStoreServer::Impl {
   net::Fd listen_fd, epoll_fd, wake_fd;
   std::string address;
   uint16_t port = 0;
-  std::thread thread;
+  Mutex stop_mu;                           // serializes stop()
+  std::thread thread GUARDED_BY(stop_mu);  // the event loop (started by the constructor)
   std::atomic<size_t> num_keys{0};
   std::atomic<bool> stopping{false};
-  std::mutex stop_mu;
 
   // Owned by the event loop thread.
   std::unordered_map<std::string, std::string> data;
@@ -622,7 +622,7 @@ uint16_t TcpStoreServer::port() const { return impl_->port; }
 size_t TcpStoreServer::num_keys() const { return impl_->num_keys.load(); }
 
 void TcpStoreServer::stop() {
-  std::lock_guard lock(impl_->stop_mu);
+  MutexLock lock(&impl_->stop_mu);
   if (!impl_->thread.joinable()) return;
   impl_->stopping.store(true);
   uint64_t one = 1;

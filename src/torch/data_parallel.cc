@@ -10,8 +10,7 @@
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
-#include <mutex>
-
+#include "core/mutex.h"
 #include "weft/errors.h"
 #include "weft/torch.h"
 
@@ -68,8 +67,8 @@ struct DataParallel::Impl {
   std::unique_ptr<train::DataParallel> engine;
   std::vector<std::pair<std::shared_ptr<::torch::autograd::Node>, uintptr_t>> hooks;
 
-  std::mutex mu;               // guards reported (hooks may run on autograd threads)
-  std::vector<char> reported;  // per parameter, this step
+  Mutex mu;                                   // hooks may run on autograd threads
+  std::vector<char> reported GUARDED_BY(mu);  // per parameter, this step
   bool finished = false;       // finish_gradients() ran this step
 
   // The gradient of parameter i as a contiguous tensor of its dtype, made
@@ -89,7 +88,7 @@ struct DataParallel::Impl {
 
   void on_gradient(size_t i) {
     {
-      std::lock_guard lock(mu);
+      MutexLock lock(&mu);
       reported[i] = 1;
     }
     engine->grad_ready(i, gradient_pointer(i));
@@ -177,7 +176,7 @@ void DataParallel::finish_gradients() {
     for (size_t i = 0; i < m.params.size(); ++i) {
       bool reported;
       {
-        std::lock_guard lock(m.mu);
+        MutexLock lock(&m.mu);
         reported = m.reported[i] != 0;
       }
       if (!reported && m.slots[i].defined()) m.engine->grad_ready(i, m.gradient_pointer(i));
@@ -191,7 +190,7 @@ void DataParallel::end_step() {
   Impl& m = *impl_;
   finish_gradients();
   m.engine->end_step();
-  std::lock_guard lock(m.mu);
+  MutexLock lock(&m.mu);
   std::fill(m.reported.begin(), m.reported.end(), 0);
   m.finished = false;
 }

@@ -1,0 +1,27 @@
+# cmake -DBUILD_DIR=<build> -DPROBES="<target>=<pass|fail>=<header>;..." -P probe_build.cmake
+# Builds each probe target of tests/layers/CMakeLists.txt on its own: a "pass" probe must compile;
+# a "fail" probe must fail, and for the right reason (its header not found).
+cmake_minimum_required(VERSION 3.25)
+set(errors "")
+foreach(probe IN LISTS PROBES)
+  string(REPLACE "=" ";" fields "${probe}")
+  list(GET fields 0 target)
+  list(GET fields 1 expect)
+  list(GET fields 2 header)
+  execute_process(COMMAND ${CMAKE_COMMAND} --build ${BUILD_DIR} --target ${target}
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  string(REGEX MATCH "${header}'? ?(: No such file or directory|file not found)" not_found "${out}")
+  if(expect STREQUAL "pass" AND NOT rc EQUAL 0)
+    list(APPEND errors "${target}: including ${header} should compile, but:\n${out}")
+  elseif(expect STREQUAL "fail" AND rc EQUAL 0)
+    list(APPEND errors "${target}: including ${header} compiled, but it is a later layer's")
+  elseif(expect STREQUAL "fail" AND NOT not_found)
+    list(APPEND errors "${target}: failed for another reason than ${header} not found:\n${out}")
+  else()
+    message(STATUS "${target}: #include \"${header}\": ${expect}, as expected")
+  endif()
+endforeach()
+if(errors)
+  list(JOIN errors "\n" text)
+  message(FATAL_ERROR "${text}")
+endif()

@@ -53,7 +53,8 @@ Algorithm env_override(Kind k) {
   std::call_once(once, [] {
     for (int i = 1; i < kKinds; ++i) {
       try {
-        table[i] = parse_algorithm(settings::get(settings::algorithm_setting(static_cast<Kind>(i))));
+        table[i] =
+            parse_algorithm(settings::get(settings::algorithm_setting(static_cast<Kind>(i))));
       } catch (const InvalidArgument& e) {
         errors[i] = e.what();
       }

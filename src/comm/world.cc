@@ -271,8 +271,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   // poll yields the CPU on every round instead.
   cpu_set_t cpus;
   if (sched_getaffinity(0, sizeof cpus, &cpus) == 0 && local_size_ > CPU_COUNT(&cpus)) {
-    engine_->set_spin(
-        std::chrono::microseconds(settings::get(settings::kSpinYieldUs)), true);
+    engine_->set_spin(std::chrono::microseconds(settings::get(settings::kSpinYieldUs)), true);
     WEFT_DEBUG("{} ranks on this host share {} CPUs: the bounded poll yields", local_size_,
                CPU_COUNT(&cpus));
   }

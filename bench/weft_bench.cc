@@ -10,7 +10,9 @@
 //
 //   weft run -n 4 build/bin/weft-bench allreduce [--min-bytes 4K] [--max-bytes 64M]
 //       [--dtype float32] [--op sum] [--algo auto] [--iters N] [--json] [--in-place]
+#include <fmt/format.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <string>
@@ -77,7 +80,8 @@ struct Options {
   std::string dtype = "float32";
   std::string op = "sum";
   std::string algo = "auto";
-  int iters = 0;
+  uint64_t min_b = 0, max_b = 0;  // parsed from min_bytes, max_bytes
+  int iters = 0;                  // 0: by size
   int warmup = 3;
   bool json = false;
   bool in_place = false;  // allreduce only: the result overwrites the input
@@ -156,8 +160,7 @@ int run(const Options& o) {
   const ReduceOp op = parse_op(o.op);
   const weft::Algorithm algo = weft::parse_algorithm(o.algo);
   const size_t esize = weft::dtype_size(dtype);
-  const uint64_t min_b = weft::settings::parse_bytes(o.min_bytes, "--min-bytes");
-  const uint64_t max_b = weft::settings::parse_bytes(o.max_bytes, "--max-bytes");
+  const uint64_t min_b = o.min_b, max_b = o.max_b;
   const std::string transport = comm->transports();
   if (rank == 0 && !o.json) {
     std::printf("# weft-bench %s%s, %d ranks, %s, op %s, transport %s\n", o.collective.c_str(),
@@ -314,6 +317,40 @@ int run(const Options& o) {
   return 0;
 }
 
+// Bytes of the largest message of the sweep min_b, 4 min_b, ... <= max_b.
+uint64_t largest_size(uint64_t min_b, uint64_t max_b) {
+  uint64_t b = std::max<uint64_t>(min_b, 1);
+  while (b <= max_b / 4) b *= 4;
+  return b;
+}
+
+std::string gib(double bytes) { return fmt::format("{:.1f} GiB", bytes / (1ull << 30)); }
+
+// Checks the sizes before anything starts: a usage error (a message naming
+// the flag) rather than std::bad_alloc in the middle of the sweep.
+void check_sizes(Options& o) {
+  o.min_b = weft::settings::parse_bytes(o.min_bytes, "--min-bytes");
+  o.max_b = weft::settings::parse_bytes(o.max_bytes, "--max-bytes");
+  if (o.min_b > o.max_b) {
+    throw CLI::ValidationError(
+        fmt::format("--min-bytes {} is larger than --max-bytes {}", o.min_bytes, o.max_bytes));
+  }
+  // Each rank holds the input, the output and the expected result: at most
+  // three buffers of the largest message. The ranks of this host share its memory.
+  const double per_rank = 3.0 * static_cast<double>(largest_size(o.min_b, o.max_b));
+  const auto local = static_cast<double>(weft::settings::get(weft::settings::kLocalSize));
+  const double host =
+      static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+  if (host > 0 && per_rank * local > host) {
+    throw CLI::ValidationError(
+        fmt::format("--max-bytes {}: messages of up to {} bytes need about {} per rank ({} for the "
+                    "{} rank(s) of "
+                    "this host), more than its {} of memory: lower --max-bytes or --min-bytes",
+                    o.max_bytes, largest_size(o.min_b, o.max_b), gib(per_rank),
+                    gib(per_rank * local), static_cast<int>(local), gib(host)));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -330,14 +367,32 @@ int main(int argc, char** argv) {
   app.add_option("--algo", o.algo,
                  "auto (the cost model chooses), ring, hd, rd, tree, linear, pairwise, "
                  "hierarchical");
-  app.add_option("--iters", o.iters, "timed iterations per size (default: 200 / 30 / 10 by size)");
-  app.add_option("--warmup", o.warmup, "warm-up iterations per size");
+  app.add_option("--iters", o.iters, "timed iterations per size (default: 200 / 30 / 10 by size)")
+      ->check(CLI::Range(1, 100000000));
+  app.add_option("--warmup", o.warmup, "warm-up iterations per size")
+      ->check(CLI::Range(0, 100000000));
   app.add_flag("--json", o.json, "one JSON object per size");
   app.add_flag("--in-place", o.in_place,
                "allreduce: the result overwrites the input (as the peers' programs do)");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+    weft::settings::validate_environment();
+    check_sizes(o);
+  } catch (const CLI::ParseError& e) {
+    // Usage errors exit 2, as weft run's do (--help exits 0).
+    return app.exit(e) == 0 ? 0 : 2;
+  } catch (const weft::Error& e) {
+    std::fprintf(stderr, "weft-bench: %s\n", e.what());
+    return 2;
+  }
   try {
     return run(o);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr,
+                 "weft-bench: out of memory for the buffers of the benchmark (%s): lower "
+                 "--max-bytes\n",
+                 o.max_bytes.c_str());
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "weft-bench: %s\n", e.what());
     return 1;

@@ -98,6 +98,7 @@ LaunchEnvironment detect_launch_environment() {
 }
 
 std::shared_ptr<Communicator> init(CommOptions options) {
+  settings::validate_environment();
   LaunchEnvironment env = detect_launch_environment();
   log::set_rank(env.rank);
   std::shared_ptr<Store> store;
@@ -108,7 +109,7 @@ std::shared_ptr<Communicator> init(CommOptions options) {
     store = std::make_shared<MemoryStore>();
   } else {
     TcpStoreOptions so;
-    so.timeout = settings::get_seconds("WEFT_STORE_TIMEOUT", kDefaultStoreTimeout);
+    so.timeout = settings::get(settings::kStoreTimeout);
     so.job_token = options.job_token;
     so.allow_unauthenticated = options.allow_unauthenticated;
     if (env.serve_store && env.rank == 0) {

@@ -65,7 +65,7 @@ uint64_t sub_seq(uint64_t seq, int phase) { return seq * kSubSeqs + static_cast<
 
 // Size of the allreduce's pipeline blocks (WEFT_HIER_BLOCK_BYTES).
 size_t hier_block_bytes() {
-  static const size_t b = settings::get_bytes("WEFT_HIER_BLOCK_BYTES", 1u << 20, 4096, 1ull << 40);
+  static const size_t b = settings::get(settings::kHierBlockBytes);
   return b;
 }
 

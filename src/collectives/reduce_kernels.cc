@@ -602,7 +602,7 @@ detail::Isa isa_of(const Table* t) {
 }
 
 detail::Isa select_from_env() {
-  const std::string value = settings::get_string("WEFT_REDUCE_ISA", "auto");
+  const std::string value = settings::get(settings::kReduceIsa);
   const detail::Isa requested = detail::parse_isa(value);
   const detail::Isa best = detail::best_isa();
   const detail::Isa isa = static_cast<int>(requested) < static_cast<int>(best) ? requested : best;

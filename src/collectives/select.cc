@@ -52,17 +52,11 @@ Algorithm env_override(Kind k) {
   static std::array<std::string, kKinds> errors{};
   std::call_once(once, [] {
     for (int i = 1; i < kKinds; ++i) {
-      std::string var = "WEFT_";
-      for (const char* p = collective_name(static_cast<Kind>(i)); *p; ++p) {
-        var += static_cast<char>(std::toupper(static_cast<unsigned char>(*p)));
-      }
-      var += "_ALGO";
-      if (auto v = settings::get(var)) {
-        try {
-          table[i] = parse_algorithm(*v);
-        } catch (const InvalidArgument& e) {
-          errors[i] = fmt::format("{}: {}", var, e.what());
-        }
+      try {
+        table[i] =
+            parse_algorithm(settings::get(settings::algorithm_setting(static_cast<Kind>(i))));
+      } catch (const InvalidArgument& e) {
+        errors[i] = e.what();
       }
     }
   });
@@ -86,17 +80,16 @@ struct Model {
 
 const Model& model() {
   static const Model m = [] {
-    auto ns = [](const char* env, int64_t def) {
-      return static_cast<double>(settings::get_int(env, def, 1, 1000000000)) * 1e-9;
+    auto ns = [](const settings::IntSetting& s) {
+      return static_cast<double>(settings::get(s)) * 1e-9;
     };
-    auto per_byte = [](const char* env, int64_t def_mbps) {
-      return 1.0 / (static_cast<double>(settings::get_int(env, def_mbps, 1, 100000000)) * 1e6);
+    auto per_byte = [](const settings::IntSetting& s) {
+      return 1.0 / (static_cast<double>(settings::get(s)) * 1e6);
     };
     Model x{};
-    x.intra = {ns("WEFT_MODEL_LATENCY_NS", 20000), per_byte("WEFT_MODEL_MBPS", 3000),
-               per_byte("WEFT_MODEL_REDUCE_MBPS", 10000)};
-    x.inter = {ns("WEFT_MODEL_INTER_LATENCY_NS", 50000), per_byte("WEFT_MODEL_INTER_MBPS", 1250),
-               x.intra.g};
+    x.intra = {ns(settings::kModelLatencyNs), per_byte(settings::kModelMbps),
+               per_byte(settings::kModelReduceMbps)};
+    x.inter = {ns(settings::kModelInterLatencyNs), per_byte(settings::kModelInterMbps), x.intra.g};
     return x;
   }();
   return m;
@@ -261,7 +254,7 @@ bool supports(Kind k, Algorithm a) {
 }
 
 size_t segment_bytes(size_t bytes, bool shm) {
-  static const size_t fixed = settings::get_bytes("WEFT_SEGMENT_BYTES", 0, 0, 1ull << 30);
+  static const size_t fixed = settings::get(settings::kSegmentBytes);
   if (fixed > 0) return std::max<size_t>(fixed, 4096);
   if (shm) return std::clamp<size_t>(bytes / 2, 1u << 20, 8u << 20);
   return std::clamp<size_t>(bytes / 4, 256u << 10, 2u << 20);

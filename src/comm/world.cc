@@ -86,6 +86,7 @@ World::World(int rank, int size, std::shared_ptr<Store> store, CommOptions optio
 
 std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> store,
                                      CommOptions options, const std::string& store_host) {
+  settings::validate_environment();  // every entry point refuses an invalid WEFT_* variable
   if (size < 1) throw InvalidArgument(fmt::format("world size must be at least 1 (got {})", size));
   if (rank < 0 || rank >= size) {
     throw InvalidArgument(
@@ -143,7 +144,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   }
 
   transport::EngineOptions eo;
-  eo.spin = std::chrono::microseconds(settings::get_int("WEFT_SPIN_US", 20, 0, 10000));
+  eo.spin = std::chrono::microseconds(settings::get(settings::kSpinUs));
   engine_ = std::make_unique<transport::Engine>(eo);
 
   transport::tcp::TcpOptions to;
@@ -270,8 +271,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   // poll yields the CPU on every round instead.
   cpu_set_t cpus;
   if (sched_getaffinity(0, sizeof cpus, &cpus) == 0 && local_size_ > CPU_COUNT(&cpus)) {
-    engine_->set_spin(
-        std::chrono::microseconds(settings::get_int("WEFT_SPIN_YIELD_US", 100, 0, 10000)), true);
+    engine_->set_spin(std::chrono::microseconds(settings::get(settings::kSpinYieldUs)), true);
     WEFT_DEBUG("{} ranks on this host share {} CPUs: the bounded poll yields", local_size_,
                CPU_COUNT(&cpus));
   }

@@ -6,7 +6,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <set>
 
+#include "core/settings.h"
 #include "weft/errors.h"
 
 namespace weft::log {
@@ -17,8 +19,8 @@ std::atomic<int> g_rank{-1};
 
 spdlog::logger& logger() {
   static std::shared_ptr<spdlog::logger> instance = [] {
-    auto l = std::make_shared<spdlog::logger>(
-        "weft", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+    auto l =
+        std::make_shared<spdlog::logger>("weft", std::make_shared<spdlog::sinks::stderr_sink_mt>());
     l->set_pattern("%Y-%m-%d %H:%M:%S.%e weft %l: %v");
     l->set_level(spdlog::level::trace);  // filtering happens in enabled()
     l->flush_on(spdlog::level::trace);
@@ -31,9 +33,11 @@ int current_level() {
   int l = g_level.load(std::memory_order_relaxed);
   if (l >= 0) return l;
   Level parsed = Level::Warn;
-  if (const char* env = std::getenv("WEFT_LOG_LEVEL"); env && *env) {
+  // An invalid value is refused at start-up (settings::validate_environment);
+  // logging itself never throws.
+  if (auto env = settings::get(settings::kLogLevel.env)) {
     try {
-      parsed = parse_level(env);
+      parsed = parse_level(*env);
     } catch (const Error&) {
       parsed = Level::Warn;
     }
@@ -53,7 +57,7 @@ Level parse_level(std::string_view name) {
   if (name == "trace") return Level::Trace;
   if (name == "debug") return Level::Debug;
   if (name == "info") return Level::Info;
-  if (name == "warn" || name == "warning") return Level::Warn;
+  if (name == "warn") return Level::Warn;
   if (name == "error") return Level::Error;
   if (name == "off") return Level::Off;
   throw InvalidArgument("unknown log level '" + std::string(name) +
@@ -72,6 +76,108 @@ void write(Level level, std::string_view message) {
   } else {
     logger().log(kMap[static_cast<int>(level)], "{}", message);
   }
+}
+
+// ---------------------------------------------------------------------------
+// RateLimiter
+
+namespace {
+
+// Every live limiter, reported when the process exits (leaked: limiters
+// created by WEFT_LOG_LIMITED live until then, and threads may log while
+// the process exits).
+std::mutex& limiters_mu() {
+  static auto* mu = new std::mutex;
+  return *mu;
+}
+std::set<RateLimiter*>& limiters() {
+  static auto* s = new std::set<RateLimiter*>;
+  return *s;
+}
+
+void report_all_at_exit() {
+  std::lock_guard lock(limiters_mu());
+  for (RateLimiter* l : limiters()) l->report();
+}
+
+}  // namespace
+
+RateLimiter::RateLimiter(std::string what, int burst, std::chrono::seconds period)
+    : what_(std::move(what)), burst_(std::max(1, burst)), period_(period) {
+  logger();  // constructed first, so destroyed after report_all_at_exit ran
+  static std::once_flag once;
+  std::call_once(once, [] { std::atexit(report_all_at_exit); });
+  std::lock_guard lock(limiters_mu());
+  limiters().insert(this);
+}
+
+RateLimiter::~RateLimiter() {
+  {
+    std::lock_guard lock(limiters_mu());
+    limiters().erase(this);
+  }
+  report();
+}
+
+RateLimiter::Decision RateLimiter::admit(Clock::time_point now) {
+  std::lock_guard lock(mu_);
+  ++events_;
+  if (in_window_ == 0 || now - window_start_ >= period_) {
+    window_start_ = now;
+    in_window_ = 0;
+  }
+  Decision d;
+  if (in_window_ < burst_) {
+    ++in_window_;
+    d.write = true;
+    d.last = in_window_ == burst_;
+    d.held_back = std::exchange(held_back_, 0);
+  } else {
+    ++held_back_;
+    ++suppressed_;
+  }
+  return d;
+}
+
+void RateLimiter::write(Level level, std::string_view message) {
+  const Decision d = admit();
+  if (!d.write) return;
+  {
+    std::lock_guard lock(mu_);
+    level_ = level;
+  }
+  std::string line(message);
+  if (d.held_back > 0)
+    line += fmt::format(" ({} more {} not logged before this one)", d.held_back, what_);
+  if (d.last) {
+    line += fmt::format(" (further {} in the next {} s are counted, not logged)", what_,
+                        period_.count());
+  }
+  ::weft::log::write(level, line);
+}
+
+void RateLimiter::report() {
+  uint64_t n = 0;
+  Level level = Level::Warn;
+  {
+    std::lock_guard lock(mu_);
+    n = std::exchange(held_back_, 0);
+    level = level_;
+  }
+  if (n > 0 && enabled(level)) {
+    ::weft::log::write(level,
+                       fmt::format("{} more {} were not logged ({} in all)", n, what_, events()));
+  }
+}
+
+uint64_t RateLimiter::events() const {
+  std::lock_guard lock(mu_);
+  return events_;
+}
+
+uint64_t RateLimiter::suppressed() const {
+  std::lock_guard lock(mu_);
+  return suppressed_;
 }
 
 }  // namespace weft::log

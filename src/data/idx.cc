@@ -24,16 +24,21 @@ constexpr int kMaxDims = 4;
 class GzReader {
  public:
   explicit GzReader(const std::string& path) : path_(path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; the type is
+    // checked before anything is read, and a regular file reads the same
+    // either way (the flag is cleared all the same).
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail(std::strerror(errno));
     struct stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      std::string why = S_ISDIR(st.st_mode) ? std::strerror(EISDIR)
-                        : st.st_mode != 0   ? "not a regular file"
-                                            : std::strerror(errno);
+      std::string why = S_ISDIR(st.st_mode)    ? std::strerror(EISDIR)
+                        : S_ISFIFO(st.st_mode) ? "a FIFO, not a regular file"
+                        : st.st_mode != 0      ? "not a regular file"
+                                               : std::strerror(errno);
       ::close(fd);
       fail(why);
     }
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     gz_ = gzdopen(fd, "rb");
     if (gz_ == nullptr) {
       ::close(fd);

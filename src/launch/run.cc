@@ -1,11 +1,14 @@
 #include "launch/run.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <climits>
 #include <cstdio>
 #include <thread>
@@ -13,6 +16,7 @@
 #include "core/auth.h"
 #include "core/deadline.h"
 #include "core/log.h"
+#include "core/settings.h"
 #include "core/socket.h"
 #include "launch/output_mux.h"
 #include "weft/errors.h"
@@ -77,6 +81,65 @@ std::vector<std::string> wait_keys(Store& store, const std::vector<std::string>&
 }
 
 }  // namespace
+
+void check_job_token(const std::string& token, const std::string& from) {
+  constexpr size_t kMaxTokenBytes = 4096;
+  if (token.empty()) throw LaunchError(fmt::format("{} is empty", from), 2);
+  if (token.size() < static_cast<size_t>(settings::kMinTokenBytes)) {
+    throw LaunchError(
+        fmt::format("{} holds a job token of {} bytes: a token must have at least {} (e.g. made "
+                    "with `head -c 32 /dev/urandom | base64`)",
+                    from, token.size(), settings::kMinTokenBytes),
+        2);
+  }
+  if (token.size() > kMaxTokenBytes) {
+    throw LaunchError(fmt::format("{} is too long (> {} bytes)", from, kMaxTokenBytes), 2);
+  }
+}
+
+std::string read_token_file(const std::string& path) {
+  const std::string what = fmt::format("the token file '{}'", path);
+  // O_NONBLOCK: a FIFO must not block the open; the type is checked next.
+  net::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  if (!fd.valid())
+    throw LaunchError(fmt::format("cannot read {}: {}", what, net::errno_string(errno)), 2);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) {
+    throw LaunchError(fmt::format("cannot read {}: {}", what, net::errno_string(errno)), 2);
+  }
+  if (S_ISDIR(st.st_mode)) throw LaunchError(fmt::format("{} is a directory", what), 2);
+  if (!S_ISREG(st.st_mode)) throw LaunchError(fmt::format("{} is not a regular file", what), 2);
+  std::string token;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      throw LaunchError(fmt::format("cannot read {}: {}", what, net::errno_string(errno)), 2);
+    }
+    if (n == 0) break;
+    token.append(buf, static_cast<size_t>(n));
+    if (token.size() > 2 * sizeof buf) break;  // too long either way
+  }
+  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
+  check_job_token(token, what);
+  return token;
+}
+
+void check_worker_env(const std::vector<std::pair<std::string, std::string>>& env) {
+  for (const auto& [k, v] : env) {
+    if (!k.starts_with("WEFT_")) continue;
+    const settings::Setting* s = settings::find(k);
+    if (s == nullptr) {
+      WEFT_WARN("--env {}: {} is not a Weft setting (`weft config` lists them)", k, k);
+      continue;
+    }
+    if (v.empty()) continue;  // empty: unset
+    if (std::string why = settings::problem(*s, v); !why.empty()) {
+      throw LaunchError(fmt::format("--env {}=...: {}", k, why), 2);
+    }
+  }
+}
 
 int run_local(WorkerOptions options) {
   const int nproc = options.nproc;

@@ -41,6 +41,21 @@ struct NodeOptions {
   Timeout rendezvous_timeout = std::chrono::seconds(300);
 };
 
+// The job token in a file: its content without trailing whitespace.
+// Throws LaunchError (exit code 2) naming the file when it cannot be read,
+// is not a regular file (a directory, a FIFO: refused without blocking), or
+// holds a token that check_job_token refuses.
+std::string read_token_file(const std::string& path);
+// Refuses (LaunchError, exit code 2) a job token that is empty, shorter
+// than settings::kMinTokenBytes (16) or longer than 4096 bytes; `from` says
+// where it came from ("the token file 'F'", "WEFT_JOB_TOKEN").
+void check_job_token(const std::string& token, const std::string& from);
+
+// Checks the WEFT_* variables that `weft run --env K=V` gives the workers
+// (weft::settings declarations): throws LaunchError (exit code 2) naming an
+// invalid one; an undeclared WEFT_ name gets a warning.
+void check_worker_env(const std::vector<std::pair<std::string, std::string>>& env);
+
 // Key prefix of the launchers' own records in the store.
 inline constexpr const char* kLaunchPrefix = "weft-launch/";
 

@@ -78,6 +78,15 @@ struct TcpStoreServer::Impl {
   std::thread thread GUARDED_BY(stop_mu);  // the event loop (started by the constructor)
   std::atomic<size_t> num_keys{0};
   std::atomic<bool> stopping{false};
+  // Anyone who reaches the port can be refused: those lines are
+  // rate-limited, and the count of the others is written at stop().
+  log::RateLimiter refusals{"refused connections"};
+  template <typename... Args>
+  void refused(fmt::format_string<Args...> f, Args&&... args) {
+    if (log::enabled(log::Level::Error)) {
+      refusals.write(log::Level::Error, fmt::format(f, std::forward<Args>(args)...));
+    }
+  }
 
   // Owned by the event loop thread.
   std::unordered_map<std::string, std::string> data;
@@ -239,12 +248,12 @@ void TcpStoreServer::Impl::read_messages(Conn& c) {
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
     const std::string why = n == 0 ? "closed the connection" : net::errno_string(errno);
     if (c.phase == Phase::Handshake && n == 0) {
-      WEFT_ERROR(
+      refused(
           "store server: refused connection from {}: the client closed the connection during the "
           "handshake (wrong job token?)",
           c.peer);
     } else if (c.phase == Phase::Handshake) {
-      WEFT_ERROR("store server: refused connection from {}: {} during the handshake", c.peer, why);
+      refused("store server: refused connection from {}: {} during the handshake", c.peer, why);
     } else if (c.phase == Phase::Header && c.have == 0) {
       WEFT_DEBUG("store server: {} disconnected", c.peer);
     } else {
@@ -267,7 +276,7 @@ void TcpStoreServer::Impl::on_message(Conn& c) {
           [[maybe_unused]] ssize_t n =
               ::send(c.fd.get(), answer.data(), answer.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
         }
-        WEFT_ERROR("store server: refused connection from {}: {}", c.peer, c.handshake.error());
+        refused("store server: refused connection from {}: {}", c.peer, c.handshake.error());
         close(c);
         return;
       }
@@ -453,8 +462,8 @@ void TcpStoreServer::Impl::expire_timers() {
     Conn& c = *it->second;
     c.timer = Clock::time_point::max();
     if (c.phase == Phase::Handshake) {
-      WEFT_ERROR("store server: refused connection from {}: handshake not completed within {}",
-                 c.peer, format_timeout(handshake_timeout));
+      refused("store server: refused connection from {}: handshake not completed within {}", c.peer,
+              format_timeout(handshake_timeout));
       close(c);
     } else if (c.phase == Phase::Parked) {
       std::string missing;
@@ -629,6 +638,7 @@ void TcpStoreServer::stop() {
   [[maybe_unused]] ssize_t r = ::write(impl_->wake_fd.get(), &one, sizeof one);
   impl_->thread.join();
   impl_->listen_fd.reset();
+  impl_->refusals.report();
   WEFT_INFO("store server on {} stopped", impl_->address);
 }
 

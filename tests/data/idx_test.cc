@@ -1,6 +1,10 @@
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
+#include <future>
 #include <string>
 #include <vector>
 
@@ -67,6 +71,31 @@ TEST(Idx, MissingFile) {
   const std::string path = dir.path() + "/train-images-idx3-ubyte.gz";
   expect_data_error([&] { read_idx(path); }, {path, "No such file"});
   expect_data_error([&] { read_idx(dir.path()); }, {dir.path(), "Is a directory"});
+}
+
+// A FIFO where a data file should be is refused at once: opening it must
+// not wait for a writer that never comes.
+TEST(Idx, FifoIsRefusedWithoutBlocking) {
+  testing::TempDir dir;
+  const std::string path = dir.path() + "/train-images-idx3-ubyte";
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  auto result = std::async(std::launch::async, [&] {
+    try {
+      read_idx(path);
+    } catch (const DataError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  });
+  if (result.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    // Blocked in open(): a writer that opens and closes releases it.
+    int w = ::open(path.c_str(), O_WRONLY | O_NONBLOCK);
+    if (w >= 0) ::close(w);
+    FAIL() << "read_idx blocked on a FIFO";
+  }
+  const std::string what = result.get();
+  EXPECT_NE(what.find(path), std::string::npos) << what;
+  EXPECT_NE(what.find("FIFO"), std::string::npos) << what;
 }
 
 TEST(Idx, WrongMagic) {

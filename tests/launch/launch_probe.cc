@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
                " nnodes=" + env("WEFT_NNODES") + " node_rank=" + env("WEFT_NODE_RANK") +
                " store=" + env("WEFT_STORE") + " token_len=" + std::to_string(token.size()) +
                " token_head=" + token.substr(0, 8) + " timeout=" + env("WEFT_TIMEOUT") +
-               " log_level=" + env("WEFT_LOG_LEVEL") + " extra=" + env("WEFT_PROBE_EXTRA") + "\n");
+               " log_level=" + env("WEFT_LOG_LEVEL") + " extra=" + env("PROBE_EXTRA") + "\n");
     return 0;
   }
   if (mode == "cpus") {

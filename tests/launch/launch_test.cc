@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <map>
@@ -15,6 +16,7 @@
 
 #include "core/settings.h"
 #include "launch/local_launcher.h"
+#include "launch/run.h"
 #include "testing/testing.h"
 
 namespace weft::testing {
@@ -45,11 +47,11 @@ std::vector<std::string> lines_of(const std::string& text) {
 class Weft {
  public:
   explicit Weft(std::vector<std::string> args) : err_path_(dir_.path() + "/stderr") {
-    std::vector<std::string> argv = {"/bin/sh", "-c", "exec \"$0\" \"$@\" 2>\"$WEFT_TEST_STDERR\"",
+    std::vector<std::string> argv = {"/bin/sh", "-c", "exec \"$0\" \"$@\" 2>\"$TEST_STDERR_PATH\"",
                                      weft_bin()};
     argv.insert(argv.end(), args.begin(), args.end());
     proc_ = std::make_unique<Process>(
-        argv, std::map<std::string, std::string>{{"WEFT_TEST_STDERR", err_path_}});
+        argv, std::map<std::string, std::string>{{"TEST_STDERR_PATH", err_path_}});
   }
 
   // Waits for the launcher; fails the test if it does not exit in time.
@@ -120,8 +122,8 @@ bool all_gone(const std::map<int, pid_t>& pids) {
 }
 
 TEST(Launch, EachRankGetsItsEnvironment) {
-  Weft w({"run", "-n", "4", "--timeout", "12", "--log-level", "info", "--env",
-          "WEFT_PROBE_EXTRA=a=b", "--", probe_bin(), "env"});
+  Weft w({"run", "-n", "4", "--timeout", "12", "--log-level", "info", "--env", "PROBE_EXTRA=a=b",
+          "--", probe_bin(), "env"});
   ASSERT_EQ(w.wait(), 0) << w.all();
   static const std::regex re(
       R"(^\[(\d+)\] rank=(\d+) size=4 local_rank=(\d+) local_size=4 nnodes=1 node_rank=0 )"
@@ -446,17 +448,190 @@ TEST(Launch, ConfigListsEverySettingAndHidesTheToken) {
   auto lines = lines_of(w.out());
   ASSERT_EQ(lines.size(), settings::all().size() + 1) << w.out();
   for (size_t i = 0; i < settings::all().size(); ++i) {
-    const auto& s = settings::all()[i];
+    const auto& s = *settings::all()[i];
     EXPECT_EQ(lines[i + 1].rfind(std::string(s.env) + " ", 0), 0u) << lines[i + 1];
     EXPECT_NE(lines[i + 1].find(std::string(s.doc)), std::string::npos) << lines[i + 1];
   }
 
   // Values from the environment show, except the token's.
-  Process p({weft_bin(), "config"}, {{"WEFT_JOB_TOKEN", "sekrit-token"}, {"WEFT_TIMEOUT", "42"}});
+  Process p({weft_bin(), "config"},
+            {{"WEFT_JOB_TOKEN", "sekrit-token-0123456789"}, {"WEFT_TIMEOUT", "42"}});
   ASSERT_TRUE(p.wait(kDeadline));
+  EXPECT_EQ(p.exit_code(), 0) << p.output();
   EXPECT_EQ(p.output().find("sekrit-token"), std::string::npos);
   static const std::regex re(R"((^|\n)WEFT_TIMEOUT +42 +300 )");
   EXPECT_TRUE(std::regex_search(p.output(), re)) << p.output();
+}
+
+TEST(Launch, ConfigMarksInvalidValuesAndUnknownNames) {
+  Process p({weft_bin(), "config"}, {{"WEFT_TIMEOUT", "abc"},
+                                     {"WEFT_SHM_RING", "3"},
+                                     {"WEFT_MODEL_MBPS", "7"},
+                                     {"WEFT_ALLREDUCE_ALGO", "ring"},
+                                     {"WEFT_TIMOUT", "30"}});
+  ASSERT_TRUE(p.wait(kDeadline));
+  const std::string out = p.output();
+  EXPECT_EQ(p.exit_code(), 1) << out;
+  static const std::regex timeout(
+      R"((^|\n)WEFT_TIMEOUT +abc \(INVALID\) +300 +INVALID: expected a positive number)");
+  static const std::regex ring(
+      R"((^|\n)WEFT_SHM_RING +3 \(INVALID\) +0 +INVALID: expected 0 or a power of two in \[64K, 64M\])");
+  // Settings read but once absent from the table are listed, valid ones unmarked.
+  static const std::regex mbps(R"((^|\n)WEFT_MODEL_MBPS +7 +3000 +cost model)");
+  static const std::regex algo(R"((^|\n)WEFT_ALLREDUCE_ALGO +ring +auto +algorithm)");
+  EXPECT_TRUE(std::regex_search(out, timeout)) << out;
+  EXPECT_TRUE(std::regex_search(out, ring)) << out;
+  EXPECT_TRUE(std::regex_search(out, mbps)) << out;
+  EXPECT_TRUE(std::regex_search(out, algo)) << out;
+  EXPECT_NE(out.find("unknown: WEFT_TIMOUT"), std::string::npos) << out;
+  EXPECT_NE(out.find("2 invalid values"), std::string::npos) << out;
+}
+
+// weft run checks the WEFT_* variables of its environment (which the
+// workers inherit) and of --env before it starts anything.
+TEST(Launch, RefusesInvalidSettingsAtStartUp) {
+  const std::vector<std::string> run = {"run", "-n", "1", "--", probe_bin(), "env"};
+  for (auto [var, value] :
+       std::vector<std::pair<std::string, std::string>>{{"WEFT_LOG_LEVEL", "bogus"},
+                                                        {"WEFT_REDUCE_ISA", "avx1024"},
+                                                        {"WEFT_TIMEOUT", "abc"},
+                                                        {"WEFT_SHM_RING", "3"}}) {
+    Process p(
+        [&] {
+          std::vector<std::string> argv = {weft_bin()};
+          argv.insert(argv.end(), run.begin(), run.end());
+          return argv;
+        }(),
+        {{var, value}});
+    ASSERT_TRUE(p.wait(kDeadline)) << var;
+    EXPECT_EQ(p.exit_code(), 2) << p.output();
+    EXPECT_NE(p.output().find("weft run: " + var + "='" + value + "' is invalid"),
+              std::string::npos)
+        << p.output();
+    EXPECT_EQ(p.output().find("ready"), std::string::npos) << "a worker started: " << p.output();
+  }
+  // --env is checked the same way.
+  Weft e({"run", "-n", "1", "--env", "WEFT_SHM_RING=96K", "--", probe_bin(), "env"});
+  EXPECT_EQ(e.wait(), 2) << e.all();
+  EXPECT_NE(e.err().find("WEFT_SHM_RING"), std::string::npos) << e.all();
+  // An unknown WEFT_ name is a warning naming it; the job runs.
+  Process typo({weft_bin(), "run", "-n", "1", "--", probe_bin(), "env"}, {{"WEFT_TIMOUT", "30"}});
+  ASSERT_TRUE(typo.wait(kDeadline));
+  EXPECT_EQ(typo.exit_code(), 0) << typo.output();
+  EXPECT_NE(typo.output().find("WEFT_TIMOUT is not a Weft setting"), std::string::npos)
+      << typo.output();
+  EXPECT_NE(typo.output().find("did you mean WEFT_TIMEOUT?"), std::string::npos) << typo.output();
+}
+
+TEST(Launch, BadFlagValuesAreUsageErrors) {
+  {
+    Weft w({"run", "-n", "1", "--timeout", "1e300", "--", probe_bin(), "env"});
+    EXPECT_EQ(w.wait(), 2) << w.all();
+    EXPECT_NE(w.err().find("--timeout"), std::string::npos) << w.all();
+    EXPECT_NE(w.err().find("too large"), std::string::npos) << w.all();
+  }
+  {
+    Weft w({"run", "-n", "1", "--log-level", "bogus", "--", probe_bin(), "env"});
+    EXPECT_EQ(w.wait(), 2) << w.all();
+    EXPECT_NE(w.err().find("--log-level"), std::string::npos) << w.all();
+  }
+}
+
+// Multi-node flags up to the point where the launcher would reach the store.
+std::vector<std::string> node_args(std::vector<std::string> extra) {
+  std::vector<std::string> a = {"run", "--nnodes", "2",           "--node-rank",
+                                "0",   "--master", "127.0.0.1:1", "--nproc-per-node",
+                                "1"};
+  a.insert(a.end(), extra.begin(), extra.end());
+  a.insert(a.end(), {"--", probe_bin(), "env"});
+  return a;
+}
+
+TEST(Launch, TokenFileIsChecked) {
+  TempDir dir;
+  const std::string good = dir.path() + "/token";
+  std::ofstream(good) << "0123456789abcdef0123\n";
+  EXPECT_EQ(launch::read_token_file(good), "0123456789abcdef0123");
+  auto refused = [](const std::string& path, const std::string& why) {
+    try {
+      launch::read_token_file(path);
+      ADD_FAILURE() << path << " accepted";
+    } catch (const launch::LaunchError& e) {
+      EXPECT_EQ(e.exit_code(), 2);
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+    }
+  };
+  refused(dir.path(), "is a directory");
+  refused(dir.path() + "/missing", "No such file");
+  const std::string fifo = dir.path() + "/fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  refused(fifo, "not a regular file");  // at once: no writer is waited for
+  const std::string empty = dir.path() + "/empty";
+  std::ofstream(empty) << "\n";
+  refused(empty, "is empty");
+  const std::string one = dir.path() + "/one";
+  std::ofstream(one) << "x";
+  refused(one, "at least 16");
+  const std::string huge = dir.path() + "/huge";
+  std::ofstream(huge) << std::string(5000, 'k');
+  refused(huge, "too long");
+
+  // Through weft run: usage errors, before any connection.
+  Weft d(node_args({"--token-file", dir.path()}));
+  EXPECT_EQ(d.wait(), 2) << d.all();
+  EXPECT_NE(d.err().find("is a directory"), std::string::npos) << d.all();
+  Weft both(node_args({"--token-file", good, "--allow-unauthenticated"}));
+  EXPECT_EQ(both.wait(), 2) << both.all();
+  EXPECT_NE(both.err().find("contradict"), std::string::npos) << both.all();
+  Process shorty(
+      [] {
+        auto a = node_args({});
+        a.insert(a.begin(), weft_bin());
+        return a;
+      }(),
+      {{"WEFT_JOB_TOKEN", "x"}});
+  ASSERT_TRUE(shorty.wait(kDeadline));
+  EXPECT_EQ(shorty.exit_code(), 2) << shorty.output();
+  EXPECT_NE(shorty.output().find("WEFT_JOB_TOKEN"), std::string::npos) << shorty.output();
+  EXPECT_NE(shorty.output().find("at least 16"), std::string::npos) << shorty.output();
+}
+
+// weft-bench refuses bad sizes and counts before it starts (exit code 2,
+// the flag named), rather than failing in the middle of the sweep.
+TEST(Bench, BadInputIsAUsageError) {
+  const std::string bench = bin_dir() + "/weft-bench";
+  if (::access(bench.c_str(), X_OK) != 0) GTEST_SKIP() << "weft-bench is not built";
+  auto run = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), bench);
+    auto p = std::make_unique<Process>(args);
+    EXPECT_TRUE(p->wait(kDeadline));
+    return p;
+  };
+  for (const char* iters : {"0", "-1"}) {
+    auto p = run({"allreduce", "--iters", iters});
+    EXPECT_EQ(p->exit_code(), 2) << p->output();
+    EXPECT_NE(p->output().find("--iters"), std::string::npos) << p->output();
+  }
+  auto order = run({"allreduce", "--min-bytes", "4M", "--max-bytes", "4K"});
+  EXPECT_EQ(order->exit_code(), 2) << order->output();
+  EXPECT_NE(order->output().find("--min-bytes 4M is larger than --max-bytes 4K"), std::string::npos)
+      << order->output();
+  auto huge = run({"allreduce", "--min-bytes", "16384G", "--max-bytes", "16384G"});
+  EXPECT_EQ(huge->exit_code(), 2) << huge->output();
+  EXPECT_NE(huge->output().find("--max-bytes 16384G"), std::string::npos) << huge->output();
+  EXPECT_NE(huge->output().find("49152.0 GiB"), std::string::npos) << huge->output();
+  auto bytes = run({"allreduce", "--min-bytes", "4Q"});
+  EXPECT_EQ(bytes->exit_code(), 2) << bytes->output();
+  EXPECT_NE(bytes->output().find("--min-bytes='4Q'"), std::string::npos) << bytes->output();
+  auto flag = run({"allreduce", "--no-such-flag"});
+  EXPECT_EQ(flag->exit_code(), 2) << flag->output();
+  auto env =
+      std::make_unique<Process>(std::vector<std::string>{bench, "allreduce"},
+                                std::map<std::string, std::string>{{"WEFT_LOG_LEVEL", "bogus"}});
+  ASSERT_TRUE(env->wait(kDeadline));
+  EXPECT_EQ(env->exit_code(), 2) << env->output();
+  EXPECT_NE(env->output().find("WEFT_LOG_LEVEL='bogus'"), std::string::npos) << env->output();
 }
 
 }  // namespace

@@ -89,8 +89,8 @@ void add_run_options(CLI::App* run, RunArgs& a) {
                   "Multi-node: address and port of the rendezvous store, which node 0 serves")
       ->type_name("ADDR:PORT");
   run->add_option("--token-file", a.token_file,
-                  "Multi-node: file holding the job token (the same on every node); default: "
-                  "WEFT_JOB_TOKEN of the launcher's environment")
+                  "Multi-node: file holding the job token (the same on every node, at least 16 "
+                  "bytes); default: WEFT_JOB_TOKEN of the launcher's environment")
       ->type_name("FILE");
   run->add_flag("--allow-unauthenticated", a.allow_unauthenticated,
                 "Multi-node: run without a job token (any process that reaches the ports can "
@@ -105,18 +105,15 @@ void add_run_options(CLI::App* run, RunArgs& a) {
                   "(exported as WEFT_TIMEOUT; default 300)")
       ->type_name("SECONDS")
       ->check([](const std::string& s) {
-        try {
-          weft::settings::parse_seconds(s, "--timeout");
-          return std::string();
-        } catch (const weft::Error&) {
-          return "'" + s + "' is not a positive number of seconds (e.g. 30 or 0.5)";
-        }
+        return weft::settings::problem(weft::settings::kTimeout, s);
       });
   run->add_option("--log-level", a.log_level,
                   "Log level of the workers and of the launcher: trace, debug, info, warn, error "
                   "or off (exported as WEFT_LOG_LEVEL; default warn)")
       ->type_name("LEVEL")
-      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+      ->check([](const std::string& s) {
+        return weft::settings::problem(weft::settings::kLogLevel, s);
+      });
   run->add_flag("--no-prefix", a.no_prefix,
                 "Do not prefix output lines with [RANK]: workers write straight to the launcher's "
                 "stdout and stderr");
@@ -151,21 +148,16 @@ void add_run_options(CLI::App* run, RunArgs& a) {
   run->footer(kRunFooter);
 }
 
-// The job token in a file: its content without trailing whitespace.
-std::string read_token_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw weft::launch::LaunchError("cannot read the token file '" + path + "'", 2);
-  std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
-  if (token.empty()) throw weft::launch::LaunchError("the token file '" + path + "' is empty", 2);
-  if (token.size() > 4096) {
-    throw weft::launch::LaunchError("the token file '" + path + "' is too long (> 4096 bytes)", 2);
-  }
-  return token;
-}
-
 int do_run(RunArgs& a, const CLI::App* run) {
   auto& w = a.workers;
+  try {
+    // The launcher's environment is the workers' too: refuse an invalid
+    // WEFT_* variable now rather than in every worker.
+    weft::settings::validate_environment();
+  } catch (const weft::Error& e) {
+    std::fprintf(stderr, "weft run: %s\n", e.what());
+    return 2;
+  }
   w.prefix_output = !a.no_prefix;
   w.bind = a.bind == "none" ? weft::launch::WorkerOptions::Bind::None
                             : weft::launch::WorkerOptions::Bind::Auto;
@@ -180,6 +172,7 @@ int do_run(RunArgs& a, const CLI::App* run) {
     weft::log::set_level(weft::log::parse_level(a.log_level));
   }
   try {
+    weft::launch::check_worker_env(w.env);
     const bool multi = a.nnodes > 1 || !a.master.empty();
     const bool has_n = run->count("--nproc") > 0;
     if (has_n && a.nproc_per_node > 0) {
@@ -213,10 +206,15 @@ int do_run(RunArgs& a, const CLI::App* run) {
     node.allow_unauthenticated = a.allow_unauthenticated;
     node.rendezvous_timeout =
         std::chrono::milliseconds(static_cast<int64_t>(a.rdzv_timeout * 1000));
+    if (!a.token_file.empty() && a.allow_unauthenticated) {
+      throw weft::launch::LaunchError(
+          "--token-file and --allow-unauthenticated contradict each other: give one", 2);
+    }
     if (!a.token_file.empty()) {
-      node.job_token = read_token_file(a.token_file);
-    } else if (auto t = weft::settings::get("WEFT_JOB_TOKEN")) {
-      node.job_token = *t;
+      node.job_token = weft::launch::read_token_file(a.token_file);
+    } else {
+      node.job_token = weft::settings::get(weft::settings::kJobToken);
+      if (!node.job_token.empty()) weft::launch::check_job_token(node.job_token, "WEFT_JOB_TOKEN");
     }
     return weft::launch::run_node(std::move(w), std::move(node));
   } catch (const weft::launch::LaunchError& e) {
@@ -228,18 +226,32 @@ int do_run(RunArgs& a, const CLI::App* run) {
   }
 }
 
-// `weft config`: a table of every setting with its current value.
+// `weft config`: a table of every setting with its current value; an
+// invalid value is marked with the reason, and WEFT_ variables that are not
+// settings are listed after the table. Exits 1 when any value is invalid.
 int do_config() {
   struct Row {
     std::string env, value, def, doc;
   };
   std::vector<Row> rows{{"VARIABLE", "VALUE", "DEFAULT", "DESCRIPTION"}};
-  for (const auto& s : weft::settings::all()) {
-    auto v = weft::settings::get(s.env);
-    std::string value = !v ? "-" : s.env == "WEFT_JOB_TOKEN" ? "(set, hidden)" : *v;
-    rows.push_back({std::string(s.env), value,
-                    s.default_value.empty() ? "-" : std::string(s.default_value),
-                    std::string(s.doc)});
+  int invalid = 0;
+  for (const weft::settings::Setting* s : weft::settings::all()) {
+    auto v = weft::settings::get(s->env);
+    std::string value = !v ? "-" : (s->flags & weft::settings::kSecret) ? "(set, hidden)" : *v;
+    std::string doc(s->doc);
+    if (s->type == weft::settings::Type::Enum) {
+      std::string choices(s->choices);
+      std::replace(choices.begin(), choices.end(), '|', ' ');
+      doc += ": " + choices;
+    }
+    if (v) {
+      if (std::string why = weft::settings::problem(*s, *v); !why.empty()) {
+        value += " (INVALID)";
+        doc = "INVALID: " + why + "; " + doc;
+        ++invalid;
+      }
+    }
+    rows.push_back({std::string(s->env), value, weft::settings::default_text(*s), doc});
   }
   size_t w0 = 0, w1 = 0, w2 = 0;
   for (const auto& r : rows) {
@@ -250,6 +262,14 @@ int do_config() {
   for (const auto& r : rows) {
     std::printf("%-*s  %-*s  %-*s  %s\n", static_cast<int>(w0), r.env.c_str(), static_cast<int>(w1),
                 r.value.c_str(), static_cast<int>(w2), r.def.c_str(), r.doc.c_str());
+  }
+  for (const auto& name : weft::settings::unknown_variables()) {
+    std::printf("unknown: %s is set but is not a Weft setting (ignored)\n", name.c_str());
+  }
+  std::fflush(stdout);
+  if (invalid > 0) {
+    std::fprintf(stderr, "weft config: %d invalid value%s\n", invalid, invalid == 1 ? "" : "s");
+    return 1;
   }
   return 0;
 }

@@ -683,7 +683,8 @@ class TcpTransport::Acceptor : public Handler {
     finished_ = true;
     if (!ok && error_.empty()) error_ = hs_.error();
     if (!ok) {
-      WEFT_ERROR("refused connection from {} on {}: {}", remote_, t_.listen_address_, error_);
+      WEFT_LOG_LIMITED(log::Level::Error, "refused connections",
+                       "refused connection from {} on {}: {}", remote_, t_.listen_address_, error_);
     }
     t_.on_handshake_done(this, ok);
   }

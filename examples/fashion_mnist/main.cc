@@ -15,6 +15,7 @@
 // after its first 20 steps (samples_per_s; samples_per_s_all counts the
 // whole epoch, as the DDP script does).
 #include <fmt/format.h>
+#include <sched.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -23,8 +24,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
+#include "dataset.h"
 #include "weft/data.h"
 #include "weft/torch.h"
 #include "weft/train.h"
@@ -56,6 +59,14 @@ struct CnnImpl : torch::nn::Module {
   torch::nn::Linear f1, f2;
 };
 
+// Bounds of the floating-point flags. A learning rate above 1000 or a
+// momentum of 1 or more only makes SGD diverge; a bucket from 1 byte to 64
+// GiB (a bucket larger than the model is simply one bucket).
+constexpr double kMaxLr = 1000;
+constexpr double kMaxMomentum = 0.999;
+constexpr double kMinBucketMib = 1.0 / (1 << 20);
+constexpr double kMaxBucketMib = 64 * 1024;
+
 struct Args {
   int epochs = 5;
   int64_t batch_size = 64;
@@ -69,7 +80,7 @@ struct Args {
   int64_t sync_warmup_steps = 0;
   int threads = 1;
   uint64_t seed = 0;
-  std::string data_dir{weft::data::kFashionMnistDir};
+  std::string data_dir{fashion_mnist::kDefaultDir};
   bool json = false;
   int64_t train_samples = 0;  // 0: all
   int64_t test_samples = 0;   // 0: all
@@ -77,6 +88,64 @@ struct Args {
   double first_bucket_mb = 1;
   int64_t max_steps = 0;  // per epoch, 0: all (benchmarks)
 };
+
+// ---- Checks of the command line ----------------------------------------
+// Every flag is checked when the command line is parsed, before anything
+// starts: a bad value ends the job with exit code 2 (as `weft run` does) and
+// a message naming the flag ("--lr: nan is not a finite number in (0,
+// 1000]"), never later inside libtorch.
+
+// A finite number in [lo, hi] ((lo, hi] when lo_open). NaN and the
+// infinities are refused explicitly (they pass every comparison-based
+// range check). Text that is not a number is left to the conversion, whose
+// error names the flag too.
+CLI::Validator finite_range(double lo, double hi, bool lo_open = false) {
+  const std::string range = fmt::format("{}{}, {}]", lo_open ? "(" : "[", lo, hi);
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        if (end == text.c_str() || *end != '\0') return "";
+        if (!std::isfinite(v)) return fmt::format("{} is not a finite number in {}", text, range);
+        if (v < lo || v > hi || (lo_open && v == lo)) {
+          return fmt::format("{} is not in {}", text, range);
+        }
+        return "";
+      },
+      "NUMBER in " + range);
+}
+
+// CPUs this process may run on (its affinity mask), at least 1.
+int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
+}
+
+// Intra-op threads beyond the CPUs this process may use only make the
+// threads of a worker take turns: refused, so that a typo (1024 for 4) does
+// not go unnoticed.
+CLI::Validator at_most_usable_cpus() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        char* end = nullptr;
+        const long v = std::strtol(text.c_str(), &end, 10);
+        if (end == text.c_str() || *end != '\0') return "";
+        const int cpus = usable_cpus();
+        if (v > cpus) {
+          return fmt::format(
+              "{} intra-op threads per worker is more than the {} CPU(s) this process may run on",
+              text, cpus);
+        }
+        return "";
+      },
+      "at most the usable CPUs");
+}
+
+// MiB of a --bucket-mb value to bytes (the range check keeps it from 1 byte
+// to 64 GiB).
+size_t mib_to_bytes(double mib) { return static_cast<size_t>(std::llround(mib * (1 << 20))); }
 
 std::string duration(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
@@ -125,8 +194,8 @@ int run(const Args& a) {
   weft::torch::set_threads(a.threads);
   torch::manual_seed(a.seed);
 
-  auto train = weft::data::Dataset::fashion_mnist(weft::data::Split::Train, a.data_dir);
-  auto test = weft::data::Dataset::fashion_mnist(weft::data::Split::Test, a.data_dir);
+  auto train = fashion_mnist::load(fashion_mnist::Split::Train, a.data_dir);
+  auto test = fashion_mnist::load(fashion_mnist::Split::Test, a.data_dir);
   const int64_t train_n =
       a.train_samples > 0 ? std::min(a.train_samples, train->size()) : train->size();
   const int64_t test_n = a.test_samples > 0 ? std::min(a.test_samples, test->size()) : test->size();
@@ -145,8 +214,8 @@ int run(const Args& a) {
   opts.sync = weft::train::parse_sync_mode(a.sync);
   opts.local_steps = a.local_steps;
   opts.warmup_steps = a.sync_warmup_steps;
-  opts.buckets.bucket_bytes = static_cast<size_t>(a.bucket_mb * (1 << 20));
-  opts.buckets.first_bucket_bytes = static_cast<size_t>(a.first_bucket_mb * (1 << 20));
+  opts.buckets.bucket_bytes = mib_to_bytes(a.bucket_mb);
+  opts.buckets.first_bucket_bytes = mib_to_bytes(a.first_bucket_mb);
   weft::torch::DataParallel dp(model, comm, opts);
 
   torch::optim::SGD opt(
@@ -298,7 +367,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   app.add_option("--lr", a.lr, "Peak learning rate")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_range(0, kMaxLr, /*lo_open=*/true));
   app.add_option("--lr-schedule", a.lr_schedule,
                  "constant, step (x0.1 at 50% and 75% of the decay) or cosine (to 0)")
       ->capture_default_str()
@@ -306,9 +375,13 @@ int main(int argc, char** argv) {
   app.add_option("--warmup-epochs", a.warmup_epochs,
                  "Linear learning-rate warm-up, in epochs (from 10% of --lr)")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1e6));
-  app.add_option("--momentum", a.momentum, "SGD momentum")->capture_default_str();
-  app.add_option("--weight-decay", a.weight_decay, "SGD weight decay")->capture_default_str();
+      ->check(finite_range(0, 1e6));
+  app.add_option("--momentum", a.momentum, "SGD momentum (below 1)")
+      ->capture_default_str()
+      ->check(finite_range(0, kMaxMomentum));
+  app.add_option("--weight-decay", a.weight_decay, "SGD weight decay (L2 penalty)")
+      ->capture_default_str()
+      ->check(finite_range(0, 1));
   app.add_option("--sync", a.sync, "bsp (gradients averaged every step) or local-sgd")
       ->capture_default_str()
       ->check(CLI::IsMember({"bsp", "local-sgd"}));
@@ -319,27 +392,38 @@ int main(int argc, char** argv) {
                  "Local SGD: BSP steps before local SGD starts (post-local SGD)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
-  app.add_option("--threads", a.threads, "Intra-op threads per worker")
+  app.add_option("--threads", a.threads,
+                 "Intra-op threads per worker (at most the CPUs it may run on)")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1024));
+      ->check(CLI::Range(1, 1024))
+      ->check(at_most_usable_cpus());
   app.add_option("--seed", a.seed, "Seed of the model initialisation and of the data order")
       ->capture_default_str();
   app.add_option("--data-dir", a.data_dir, "Directory of the Fashion-MNIST IDX files")
       ->capture_default_str();
   app.add_flag("--json", a.json, "Print one JSON object per epoch (rank 0) instead of text");
   app.add_option("--train-samples", a.train_samples, "Use the first N training samples (0: all)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   app.add_option("--test-samples", a.test_samples, "Use the first N test samples (0: all)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   app.add_option("--bucket-mb", a.bucket_mb, "Gradient bucket size, MiB")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_range(kMinBucketMib, kMaxBucketMib));
   app.add_option("--first-bucket-mb", a.first_bucket_mb, "First gradient bucket size, MiB")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_range(kMinBucketMib, kMaxBucketMib));
   app.add_option("--max-steps", a.max_steps, "Stop each epoch after N steps (0: whole epoch)")
-      ->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help exits 0; every refused command line exits 2, as `weft run` does.
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
   try {
     return run(a);
   } catch (const std::exception& e) {

@@ -48,6 +48,9 @@ class Group;
 namespace coll {
 struct Call;
 }
+namespace api {
+struct CommunicatorAccess;
+}
 
 // Options of the collectives. timeout: deadline of the call, counted from
 // the call (kDefaultTimeout: CommOptions::timeout). algorithm: Auto or one
@@ -95,6 +98,13 @@ struct CollectiveOptions {
 };
 
 struct SendOptions {
+  Timeout timeout = kDefaultTimeout;
+};
+
+// split(). key: place in the new communicator, ordered by (key, rank of
+// this communicator); the default keeps this communicator's order.
+struct SplitOptions {
+  int key = 0;
   Timeout timeout = kDefaultTimeout;
 };
 
@@ -224,10 +234,10 @@ class Communicator {
 
   // ---- Groups -----------------------------------------------------------
   // Collective over this communicator: ranks passing the same color form a
-  // new communicator, ordered by (key, rank). A negative color returns
+  // new communicator, ordered by (opts.key, rank). A negative color returns
   // nullptr (the rank joins no group). The new communicator shares this
   // one's connections and fails with it.
-  std::shared_ptr<Communicator> split(int color, int key, Timeout timeout = kDefaultTimeout);
+  std::shared_ptr<Communicator> split(int color, const SplitOptions& opts = {});
 
   // ---- Failure ----------------------------------------------------------
   // Aborts the communicator: every operation in flight and every later one
@@ -237,13 +247,15 @@ class Communicator {
   // The error that broke the communicator, or null while it is healthy.
   std::exception_ptr error() const;
 
-  // Internal: the group behind this facade. The communicator that owns its
+ private:
+  // Built by create(), split() and weft::init() only (through
+  // api::CommunicatorAccess, src/api/access.h, which also hands the group
+  // behind this facade to in-tree code). The communicator that owns its
   // world (made by create() or init(), not by split()) closes it when
   // destroyed.
+  friend struct api::CommunicatorAccess;
   Communicator(std::shared_ptr<comm::Group> group, bool owns_world);
-  const std::shared_ptr<comm::Group>& group() const { return group_; }
 
- private:
   void run_call(coll::Call& call, Timeout timeout);
   WorkPtr submit_call(coll::Call& call, Timeout timeout);
 

@@ -17,14 +17,14 @@
 //
 // Typical use in a synchronous data-parallel training loop:
 //
-//   auto train = weft::data::Dataset::fashion_mnist(weft::data::Split::Train);
+//   auto train = weft::data::Dataset::load(images_path, labels_path, /*num_classes=*/10);
 //   weft::data::DistributedSampler sampler(train->size(), world, rank, {.seed = 42});
 //   const int64_t steps = sampler.common_steps_per_epoch(batch, /*drop_last_batch=*/false);
 //   for (int64_t epoch = 0; epoch < epochs; ++epoch) {
 //     std::vector<int64_t> shard = sampler.shard(epoch);
 //     for (int64_t k = 0; k < steps; ++k) {       // same count on every rank
 //       auto idx = weft::data::batch_indices(shard, batch, k);
-//       weft::data::Batch b = train->batch(idx);  // [B,1,28,28] floats, [B] labels
+//       weft::data::Batch b = train->batch(idx);  // [B,1,H,W] floats, [B] labels
 //       ... forward, backward, allreduce gradients ...
 //     }
 //   }
@@ -34,7 +34,6 @@
 #include <memory>
 #include <span>
 #include <string>
-#include <string_view>
 #include <vector>
 
 namespace weft::data {
@@ -94,15 +93,9 @@ void write_idx(const std::string& path, std::span<const uint32_t> dims,
 // Dataset
 // ---------------------------------------------------------------------------
 
-// Where the Debian package dataset-fashion-mnist installs Fashion-MNIST:
-// train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
-// t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.
-inline constexpr std::string_view kFashionMnistDir = "/usr/share/datasets/fashion-mnist";
-inline constexpr int kFashionMnistClasses = 10;
-// "T-shirt/top", "Trouser", ..., "Ankle boot" for labels 0..9; "?" otherwise.
-std::string_view fashion_mnist_class_name(int64_t label);
-
-enum class Split { Train, Test };
+// Where a particular dataset lives, how its files are named and what its
+// classes are called is the application's business (examples/fashion_mnist
+// finds Fashion-MNIST); the library loads any pair of IDX files.
 
 // One batch, assembled by copying samples: images [size, C, H, W] float32
 // (contiguous, NCHW), labels [size] int64.
@@ -123,7 +116,7 @@ struct Batch {
 // number of classes. Loading the same files again, from any thread, returns
 // the same object without reading or decoding anything; concurrent loads of
 // the same files decode once. The cache holds its datasets until
-// clear_cache() (Fashion-MNIST train is ~190 MB of floats).
+// clear_cache() (60000 images of 28x28 are ~190 MB of floats).
 class Dataset {
  public:
   // Loads an images IDX file (magic 0x803, [N, rows, cols]) and a labels IDX
@@ -131,13 +124,6 @@ class Dataset {
   // label is < num_classes. Throws weft::DataError naming the offending file.
   static std::shared_ptr<const Dataset> load(const std::string& images_path,
                                              const std::string& labels_path, int num_classes);
-
-  // Fashion-MNIST (60000 train / 10000 test samples, 28x28, 10 classes) from
-  // dir. Uses the .gz files, or the uncompressed ones (same names without
-  // .gz) when only those exist. A missing directory or file throws
-  // weft::DataError that says which package provides the data.
-  static std::shared_ptr<const Dataset> fashion_mnist(Split split,
-                                                      std::string_view dir = kFashionMnistDir);
 
   // Drops the cache's references (datasets still held by callers live on).
   static void clear_cache();

@@ -10,6 +10,7 @@
 //   std::vector<weft::train::Parameter> params = ...;   // name, dtype, shape, data, grad
 //   weft::train::DataParallel dp(comm, params);         // checks + broadcasts rank 0's model
 //   for (each step) {
+//     dp.begin_step();         // optional: the first grad_ready() opens the step too
 //     zero the gradients; forward;
 //     backward, calling dp.grad_ready(i) as soon as parameter i's gradient is final;
 //     dp.finish_gradients();   // waits for the averaged gradients
@@ -291,6 +292,14 @@ class DataParallel {
 
   // ---- One step ---------------------------------------------------------
 
+  // Opens the step: asks the policy, once, whether this step's gradients are
+  // averaged (SyncPolicy::average_gradients()). The first grad_ready() of a
+  // step, and finish_gradients(), open it when it is not open yet; call
+  // begin_step() to know step_averages_gradients() before any gradient is
+  // reported. Does nothing when the step is already open. After it, until
+  // end_step(), the collective building blocks below are refused.
+  void begin_step();
+
   // Reports that the gradient of trainable parameter `index` is final for
   // this step (backward will not add to it any more). When that completes a
   // bucket, and all earlier buckets are launched, its allreduce starts. The
@@ -344,12 +353,14 @@ class DataParallel {
 
   // Completed steps (end_step() calls).
   int64_t step() const { return step_; }
-  // Whether the gradients of the current step are (or will be) averaged.
-  // Opens the step (asks the policy) when nothing was reported yet, so call
-  // it only once the step's backward pass is under way or done (e.g. just
-  // before finish_gradients()), not between end_step() and the next
-  // backward if average_parameters() or synchronize() follow.
-  bool step_averages_gradients();
+  // Whether a step is open: from begin_step() (or the first grad_ready(),
+  // or finish_gradients()) to end_step().
+  bool step_open() const;
+  // Whether the gradients of the open step are (or will be) averaged. A
+  // query: it changes nothing. Between end_step() and the opening of the
+  // next step the policy has not been asked yet, so it throws
+  // weft::InvalidArgument (call begin_step() first).
+  bool step_averages_gradients() const;
   const std::vector<Parameter>& parameters() const { return params_; }
   const std::vector<StateBuffer>& buffers() const { return buffers_; }
   const std::vector<Bucket>& buckets() const { return buckets_; }

@@ -8,6 +8,7 @@
 
 #include <numeric>
 
+#include "api/access.h"
 #include "collectives/collectives.h"
 #include "comm/group.h"
 #include "comm/work.h"
@@ -127,7 +128,7 @@ std::shared_ptr<Communicator> Communicator::create(int rank, int size, std::shar
   std::vector<int> members(static_cast<size_t>(size));
   std::iota(members.begin(), members.end(), 0);
   auto group = std::make_shared<comm::Group>(world, std::move(members), world->id());
-  return std::make_shared<Communicator>(std::move(group), true);
+  return api::CommunicatorAccess::make(std::move(group), true);
 }
 
 Communicator::Communicator(std::shared_ptr<comm::Group> group, bool owns_world)
@@ -385,13 +386,14 @@ Algorithm Communicator::selected_algorithm(Collective kind, size_t count, DType 
   return coll::select(c, coll::topology(*group_));
 }
 
-std::shared_ptr<Communicator> Communicator::split(int color, int key, Timeout timeout) {
-  Deadline d = group_->deadline(timeout);
+std::shared_ptr<Communicator> Communicator::split(int color, const SplitOptions& opts) {
+  Deadline d = group_->deadline(opts.timeout);
+  const int key = opts.key;
   std::shared_ptr<comm::Group> child;
   run_blocking(
       *group_, [] { return std::string("split"); }, [&] { child = group_->split(color, key, d); });
   if (!child) return nullptr;
-  return std::make_shared<Communicator>(std::move(child), false);
+  return api::CommunicatorAccess::make(std::move(child), false);
 }
 
 void Communicator::abort(const std::string& reason) { comm::abort_world(*group_, reason); }

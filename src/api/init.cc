@@ -5,6 +5,7 @@
 
 #include <numeric>
 
+#include "api/access.h"
 #include "comm/group.h"
 #include "comm/world.h"
 #include "core/auth.h"
@@ -123,7 +124,7 @@ std::shared_ptr<Communicator> init(CommOptions options) {
   std::vector<int> members(static_cast<size_t>(env.size));
   std::iota(members.begin(), members.end(), 0);
   auto group = std::make_shared<comm::Group>(world, std::move(members), world->id());
-  return std::make_shared<Communicator>(std::move(group), true);
+  return api::CommunicatorAccess::make(std::move(group), true);
 }
 
 }  // namespace weft

@@ -43,15 +43,6 @@ std::string file_identity(const std::string& path) {
                      st.st_mtim.tv_nsec);
 }
 
-bool exists(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0;
-}
-
-constexpr std::array<std::string_view, 10> kFashionNames = {
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
-
 }  // namespace
 
 // Builds Datasets (a friend of Dataset).
@@ -131,34 +122,6 @@ std::shared_ptr<const Dataset> Dataset::load(const std::string& images_path,
   return entry->dataset;
 }
 
-std::shared_ptr<const Dataset> Dataset::fashion_mnist(Split split, std::string_view dir) {
-  const std::string base(dir);
-  const char* hint =
-      "install the Debian package dataset-fashion-mnist, or pass the directory that holds "
-      "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
-      "t10k-labels-idx1-ubyte.gz";
-  if (!exists(base)) {
-    throw DataError(
-        fmt::format("Fashion-MNIST directory {}: {} ({})", base, std::strerror(ENOENT), hint));
-  }
-  const std::string prefix = split == Split::Train ? "train" : "t10k";
-  auto find = [&](const std::string& name) {
-    std::string path = base + "/" + name;
-    if (exists(path + ".gz")) return path + ".gz";
-    if (exists(path)) return path;
-    throw DataError(
-        fmt::format("Fashion-MNIST file {}.gz: {} ({})", path, std::strerror(ENOENT), hint));
-  };
-  const std::string images = find(prefix + "-images-idx3-ubyte");
-  const std::string labels = find(prefix + "-labels-idx1-ubyte");
-  auto ds = load(images, labels, kFashionMnistClasses);
-  if (ds->height() != 28 || ds->width() != 28) {
-    throw DataError(fmt::format("IDX file {}: Fashion-MNIST images are 28x28, these are {}x{}",
-                                ds->images_path(), ds->height(), ds->width()));
-  }
-  return ds;
-}
-
 void Dataset::clear_cache() {
   MutexLock lock(&cache().mu);
   cache().entries.clear();
@@ -215,11 +178,6 @@ Batch Dataset::batch(std::span<const int64_t> indices) const {
   b.labels.resize(indices.size());
   fill_batch(indices, b.images, b.labels);
   return b;
-}
-
-std::string_view fashion_mnist_class_name(int64_t label) {
-  if (label < 0 || label >= static_cast<int64_t>(kFashionNames.size())) return "?";
-  return kFashionNames[static_cast<size_t>(label)];
 }
 
 }  // namespace weft::data

@@ -170,6 +170,7 @@ void DataParallel::zero_grad() {
 void DataParallel::finish_gradients() {
   Impl& m = *impl_;
   if (m.finished) return;
+  m.engine->begin_step();  // a step whose backward reported nothing opens here
   if (m.engine->step_averages_gradients()) {
     // Parameters that took no part in the loss: report what their gradient
     // holds (zeros once zeroed), so that they receive the average too.

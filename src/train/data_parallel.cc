@@ -338,9 +338,24 @@ void DataParallel::launch_in_order_locked() {
   }
 }
 
-bool DataParallel::step_averages_gradients() {
+void DataParallel::begin_step() {
   std::lock_guard lock(mu_);
   if (phase_ == Phase::Idle) open_step_locked();
+}
+
+bool DataParallel::step_open() const {
+  std::lock_guard lock(mu_);
+  return phase_ != Phase::Idle;
+}
+
+bool DataParallel::step_averages_gradients() const {
+  std::lock_guard lock(mu_);
+  if (phase_ == Phase::Idle) {
+    throw InvalidArgument(fmt::format(
+        "DataParallel::step_averages_gradients: step {} is not open yet (the policy decides when "
+        "it opens): call begin_step() first, or ask after the first grad_ready()",
+        step_));
+  }
   return averaging_;
 }
 
@@ -387,8 +402,8 @@ void DataParallel::check_idle(const char* what) const {
   std::lock_guard lock(mu_);
   if (phase_ != Phase::Idle) {
     throw InvalidArgument(fmt::format(
-        "DataParallel::{} called inside step {} (after a gradient was reported): call it between "
-        "end_step() and the next backward pass",
+        "DataParallel::{} called inside step {} (the step is open: begin_step() was called or a "
+        "gradient was reported): call it between end_step() and the next step",
         what, step_));
   }
 }

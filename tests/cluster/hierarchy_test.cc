@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "api/access.h"
 #include "collectives/cases.h"
 #include "collectives/collectives.h"
 #include "comm/group.h"
@@ -59,7 +60,7 @@ TEST(Topology, HostsInOrderOfTheirFirstRank) {
   const std::string layout = "BAABC";
   testing::run_ranks_ok(5, [&](int r) {
     auto c = make(store, layout, r);
-    const auto& t = coll::topology(*c->group());
+    const auto& t = coll::topology(*api::CommunicatorAccess::group(*c));
     ASSERT_EQ(t.num_hosts(), 3);
     EXPECT_EQ(t.hosts[0], (std::vector<int>{0, 3}));
     EXPECT_EQ(t.hosts[1], (std::vector<int>{1, 2}));

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <string>
 
+#include "api/access.h"
 #include "collectives/cases.h"
 #include "collectives/collectives.h"
 #include "weft/weft.h"
@@ -51,7 +52,8 @@ int main(int argc, char** argv) {
   try {
     auto comm = weft::init();
     std::printf("RANK %d LOCAL %d/%d HOSTS %d\n", comm->rank(), comm->local_rank(),
-                comm->local_size(), weft::coll::topology(*comm->group()).num_hosts());
+                comm->local_size(),
+                weft::coll::topology(*weft::api::CommunicatorAccess::group(*comm)).num_hosts());
     std::fflush(stdout);
     if (loop) {
       std::printf("ready pid=%d\n", static_cast<int>(::getpid()));

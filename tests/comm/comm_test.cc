@@ -121,12 +121,17 @@ TEST(Communicator, Split) {
   run_ranks_ok(n, [&](int r) {
     auto c = Communicator::create(r, n, store, test_options());
     // Even and odd ranks, ordered by descending world rank; rank 5 opts out.
-    auto sub = c->split(r == 5 ? -1 : r % 2, -r);
+    auto sub = c->split(r == 5 ? -1 : r % 2, {.key = -r, .timeout = 30s});
+    // The default options keep the world's order.
+    auto same_order = c->split(r == 5 ? -1 : r % 2);
     if (r == 5) {
       EXPECT_EQ(sub, nullptr);
+      EXPECT_EQ(same_order, nullptr);
       c->barrier();
       return;
     }
+    ASSERT_NE(same_order, nullptr);
+    EXPECT_EQ(same_order->rank(), r / 2);
     ASSERT_NE(sub, nullptr);
     const int expect_size = r % 2 == 0 ? 3 : 2;
     EXPECT_EQ(sub->size(), expect_size);

@@ -1,4 +1,5 @@
-// Helpers of the data tests: writing arbitrary (also malformed) IDX bytes.
+// Helpers of the data tests: writing arbitrary (also malformed) IDX bytes,
+// and small synthetic datasets.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -10,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "weft/data.h"
 #include "weft/errors.h"
 
 namespace weft::data::test {
@@ -62,6 +64,32 @@ inline void expect_data_error(const std::function<void()>& fn,
     for (const auto& p : parts)
       EXPECT_NE(what.find(p), std::string::npos) << "\"" << p << "\" not in: " << what;
   }
+}
+
+// A synthetic dataset of n h x w images: pixel j of sample i is (i * 31 + j) % 256,
+// label i % classes.
+struct Synthetic {
+  std::string images, labels;
+};
+
+inline Synthetic write_synthetic(const std::string& dir, const std::string& prefix, uint32_t n,
+                                 uint32_t h, uint32_t w, uint32_t classes, bool gz) {
+  std::vector<uint8_t> pixels(size_t{n} * h * w), labels(n);
+  for (size_t i = 0; i < n; ++i) {
+    labels[i] = static_cast<uint8_t>(i % classes);
+    for (size_t j = 0; j < size_t{h} * w; ++j) {
+      pixels[i * h * w + j] = static_cast<uint8_t>((i * 31 + j) % 256);
+    }
+  }
+  Synthetic s{dir + "/" + prefix + "-images-idx3-ubyte", dir + "/" + prefix + "-labels-idx1-ubyte"};
+  if (gz) {
+    s.images += ".gz";
+    s.labels += ".gz";
+  }
+  const std::vector<uint32_t> idims = {n, h, w}, ldims = {n};
+  write_idx(s.images, idims, pixels, gz);
+  write_idx(s.labels, ldims, labels, gz);
+  return s;
 }
 
 }  // namespace weft::data::test

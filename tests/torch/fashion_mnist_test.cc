@@ -1,7 +1,9 @@
 // The main job end to end, as real processes under `weft run`: a short
 // training run on a subset of Fashion-MNIST must beat a fixed accuracy
-// (BSP and local SGD), and bad datasets fail with errors naming the file.
+// (BSP and local SGD), bad datasets fail with errors naming the file, and
+// bad flags are refused at start-up naming the flag.
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <filesystem>
 #include <fstream>
@@ -10,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "dataset.h"
 #include "testing/testing.h"
 #include "weft/data.h"
 
@@ -23,7 +26,7 @@ std::string weft_bin() { return testing::bin_dir() + "/weft"; }
 std::string job_bin() { return testing::bin_dir() + "/fashion_mnist"; }
 
 bool have_dataset() {
-  return std::filesystem::exists(std::string(data::kFashionMnistDir) +
+  return std::filesystem::exists(std::string(fashion_mnist::kDefaultDir) +
                                  "/train-images-idx3-ubyte.gz");
 }
 
@@ -85,8 +88,11 @@ TEST(FashionMnist, ShortLocalSgdRunLearns) {
 }
 
 // Runs the job on a dataset directory and returns its output; expects failure.
-std::string run_failing(const std::string& dir) {
-  Process p({weft_bin(), "run", "-n", "1", job_bin(), "--data-dir", dir, "--epochs", "1"});
+std::string run_failing(const std::string& dir, const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv = {weft_bin(),   "run", "-n",       "1", job_bin(),
+                                   "--data-dir", dir,   "--epochs", "1"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  Process p(argv);
   EXPECT_TRUE(p.wait(120s)) << p.output();
   EXPECT_NE(p.exit_code(), 0) << p.output();
   return p.output();
@@ -119,6 +125,90 @@ TEST(FashionMnist, BadDatasetsFailNamingTheFile) {
   std::ofstream(labels_path, std::ios::trunc) << "this is not a dataset";
   out = run_failing(dir.path());
   EXPECT_NE(out.find(labels_path), std::string::npos) << out;
+}
+
+// Every refused flag value: the job ends at start-up with exit code 2 (as
+// `weft run` does for its own flags), a message naming the flag, and no
+// C++ exception or libtorch stack trace. The data directory does not exist,
+// so a value that got past the checks would fail on the dataset instead.
+TEST(FashionMnist, BadFlagsAreRefusedAtStartNamingTheFlag) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(set), &set), 0);
+  const std::string too_many_threads = std::to_string(CPU_COUNT(&set) + 1);
+  const std::vector<std::vector<std::string>> cases = {
+      {"--lr", "nan"},
+      {"--lr", "1e308"},
+      {"--lr", "0"},
+      {"--lr", "-0.1"},
+      {"--lr", "inf"},
+      {"--momentum", "nan"},
+      {"--momentum", "-5"},
+      {"--momentum", "1"},
+      {"--weight-decay", "nan"},
+      {"--weight-decay", "-1"},
+      {"--warmup-epochs", "nan"},
+      {"--bucket-mb", "1e30"},
+      {"--bucket-mb", "nan"},
+      {"--bucket-mb", "0"},
+      {"--first-bucket-mb", "-1"},
+      {"--train-samples", "-5"},
+      {"--test-samples", "-1"},
+      {"--max-steps", "-1"},
+      {"--threads", too_many_threads},
+      {"--threads", "0"},
+      {"--epochs", "many"},
+      {"--batch-size", "0"},
+  };
+  const std::string nowhere = "/nonexistent/weft-fashion-mnist";
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {job_bin(), "--data-dir", nowhere};
+    argv.insert(argv.end(), c.begin(), c.end());
+    Process p(argv);
+    const std::string what = c[0] + " " + c[1];
+    ASSERT_TRUE(p.wait(60s)) << what << ":\n" << p.output();
+    const std::string out = p.output();
+    EXPECT_EQ(p.exit_code(), 2) << what << ":\n" << out;
+    EXPECT_NE(out.find(c[0]), std::string::npos) << what << ":\n" << out;
+    EXPECT_EQ(out.find(nowhere), std::string::npos) << what << " got past the checks:\n" << out;
+    EXPECT_EQ(out.find("terminate"), std::string::npos) << what << ":\n" << out;
+    EXPECT_EQ(out.find("Exception raised from"), std::string::npos) << what << ":\n" << out;
+  }
+  // The message says why (the reason the issue found missing for --bucket-mb 1e30).
+  Process p({job_bin(), "--bucket-mb", "1e30"});
+  ASSERT_TRUE(p.wait(60s)) << p.output();
+  EXPECT_NE(p.output().find("--bucket-mb: 1e30 is not in ["), std::string::npos) << p.output();
+  Process t({job_bin(), "--threads", too_many_threads});
+  ASSERT_TRUE(t.wait(60s)) << t.output();
+  EXPECT_NE(t.output().find("more than the"), std::string::npos) << t.output();
+}
+
+// The bounds themselves are accepted: the job gets past the checks and fails
+// on the missing dataset instead, naming it.
+TEST(FashionMnist, FlagsAtTheirBoundsAreAccepted) {
+  testing::TempDir dir;
+  const std::string out = run_failing(dir.path() + "/nowhere", {"--lr",
+                                                                "1000",
+                                                                "--momentum",
+                                                                "0",
+                                                                "--weight-decay",
+                                                                "1",
+                                                                "--bucket-mb",
+                                                                "65536",
+                                                                "--first-bucket-mb",
+                                                                "9.5367431640625e-07",
+                                                                "--train-samples",
+                                                                "0",
+                                                                "--test-samples",
+                                                                "0",
+                                                                "--max-steps",
+                                                                "0",
+                                                                "--threads",
+                                                                "1",
+                                                                "--warmup-epochs",
+                                                                "0"});
+  EXPECT_NE(out.find(dir.path() + "/nowhere"), std::string::npos) << out;
+  EXPECT_NE(out.find("dataset-fashion-mnist"), std::string::npos) << out;
 }
 
 }  // namespace

@@ -486,6 +486,73 @@ TEST(DataParallel, MisuseIsReportedClearly) {
   EXPECT_THROW(DataParallel(comm, {param("a", a)}, {}, opts), InvalidArgument);
 }
 
+// Asking whether a step averages its gradients changes nothing: the policy
+// is asked once, when the step opens (begin_step() or the first
+// grad_ready()), and an idle engine stays idle (so average_parameters()
+// between steps still works after the question).
+class CountingPolicy final : public SyncPolicy {
+ public:
+  std::string name() const override { return "counting"; }
+  bool average_gradients(int64_t step) override {
+    ++asked;
+    return step % 2 == 0;
+  }
+  void after_update(int64_t, DataParallel&) override {}
+  bool parameters_may_differ(int64_t) const override { return true; }
+  int asked = 0;
+};
+
+TEST(DataParallel, StepQueriesHaveNoSideEffects) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(2, [&](int r) {
+    auto comm = make_comm(r, 2, store);
+    std::vector<float> a(10, static_cast<float>(r)), ga(10, static_cast<float>(r));
+    auto policy = std::make_shared<CountingPolicy>();
+    DataParallelOptions opts;
+    opts.policy = policy;
+    DataParallel dp(comm, {param("a", a, &ga)}, {}, opts);
+
+    // Idle: the questions are answered without asking the policy.
+    EXPECT_FALSE(dp.step_open());
+    try {
+      (void)dp.step_averages_gradients();
+      ADD_FAILURE() << "no error for a question about a step that is not open";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("begin_step()"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(policy->asked, 0);
+    EXPECT_FALSE(dp.step_open());
+    std::fill(a.begin(), a.end(), static_cast<float>(r));
+    dp.average_parameters();  // still between steps
+    EXPECT_EQ(a[0], 0.5f);
+
+    // Step 0 (averaged): opened explicitly, asked about any number of times.
+    dp.begin_step();
+    dp.begin_step();
+    EXPECT_TRUE(dp.step_open());
+    EXPECT_TRUE(dp.step_averages_gradients());
+    EXPECT_TRUE(dp.step_averages_gradients());
+    EXPECT_EQ(policy->asked, 1);
+    EXPECT_THROW(dp.average_parameters(), InvalidArgument);
+    std::fill(ga.begin(), ga.end(), static_cast<float>(r));
+    dp.grad_ready(0);
+    dp.finish_gradients();
+    EXPECT_EQ(ga[0], 0.5f);
+    EXPECT_EQ(policy->asked, 1);
+    dp.end_step();
+    EXPECT_FALSE(dp.step_open());
+
+    // Step 1 (not averaged): opened by its first gradient.
+    std::fill(ga.begin(), ga.end(), static_cast<float>(r));
+    dp.grad_ready(0);
+    EXPECT_EQ(policy->asked, 2);
+    EXPECT_FALSE(dp.step_averages_gradients());
+    dp.end_step();
+    EXPECT_EQ(ga[0], static_cast<float>(r));
+    EXPECT_EQ(policy->asked, 2);
+  });
+}
+
 // A rank that abandons a step with a bucket in flight (an exception during
 // backward destroys its engine) makes its peer fail fast, not hang until the
 // deadline.

@@ -8,8 +8,11 @@
 // that disagree, two jobs on one store port) fails within seconds naming
 // the variable. A launcher test is skipped only when the launcher is not
 // installed (scripts/deps.sh installs openmpi-bin and python3-torch).
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -73,6 +76,18 @@ size_t count(const std::string& text, const std::string& what) {
   size_t n = 0;
   for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
   return n;
+}
+
+// True when something listens on 127.0.0.1:port.
+bool port_open(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return ok;
 }
 
 // True once pid is gone (or a zombie nobody reaped yet).
@@ -243,10 +258,11 @@ TEST_F(Mpirun, TwoEmulatedHosts) {
   }
   ::chmod(agent.c_str(), 0755);
   const int port = 29400 + ::getpid() % 500;
+  const std::string ip = which("ip");
   // ip netns exec HOST1 mpirun --mca plm_rsh_agent AGENT --host 10.77.0.1:2,10.77.0.2:2 -np 4
   //   -x WEFT_JOB_TOKEN -x WEFT_STORE=10.77.0.1:PORT [-x MORE] CMD...
   auto emulated = [&](std::vector<std::string> more, std::vector<std::string> cmd) {
-    std::vector<std::string> a = {"ip",
+    std::vector<std::string> a = {ip,
                                   "netns",
                                   "exec",
                                   prefix + "-h1",
@@ -307,16 +323,8 @@ TEST_F(Mpirun, TwoJobsOnOneStorePort) {
   Process first(line(2, port, wait_for_rank_1, {"WEFT_STORE_TIMEOUT=25"}), env());
   // Until the first job's rank 0 serves the store.
   auto until = Clock::now() + 60s;
-  bool serving = false;
-  while (!serving && Clock::now() < until) {
-    Process probe({"/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/" + std::to_string(port)});
-    serving = probe.wait(5s) && probe.exit_code() == 0;
-    if (!serving) std::this_thread::sleep_for(100ms);
-  }
-  if (!serving) {
-    // /bin/sh may lack /dev/tcp (dash): give the first job time instead.
-    std::this_thread::sleep_for(3s);
-  }
+  while (!port_open(port) && Clock::now() < until) std::this_thread::sleep_for(50ms);
+  ASSERT_TRUE(port_open(port)) << first.output();
   auto r = run(line(2, port, {worker(), "allreduce-loop", "5", "1000"}), env(), 100s);
   EXPECT_NE(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("WEFT_STORE"), std::string::npos) << r.output;

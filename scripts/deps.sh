@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Weft needs that are missing (as root, with
-# apt-get). `deps.sh` installs what building, testing and the demo need;
+# apt-get). `deps.sh` installs what building, testing (with the launchers
+# the tests use: mpirun, torchrun) and the demo need;
 # `deps.sh bench` adds the peers the benchmarks compare against.
 set -euo pipefail
 packages=(
@@ -9,9 +10,12 @@ packages=(
   libgtest-dev libgmock-dev
   libtorch-dev dataset-fashion-mnist
   iproute2 procps
+  openmpi-bin python3-torch
 )
+# openmpi-bin (mpirun) and python3-torch (torchrun) are the launchers the
+# tests start Weft under (tests/launch/launchers_test.cc).
 if [ "${1:-}" = bench ]; then
-  packages+=(libgloo-dev libopenmpi-dev openmpi-bin python3-torch libbenchmark-dev)
+  packages+=(libgloo-dev libopenmpi-dev libbenchmark-dev)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -46,7 +46,15 @@ class Env {
                                          "LOCAL_RANK",
                                          "LOCAL_WORLD_SIZE",
                                          "MASTER_ADDR",
-                                         "MASTER_PORT"};
+                                         "MASTER_PORT",
+                                         "WEFT_STORE_EXTERNAL",
+                                         "TORCHELASTIC_USE_AGENT_STORE",
+                                         "OMPI_MCA_orte_ess_num_procs",
+                                         "OMPI_MCA_ess_base_jobid",
+                                         "SLURM_NPROCS",
+                                         "SLURM_STEP_NUM_TASKS",
+                                         "SLURM_JOB_ID",
+                                         "SLURM_STEP_ID"};
   std::vector<std::pair<std::string, std::string>> saved_;
 };
 
@@ -117,6 +125,59 @@ TEST(LaunchEnvironment, TorchrunServesTheStoreNextToTheAgentsPort) {
   EXPECT_EQ(e.launcher, "torchrun");
   EXPECT_EQ(e.store_port, 29501);
   EXPECT_TRUE(e.serve_store);
+}
+
+TEST(LaunchEnvironment, UnderMpirunRankZeroServesWeftStore) {
+  Env env({{"OMPI_COMM_WORLD_RANK", "1"},
+           {"OMPI_COMM_WORLD_SIZE", "2"},
+           {"OMPI_MCA_ess_base_jobid", "77"},
+           {"WEFT_STORE", "127.0.0.1:29511"}});
+  auto e = detect_launch_environment();
+  EXPECT_TRUE(e.serve_store);
+  EXPECT_EQ(e.store_port, 29511);
+  EXPECT_EQ(e.store_variable, "WEFT_STORE");
+  EXPECT_EQ(e.job_id, "77");
+}
+
+TEST(LaunchEnvironment, ExternalStoreIsNotServed) {
+  {
+    Env env({{"SLURM_PROCID", "0"},
+             {"SLURM_NTASKS", "2"},
+             {"WEFT_STORE", "10.0.0.1:7000"},
+             {"WEFT_STORE_EXTERNAL", "1"}});
+    EXPECT_FALSE(detect_launch_environment().serve_store);
+  }
+  Env env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"WEFT_STORE_EXTERNAL", "1"}});
+  try {
+    detect_launch_environment();
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("WEFT_STORE_EXTERNAL=1"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LaunchEnvironment, TorchrunC10dRendezvousLeavesMasterPortFree) {
+  Env env({{"RANK", "0"},
+           {"WORLD_SIZE", "2"},
+           {"MASTER_ADDR", "127.0.0.1"},
+           {"MASTER_PORT", "29500"},
+           {"TORCHELASTIC_USE_AGENT_STORE", "False"}});
+  EXPECT_EQ(detect_launch_environment().store_port, 29500);
+}
+
+TEST(LaunchEnvironment, LocalRankBeyondLocalSizeNamesTheVariable) {
+  Env env({{"OMPI_COMM_WORLD_RANK", "1"},
+           {"OMPI_COMM_WORLD_SIZE", "4"},
+           {"OMPI_COMM_WORLD_LOCAL_RANK", "2"},
+           {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+           {"WEFT_STORE", "127.0.0.1:1"}});
+  try {
+    detect_launch_environment();
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("OMPI_COMM_WORLD_LOCAL_RANK"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(LaunchEnvironment, BadValuesNameTheVariable) {

@@ -50,6 +50,32 @@ std::string size_variable(const std::string& launcher) {
   return "WEFT_WORLD_SIZE";
 }
 
+// The first host of a Slurm hostlist: "node[07-09,12],gpu1" -> "node07".
+std::string slurm_first_host(const std::string& list) {
+  std::string host;
+  bool bracket = false, in_range = false;
+  for (char c : list) {
+    if (!bracket && c == ',') break;
+    if (c == '[') {
+      bracket = true;
+      continue;
+    }
+    if (bracket) {
+      if (c == ']') {
+        bracket = false;
+        in_range = false;
+      } else if (c == '-' || c == ',') {
+        in_range = true;  // the rest of the range is other hosts
+      } else if (!in_range) {
+        host += c;
+      }
+      continue;
+    }
+    host += c;
+  }
+  return host;
+}
+
 // Two variables of one launcher that must agree.
 void check_same(const char* a, int value, const char* b) {
   if (!settings::get(b)) return;
@@ -92,8 +118,10 @@ std::string store_advice(const std::string& launcher) {
   return fmt::format(
       "under {} Weft needs the address where rank 0 serves the rendezvous store: export "
       "WEFT_STORE=HOST:PORT, HOST an address of rank 0's host (the first node) and PORT a free "
-      "port (or MASTER_ADDR and MASTER_PORT); rank 0 serves it there",
-      launcher);
+      "port (or MASTER_ADDR and MASTER_PORT{}); rank 0 serves it there",
+      launcher,
+      launcher == "slurm" ? ", or leave them unset with SLURM_STEP_NODELIST set, as srun does"
+                          : "");
 }
 
 // True when `host` names an address of this machine (one it can bind).
@@ -240,6 +268,27 @@ LaunchEnvironment detect_launch_environment() {
   }
   auto master = settings::get("MASTER_ADDR");
   auto master_port = settings::get("MASTER_PORT");
+  if (env.launcher == "slurm" && !master) {
+    // Rank 0 runs on the step's first node (srun's block and cyclic
+    // distributions); the port comes from the job and step ids, so that
+    // steps and jobs sharing a node differ, unless WEFT_STORE_PORT says.
+    const char* list_var = settings::get("SLURM_STEP_NODELIST")  ? "SLURM_STEP_NODELIST"
+                           : settings::get("SLURM_JOB_NODELIST") ? "SLURM_JOB_NODELIST"
+                                                                 : "SLURM_NODELIST";
+    std::string first = slurm_first_host(settings::get_string(list_var, ""));
+    if (first.empty()) throw InvalidArgument(store_advice(env.launcher));
+    const int64_t job = settings::get_int("SLURM_JOB_ID", 0, 0, INT64_MAX);
+    const int64_t step = settings::get_int("SLURM_STEP_ID", 0, 0, INT64_MAX);
+    const int derived = 20000 + static_cast<int>((job * 7 + step) % 10000);
+    env.store_host = first;
+    env.store_port = static_cast<uint16_t>(env_int("WEFT_STORE_PORT", derived, 1, 65535, false));
+    env.store_variable = fmt::format("{} (first node) and {}", list_var,
+                                     settings::get("WEFT_STORE_PORT")
+                                         ? "WEFT_STORE_PORT"
+                                         : "a port from SLURM_JOB_ID and SLURM_STEP_ID");
+    env.serve_store = true;
+    return env;
+  }
   if (!master || !master_port) throw InvalidArgument(store_advice(env.launcher));
   int mport = env_int("MASTER_PORT", 0, 1, 65535, true);
   // torchrun's agent serves its own (c10d) store on MASTER_PORT under its

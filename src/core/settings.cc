@@ -24,7 +24,9 @@ constexpr std::array kSettings = {
             "mpirun/srun/torchrun rank 0 serves it there)"},
     Setting{"WEFT_STORE_EXTERNAL", "0",
             "1: a store already runs at WEFT_STORE; no rank serves it (mpirun/srun/torchrun)"},
-    Setting{"WEFT_STORE_PORT", "", "port rank 0 serves the store on under mpirun/srun/torchrun"},
+    Setting{"WEFT_STORE_PORT", "",
+            "port rank 0 serves the store on under mpirun/srun/torchrun (with MASTER_ADDR, or "
+            "Slurm's first node)"},
     Setting{"WEFT_JOB_TOKEN", "", "shared secret every connection must prove it knows"},
     Setting{"WEFT_ALLOW_UNAUTHENTICATED", "0", "1: run without a job token (logged)"},
     Setting{"WEFT_TIMEOUT", "300", "deadline of every communication call, seconds"},

@@ -54,7 +54,10 @@ class Env {
                                          "SLURM_NPROCS",
                                          "SLURM_STEP_NUM_TASKS",
                                          "SLURM_JOB_ID",
-                                         "SLURM_STEP_ID"};
+                                         "SLURM_STEP_ID",
+                                         "SLURM_STEP_NODELIST",
+                                         "SLURM_JOB_NODELIST",
+                                         "SLURM_NODELIST"};
   std::vector<std::pair<std::string, std::string>> saved_;
 };
 
@@ -178,6 +181,24 @@ TEST(LaunchEnvironment, LocalRankBeyondLocalSizeNamesTheVariable) {
     EXPECT_NE(std::string(e.what()).find("OMPI_COMM_WORLD_LOCAL_RANK"), std::string::npos)
         << e.what();
   }
+}
+
+TEST(LaunchEnvironment, SlurmRankZeroServesOnTheFirstNode) {
+  Env env({{"SLURM_PROCID", "5"},
+           {"SLURM_NTASKS", "8"},
+           {"SLURM_JOB_ID", "4242"},
+           {"SLURM_STEP_ID", "3"},
+           {"SLURM_STEP_NODELIST", "node[07-09,12],gpu1"}});
+  auto e = detect_launch_environment();
+  EXPECT_EQ(e.store_host, "node07");
+  EXPECT_EQ(e.store_port, 20000 + (4242 * 7 + 3) % 10000);
+  EXPECT_TRUE(e.serve_store);
+  EXPECT_NE(e.store_variable.find("SLURM_STEP_NODELIST"), std::string::npos);
+  setenv("WEFT_STORE_PORT", "31000", 1);
+  EXPECT_EQ(detect_launch_environment().store_port, 31000);
+  unsetenv("WEFT_STORE_PORT");
+  setenv("SLURM_STEP_NODELIST", "a12,b[1-2]", 1);
+  EXPECT_EQ(detect_launch_environment().store_host, "a12");
 }
 
 TEST(LaunchEnvironment, BadValuesNameTheVariable) {

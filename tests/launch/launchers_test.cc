@@ -481,6 +481,24 @@ TEST(Slurm, TwoTasksAsSrunStartsThem) {
   }
 }
 
+// Without WEFT_STORE: rank 0 serves on the first node of SLURM_STEP_NODELIST
+// (this host's name here) at a port derived from the job and step ids.
+TEST(Slurm, NoStoreAddressNeeded) {
+  std::vector<std::unique_ptr<Process>> tasks;
+  const std::string step = std::to_string(::getpid() % 1000);  // another port per test run
+  for (int r = 0; r < 2; ++r) {
+    tasks.push_back(std::make_unique<Process>(
+        std::vector<std::string>{worker(), "allreduce-loop", "20", "10000"},
+        srun_env(r, 2,
+                 {{"WEFT_JOB_TOKEN", kToken}, {"SLURM_STEP_ID", step}, {"SLURM_STEPID", step}})));
+  }
+  for (auto& t : tasks) {
+    ASSERT_TRUE(t->wait(60s)) << t->output();
+    EXPECT_EQ(t->exit_code(), 0) << t->output();
+    EXPECT_NE(t->output().find("OK"), std::string::npos) << t->output();
+  }
+}
+
 TEST(Slurm, MissingTaskIsNamedWithinSeconds) {
   const std::string store = "127.0.0.1:" + std::to_string(free_port());
   auto r = run(

@@ -32,6 +32,7 @@ using store::ReplyStatus;
 constexpr auto kFirstBackoff = 10ms;
 constexpr auto kMaxBackoff = 500ms;
 constexpr auto kMaxAttempt = 5s;
+constexpr Timeout kMaxHandshake = 30s;
 
 bool transient(int err) {
   switch (err) {
@@ -129,12 +130,20 @@ struct TcpStore::Impl {
         net::set_nodelay(f.get());
         net::set_keepalive(f.get());
         try {
+          // A server that accepts but never answers is not a Weft store:
+          // say so after kMaxHandshake rather than at the call's deadline.
           auth::client_handshake(f.get(), auth::Kind::Store, auth::Context{},
-                                 {options.job_token, options.allow_unauthenticated}, deadline,
-                                 peer);
+                                 {options.job_token, options.allow_unauthenticated},
+                                 deadline.min(Deadline::after(kMaxHandshake)), peer);
         } catch (const TimeoutError&) {
-          store::throw_timeout(call, timeout,
-                               fmt::format(" (handshake with the store at {})", peer));
+          if (deadline.expired()) {
+            store::throw_timeout(call, timeout,
+                                 fmt::format(" (handshake with the store at {})", peer));
+          }
+          throw StoreError(fmt::format(
+              "{}: the server at {} accepted the connection but did not answer the store "
+              "handshake within {}: is something other than a Weft store listening there?",
+              call, peer, format_timeout(kMaxHandshake)));
         }
         fd = std::move(f);
         return;

@@ -192,17 +192,15 @@ TEST_F(Mpirun, MissingStoreIsNamedWithinSeconds) {
   EXPECT_LT(r.took, 50s) << r.output;
 }
 
-// mpirun is killed while rank 1 waits for the store: rank 1 stops waiting
-// (its launcher is gone) instead of lingering until the deadline. Rank 0, a
-// plain sleep, shows that nothing else ends the orphans.
-TEST_F(Mpirun, RankWhoseLauncherIsGoneStopsWaiting) {
-  Process p(line(2, free_port(),
-                 {"/bin/sh", "-c",
-                  "echo \"PID $OMPI_COMM_WORLD_RANK $$\"; if [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; "
-                  "then exec sleep 120; fi; exec \"$0\" \"$@\"",
-                  worker(), "allreduce-loop", "5", "1000"},
-                 {"WEFT_STORE_TIMEOUT=200"}),
-            env());
+// mpirun is killed while a rank waits at rendezvous: it stops waiting (its
+// launcher is gone) instead of lingering until the deadline. The other
+// rank, a plain sleep, shows that nothing else ends the orphans.
+//  * sleeper 0: rank 1 waits in its store connect loop (nobody serves);
+//  * sleeper 1: rank 0 serves the store and waits for rank 1's record.
+void launcher_gone_case(const std::vector<std::string>& argv,
+                        const std::map<std::string, std::string>& env, int sleeper) {
+  const int waiter = 1 - sleeper;
+  Process p(argv, env);
   pid_t pids[2] = {0, 0};
   auto until = Clock::now() + 60s;
   while ((pids[0] == 0 || pids[1] == 0) && Clock::now() < until) {
@@ -216,16 +214,32 @@ TEST_F(Mpirun, RankWhoseLauncherIsGoneStopsWaiting) {
     std::this_thread::sleep_for(50ms);
   }
   ASSERT_TRUE(pids[0] > 0 && pids[1] > 0) << p.output();
-  std::this_thread::sleep_for(1s);  // rank 1 is in its store connect loop
-  ASSERT_FALSE(gone(pids[1])) << p.output();
+  std::this_thread::sleep_for(1500ms);  // the waiter is in its wait
+  ASSERT_FALSE(gone(pids[waiter])) << p.output();
   p.signal(SIGKILL);
   p.wait(10s);
   auto t0 = Clock::now();
-  while (!gone(pids[1]) && Clock::now() - t0 < 30s) std::this_thread::sleep_for(50ms);
-  EXPECT_TRUE(gone(pids[1])) << "rank 1 still waits after mpirun was killed";
-  EXPECT_FALSE(gone(pids[0])) << "the orphaned sleep ended too: the test proves nothing";
+  while (!gone(pids[waiter]) && Clock::now() - t0 < 30s) std::this_thread::sleep_for(50ms);
+  EXPECT_TRUE(gone(pids[waiter])) << "rank " << waiter << " still waits after mpirun was killed";
+  EXPECT_FALSE(gone(pids[sleeper])) << "the orphaned sleep ended too: the test proves nothing";
   ::kill(pids[0], SIGKILL);
   ::kill(pids[1], SIGKILL);
+}
+
+TEST_F(Mpirun, RankWhoseLauncherIsGoneStopsWaiting) {
+  for (int sleeper : {0, 1}) {
+    SCOPED_TRACE("rank " + std::to_string(sleeper) + " never starts Weft");
+    launcher_gone_case(
+        line(2, free_port(),
+             {"/bin/sh", "-c",
+              "echo \"PID $OMPI_COMM_WORLD_RANK $$\"; if [ \"$OMPI_COMM_WORLD_RANK\" = " +
+                  std::to_string(sleeper) + " ]; then exec sleep 120; fi; exec \"$0\" \"$@\"",
+              worker(), "allreduce-loop", "5", "1000"},
+             // No report within the test's window: a report written to the dead
+             // launcher's pipe would end the rank by SIGPIPE, hiding a missing watch.
+             {"WEFT_STORE_TIMEOUT=200", "WEFT_RENDEZVOUS_LOG_INTERVAL=100"}),
+        env(), sleeper);
+  }
 }
 
 // Two emulated hosts (network namespaces, scripts/cluster.sh): mpirun runs
@@ -555,6 +569,12 @@ TEST(LauncherBadInput, MasterPortOutOfRange) {
 
 TEST(LauncherBadInput, NoStoreAddressGivesAdviceThatWorks) {
   expect_quick_error(ompi_env(0, 2, {}), "-x WEFT_STORE=127.0.0.1:29500");
+}
+
+TEST(LauncherBadInput, NoTokenSaysHowToPassOneToMpirun) {
+  auto env = ompi_env(0, 2, {{"WEFT_STORE", "127.0.0.1:1"}});
+  env["WEFT_JOB_TOKEN"] = "";
+  expect_quick_error(env, "mpirun -x WEFT_JOB_TOKEN");
 }
 
 TEST(LauncherBadInput, StoreAddressOfAnotherHost) {

@@ -46,8 +46,13 @@ struct LaunchEnvironment {
 // mpirun, srun and torchrun rank 0 serves it, at WEFT_STORE=HOST:PORT when
 // set (HOST must be an address of rank 0's host), else at
 // MASTER_ADDR:WEFT_STORE_PORT (default MASTER_PORT + 1 under torchrun's
-// static rendezvous, whose agent holds MASTER_PORT; MASTER_PORT otherwise).
+// static rendezvous, whose agent holds MASTER_PORT; MASTER_PORT otherwise),
+// else under Slurm on the first host of SLURM_STEP_NODELIST at
+// WEFT_STORE_PORT (default derived from SLURM_JOB_ID and SLURM_STEP_ID).
 // WEFT_STORE_EXTERNAL=1: a store already runs at WEFT_STORE; nobody serves.
+// Launcher variables that disagree (e.g. OMPI_COMM_WORLD_SIZE and
+// OMPI_MCA_orte_ess_num_procs, SLURM_NTASKS and SLURM_NPROCS, a local rank
+// beyond the local size) are errors.
 // Throws weft::InvalidArgument naming the variable that is missing or bad.
 LaunchEnvironment detect_launch_environment();
 

@@ -333,17 +333,16 @@ std::shared_ptr<Communicator> init(CommOptions options) {
       WEFT_INFO("serving the rendezvous store on port {} ({})", server->port(), where);
     }
     auto tcp = std::make_shared<TcpStore>(env.store_host, env.store_port, so);
-    const std::string who = env.launcher == "weft" ? "weft run"
-                            : env.serve_store      ? "rank 0"
-                                                   : "an external store (WEFT_STORE_EXTERNAL=1)";
-    WEFT_INFO("connecting to the rendezvous store at {} ({}), which {} serves", where,
-              env.store_variable, who);
+    const std::string who = env.launcher == "weft" ? "served by weft run"
+                            : env.serve_store      ? "served by rank 0"
+                                              : "served outside the job: WEFT_STORE_EXTERNAL=1";
+    WEFT_INFO("connecting to the rendezvous store at {} ({}, {})", where, env.store_variable, who);
     try {
       tcp->connect();
     } catch (const StoreError& e) {
       throw StoreError(fmt::format(
-          "rank {}: cannot reach the rendezvous store at {} ({}), which {} serves: {}{}", env.rank,
-          where, env.store_variable, who, e.what(),
+          "rank {}: cannot reach the rendezvous store at {} ({}, {}): {}{}", env.rank, where,
+          env.store_variable, who, e.what(),
           env.serve_store ? "; is rank 0 running, on the host that address names?" : ""));
     }
     if (env.launcher != "weft") check_job(*tcp, env, where);

@@ -186,7 +186,7 @@ TEST_F(Mpirun, MissingStoreIsNamedWithinSeconds) {
   EXPECT_NE(r.output.find("still waiting for the store at " + where), std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("cannot reach the rendezvous store at " + where +
-                          " (WEFT_STORE), which rank 0 serves"),
+                          " (WEFT_STORE, served by rank 0)"),
             std::string::npos)
       << r.output;
   EXPECT_LT(r.took, 50s) << r.output;

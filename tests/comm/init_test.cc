@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include "comm/rendezvous.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
@@ -199,6 +200,36 @@ TEST(LaunchEnvironment, SlurmRankZeroServesOnTheFirstNode) {
   unsetenv("WEFT_STORE_PORT");
   setenv("SLURM_STEP_NODELIST", "a12,b[1-2]", 1);
   EXPECT_EQ(detect_launch_environment().store_host, "a12");
+}
+
+TEST(Rendezvous, MissingRanksAreListedCompactly) {
+  EXPECT_EQ(comm::format_ranks({1, 3, 5, 6, 7, 8, 9}), "1, 3, 5-9");
+  EXPECT_EQ(comm::format_ranks({0, 1, 2, 10, 20, 30}, 4), "0-2, 10, ...");
+  EXPECT_EQ(comm::format_ranks({}), "");
+}
+
+// A rank that never publishes its record: the others give up at the store's
+// deadline naming it.
+TEST(Rendezvous, TimeoutNamesTheMissingRank) {
+  auto store = std::make_shared<MemoryStore>(std::chrono::milliseconds(1500));
+  auto errors = testing::run_ranks(3, [&](int r) {
+    if (r == 1) return;  // never joins
+    CommOptions o;
+    o.job_token = "t";
+    o.timeout = 60s;
+    Communicator::create(r, 3, store, o);
+  });
+  for (int r : {0, 2}) {
+    ASSERT_NE(errors[static_cast<size_t>(r)], nullptr);
+    try {
+      std::rethrow_exception(errors[static_cast<size_t>(r)]);
+    } catch (const TimeoutError& e) {
+      EXPECT_NE(std::string(e.what()).find("these never joined: rank 1 (1 of 3)"),
+                std::string::npos)
+          << e.what();
+      EXPECT_EQ(e.rank(), 1);
+    }
+  }
 }
 
 TEST(LaunchEnvironment, BadValuesNameTheVariable) {

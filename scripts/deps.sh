@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Weft needs that are missing (as root, with
 # apt-get). `deps.sh` installs what building, testing (clang and clang-format
-# for the checks of `make test`) and the demo need;
+# for the checks of `make test`; the launchers the tests use: mpirun,
+# torchrun) and the demo need;
 # `deps.sh bench` adds the peers the benchmarks compare against.
 set -euo pipefail
 packages=(
@@ -11,9 +12,12 @@ packages=(
   clang clang-format
   libtorch-dev dataset-fashion-mnist
   iproute2 procps
+  openmpi-bin python3-torch
 )
+# openmpi-bin (mpirun) and python3-torch (torchrun) are the launchers the
+# tests start Weft under (tests/launch/launchers_test.cc).
 if [ "${1:-}" = bench ]; then
-  packages+=(libgloo-dev libopenmpi-dev openmpi-bin python3-torch libbenchmark-dev)
+  packages+=(libgloo-dev libopenmpi-dev libbenchmark-dev)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "comm/rendezvous.h"
 #include "core/bytes.h"
 #include "core/describe.h"
 #include "core/log.h"
@@ -250,7 +251,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
 
   std::vector<std::string> keys;
   for (int r = 0; r < size_; ++r) keys.push_back(fmt::format("rank/{}", r));
-  store_->wait(keys, remaining_ms(deadline));
+  wait_for_ranks(*store_, rank_, size_, deadline);  // reports who is missing
   ranks_.resize(static_cast<size_t>(size_));
   for (int r = 0; r < size_; ++r) {
     ranks_[static_cast<size_t>(r)] =

@@ -20,7 +20,7 @@ namespace weft::settings {
 namespace {
 
 // The table of every setting, in documentation order (`weft config`).
-constexpr std::array<const Setting*, 44> kAll = {
+constexpr std::array<const Setting*, 46> kAll = {
     &kRank,
     &kWorldSize,
     &kLocalRank,
@@ -28,11 +28,13 @@ constexpr std::array<const Setting*, 44> kAll = {
     &kNnodes,
     &kNodeRank,
     &kStore,
+    &kStoreExternal,
     &kStorePort,
     &kJobToken,
     &kAllowUnauthenticated,
     &kTimeout,
     &kStoreTimeout,
+    &kRendezvousLogInterval,
     &kIfname,
     &kAddress,
     &kHostId,

@@ -98,16 +98,21 @@ inline constexpr IntSetting kNnodes{"WEFT_NNODES", 1, 1, 1 << 16,
                                     "number of nodes of the job (set by weft run)"};
 inline constexpr IntSetting kNodeRank{"WEFT_NODE_RANK", 0, 0, (1 << 16) - 1,
                                       "index of this node in the job (set by weft run)"};
-inline constexpr StringSetting kStore{"WEFT_STORE",
-                                      "host:port of the rendezvous store (set by weft run)",
-                                      kNoDefault, 0, Type::HostPort};
+inline constexpr StringSetting kStore{
+    "WEFT_STORE",
+    "host:port of the rendezvous store (set by weft run, which serves it; under "
+    "mpirun/srun/torchrun rank 0 serves it there)",
+    kNoDefault, 0, Type::HostPort};
+inline constexpr BoolSetting kStoreExternal{
+    "WEFT_STORE_EXTERNAL", false,
+    "1: a store already runs at WEFT_STORE; no rank serves it (mpirun/srun/torchrun)"};
 inline constexpr IntSetting kStorePort{
     "WEFT_STORE_PORT",
     0,
     1,
     65535,
-    "port rank 0 serves the store on under mpirun/srun/torchrun (default MASTER_PORT, +1 under "
-    "torchrun)",
+    "port rank 0 serves the store on under mpirun/srun/torchrun (with MASTER_ADDR, or Slurm's "
+    "first node; default MASTER_PORT, +1 under torchrun)",
     kNoDefault};
 // --- Security.
 inline constexpr StringSetting kJobToken{
@@ -118,8 +123,12 @@ inline constexpr BoolSetting kAllowUnauthenticated{"WEFT_ALLOW_UNAUTHENTICATED",
 // --- Deadlines.
 inline constexpr SecondsSetting kTimeout{"WEFT_TIMEOUT", 300,
                                          "deadline of every communication call, seconds"};
-inline constexpr SecondsSetting kStoreTimeout{"WEFT_STORE_TIMEOUT", 300,
-                                              "deadline of every store call, seconds"};
+inline constexpr SecondsSetting kStoreTimeout{
+    "WEFT_STORE_TIMEOUT", 300,
+    "deadline of every store call, and of the rendezvous at start-up, seconds"};
+inline constexpr SecondsSetting kRendezvousLogInterval{
+    "WEFT_RENDEZVOUS_LOG_INTERVAL", 10,
+    "a rank waiting at start-up says what it waits for every this many seconds"};
 // --- Network and host.
 inline constexpr StringSetting kIfname{"WEFT_IFNAME",
                                        "network interface to listen on and advertise", kNoDefault};

@@ -14,6 +14,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <map>
 
 #include "core/deadline.h"
@@ -81,9 +82,28 @@ std::string signal_name(int sig) {
 }
 
 std::string WorkerExit::describe() const {
-  if (signal != 0) return fmt::format("was killed by signal {} ({})", signal, signal_name(signal));
-  return fmt::format("exited with code {}", exit_code);
+  std::string text = signal != 0
+                         ? fmt::format("was killed by signal {} ({})", signal, signal_name(signal))
+                         : fmt::format("exited with code {}", exit_code);
+  if (!stopped.empty()) {
+    text += fmt::format("; {} is stopped (state T, e.g. by SIGSTOP): the likely cause", stopped);
+  }
+  return text;
 }
+
+namespace {
+
+// The state letter of /proc/<pid>/stat ('R', 'S', 'T', ...; 0 if unknown).
+char process_state(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string line;
+  std::getline(in, line);
+  size_t close = line.rfind(')');
+  if (close == std::string::npos || close + 2 >= line.size()) return 0;
+  return line[close + 2];
+}
+
+}  // namespace
 
 std::string find_program(const std::string& program, const std::string& path) {
   if (program.empty()) throw LaunchError("no program to run", 2);
@@ -293,7 +313,20 @@ struct LocalLauncher::Impl {
     }
   }
 
-  void worker_failed(const WorkerExit& e) {
+  // A worker that is stopped (SIGSTOP, SIGTSTP, a debugger) while another
+  // fails is the likely cause: its peers timed out waiting for it.
+  std::string find_stopped() const {
+    for (const auto& w : workers) {
+      if (!w.running) continue;
+      char st = process_state(w.pid);
+      if (st == 'T' || st == 't') return fmt::format("rank {} (pid {})", w.rank, w.pid);
+    }
+    return "";
+  }
+
+  void worker_failed(const WorkerExit& failed_exit) {
+    WorkerExit e = failed_exit;
+    e.stopped = find_stopped();
     failed = true;
     exit_code = e.launcher_exit_code();
     int others = running();
@@ -310,6 +343,14 @@ struct LocalLauncher::Impl {
       }
     }
     begin_stop(SIGTERM);
+    if (!e.stopped.empty()) {
+      // A stopped worker takes SIGTERM only once it runs again.
+      signal_all(SIGCONT);
+      message(
+          fmt::format("job failed: {} was stopped (state T) and the others timed out waiting "
+                      "for it",
+                      e.stopped));
+    }
   }
 
   void reap() {

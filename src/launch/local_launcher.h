@@ -90,9 +90,15 @@ struct WorkerExit {
   pid_t pid = -1;
   int exit_code = 0;  // when signal == 0
   int signal = 0;     // the signal that killed it, or 0
+  // Set when another worker of this node was found stopped (process state T,
+  // e.g. SIGSTOP) as this one failed: the stopped one is the likely cause
+  // (its peers time out waiting for it), and describe() says so.
+  std::string stopped;  // e.g. "rank 1 (pid 42)"
 
   bool failed() const { return signal != 0 || exit_code != 0; }
-  // "exited with code 3", "was killed by signal 9 (SIGKILL)".
+  // "exited with code 3", "was killed by signal 9 (SIGKILL)", followed by
+  // "; rank 1 (pid 42) is stopped (state T, e.g. by SIGSTOP): the likely
+  // cause" when `stopped` is set.
   std::string describe() const;
   // The launcher's exit code for this failure: the code, or 128 + signal.
   int launcher_exit_code() const { return signal != 0 ? 128 + signal : exit_code; }

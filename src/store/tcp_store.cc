@@ -13,6 +13,7 @@
 
 #include "core/auth.h"
 #include "core/bytes.h"
+#include "core/launcher_watch.h"
 #include "core/log.h"
 #include "core/socket.h"
 #include "store/store_util.h"
@@ -30,6 +31,8 @@ using store::ReplyStatus;
 
 constexpr auto kFirstBackoff = 10ms;
 constexpr auto kMaxBackoff = 500ms;
+constexpr auto kMaxAttempt = 5s;
+constexpr Timeout kMaxHandshake = 30s;
 
 bool transient(int err) {
   switch (err) {
@@ -110,21 +113,37 @@ struct TcpStore::Impl {
     }
     auto backoff = std::chrono::duration_cast<std::chrono::nanoseconds>(kFirstBackoff);
     int attempts = 0;
+    // A wait for a store nobody serves yet says so at a steady interval, and
+    // ends when the launcher that started this process is gone.
+    const auto started = std::chrono::steady_clock::now();
+    const auto interval = rendezvous::report_interval();
+    auto next_report = started + interval;
     for (;;) {
+      rendezvous::check_launcher(fmt::format("the store at {}", peer));
       int err = 0;
       for (const auto& addr : addrs) {
         ++attempts;
-        net::Fd f = net::connect_tcp(addr, deadline, &err);
+        // One attempt at most kMaxAttempt: a host that drops the packets
+        // must not keep the loop (and its reports) from running.
+        net::Fd f = net::connect_tcp(addr, deadline.min(Deadline::after(kMaxAttempt)), &err);
         if (!f.valid()) continue;
         net::set_nodelay(f.get());
         net::set_keepalive(f.get());
         try {
+          // A server that accepts but never answers is not a Weft store:
+          // say so after kMaxHandshake rather than at the call's deadline.
           auth::client_handshake(f.get(), auth::Kind::Store, auth::Context{},
-                                 {options.job_token, options.allow_unauthenticated}, deadline,
-                                 peer);
+                                 {options.job_token, options.allow_unauthenticated},
+                                 deadline.min(Deadline::after(kMaxHandshake)), peer);
         } catch (const TimeoutError&) {
-          store::throw_timeout(call, timeout,
-                               fmt::format(" (handshake with the store at {})", peer));
+          if (deadline.expired()) {
+            store::throw_timeout(call, timeout,
+                                 fmt::format(" (handshake with the store at {})", peer));
+          }
+          throw StoreError(fmt::format(
+              "{}: the server at {} accepted the connection but did not answer the store "
+              "handshake within {}: is something other than a Weft store listening there?",
+              call, peer, format_timeout(kMaxHandshake)));
         }
         fd = std::move(f);
         return;
@@ -137,6 +156,15 @@ struct TcpStore::Impl {
         throw StoreError(fmt::format("{}: cannot reach the store at {} within {}: {} ({} attempts)",
                                      call, peer, format_timeout(timeout), net::errno_string(err),
                                      attempts));
+      }
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= next_report) {
+        WEFT_WARN(
+            "{}: still waiting for the store at {} ({}) after {} s, {} attempts; giving up in {} s",
+            call, peer, net::errno_string(err),
+            std::chrono::duration_cast<std::chrono::seconds>(now - started).count(), attempts,
+            std::chrono::duration_cast<std::chrono::seconds>(deadline.remaining()).count());
+        next_report = now + interval;
       }
       std::this_thread::sleep_for(std::min(backoff, deadline.remaining()));
       backoff = std::min<std::chrono::nanoseconds>(backoff * 2, kMaxBackoff);

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include "comm/rendezvous.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
@@ -46,7 +47,18 @@ class Env {
                                          "LOCAL_RANK",
                                          "LOCAL_WORLD_SIZE",
                                          "MASTER_ADDR",
-                                         "MASTER_PORT"};
+                                         "MASTER_PORT",
+                                         "WEFT_STORE_EXTERNAL",
+                                         "TORCHELASTIC_USE_AGENT_STORE",
+                                         "OMPI_MCA_orte_ess_num_procs",
+                                         "OMPI_MCA_ess_base_jobid",
+                                         "SLURM_NPROCS",
+                                         "SLURM_STEP_NUM_TASKS",
+                                         "SLURM_JOB_ID",
+                                         "SLURM_STEP_ID",
+                                         "SLURM_STEP_NODELIST",
+                                         "SLURM_JOB_NODELIST",
+                                         "SLURM_NODELIST"};
   std::vector<std::pair<std::string, std::string>> saved_;
 };
 
@@ -117,6 +129,107 @@ TEST(LaunchEnvironment, TorchrunServesTheStoreNextToTheAgentsPort) {
   EXPECT_EQ(e.launcher, "torchrun");
   EXPECT_EQ(e.store_port, 29501);
   EXPECT_TRUE(e.serve_store);
+}
+
+TEST(LaunchEnvironment, UnderMpirunRankZeroServesWeftStore) {
+  Env env({{"OMPI_COMM_WORLD_RANK", "1"},
+           {"OMPI_COMM_WORLD_SIZE", "2"},
+           {"OMPI_MCA_ess_base_jobid", "77"},
+           {"WEFT_STORE", "127.0.0.1:29511"}});
+  auto e = detect_launch_environment();
+  EXPECT_TRUE(e.serve_store);
+  EXPECT_EQ(e.store_port, 29511);
+  EXPECT_EQ(e.store_variable, "WEFT_STORE");
+  EXPECT_EQ(e.job_id, "77");
+}
+
+TEST(LaunchEnvironment, ExternalStoreIsNotServed) {
+  {
+    Env env({{"SLURM_PROCID", "0"},
+             {"SLURM_NTASKS", "2"},
+             {"WEFT_STORE", "10.0.0.1:7000"},
+             {"WEFT_STORE_EXTERNAL", "1"}});
+    EXPECT_FALSE(detect_launch_environment().serve_store);
+  }
+  Env env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"WEFT_STORE_EXTERNAL", "1"}});
+  try {
+    detect_launch_environment();
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("WEFT_STORE_EXTERNAL=1"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LaunchEnvironment, TorchrunC10dRendezvousLeavesMasterPortFree) {
+  Env env({{"RANK", "0"},
+           {"WORLD_SIZE", "2"},
+           {"MASTER_ADDR", "127.0.0.1"},
+           {"MASTER_PORT", "29500"},
+           {"TORCHELASTIC_USE_AGENT_STORE", "False"}});
+  EXPECT_EQ(detect_launch_environment().store_port, 29500);
+}
+
+TEST(LaunchEnvironment, LocalRankBeyondLocalSizeNamesTheVariable) {
+  Env env({{"OMPI_COMM_WORLD_RANK", "1"},
+           {"OMPI_COMM_WORLD_SIZE", "4"},
+           {"OMPI_COMM_WORLD_LOCAL_RANK", "2"},
+           {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+           {"WEFT_STORE", "127.0.0.1:1"}});
+  try {
+    detect_launch_environment();
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("OMPI_COMM_WORLD_LOCAL_RANK"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(LaunchEnvironment, SlurmRankZeroServesOnTheFirstNode) {
+  Env env({{"SLURM_PROCID", "5"},
+           {"SLURM_NTASKS", "8"},
+           {"SLURM_JOB_ID", "4242"},
+           {"SLURM_STEP_ID", "3"},
+           {"SLURM_STEP_NODELIST", "node[07-09,12],gpu1"}});
+  auto e = detect_launch_environment();
+  EXPECT_EQ(e.store_host, "node07");
+  EXPECT_EQ(e.store_port, 20000 + (4242 * 7 + 3) % 10000);
+  EXPECT_TRUE(e.serve_store);
+  EXPECT_NE(e.store_variable.find("SLURM_STEP_NODELIST"), std::string::npos);
+  setenv("WEFT_STORE_PORT", "31000", 1);
+  EXPECT_EQ(detect_launch_environment().store_port, 31000);
+  unsetenv("WEFT_STORE_PORT");
+  setenv("SLURM_STEP_NODELIST", "a12,b[1-2]", 1);
+  EXPECT_EQ(detect_launch_environment().store_host, "a12");
+}
+
+TEST(Rendezvous, MissingRanksAreListedCompactly) {
+  EXPECT_EQ(comm::format_ranks({1, 3, 5, 6, 7, 8, 9}), "1, 3, 5-9");
+  EXPECT_EQ(comm::format_ranks({0, 1, 2, 10, 20, 30}, 4), "0-2, 10, ...");
+  EXPECT_EQ(comm::format_ranks({}), "");
+}
+
+// A rank that never publishes its record: the others give up at the store's
+// deadline naming it.
+TEST(Rendezvous, TimeoutNamesTheMissingRank) {
+  auto store = std::make_shared<MemoryStore>(std::chrono::milliseconds(1500));
+  auto errors = testing::run_ranks(3, [&](int r) {
+    if (r == 1) return;  // never joins
+    CommOptions o;
+    o.job_token = "t";
+    o.timeout = 60s;
+    Communicator::create(r, 3, store, o);
+  });
+  for (int r : {0, 2}) {
+    ASSERT_NE(errors[static_cast<size_t>(r)], nullptr);
+    try {
+      std::rethrow_exception(errors[static_cast<size_t>(r)]);
+    } catch (const TimeoutError& e) {
+      EXPECT_NE(std::string(e.what()).find("these never joined: rank 1 (1 of 3)"),
+                std::string::npos)
+          << e.what();
+      EXPECT_EQ(e.rank(), 1);
+    }
+  }
 }
 
 TEST(LaunchEnvironment, BadValuesNameTheVariable) {

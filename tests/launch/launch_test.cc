@@ -1,6 +1,7 @@
 // End-to-end tests of `weft run`: the built weft binary launches
 // launch_probe workers (launch_probe.cc). Deadlines are generous: nothing
 // here asserts on speed.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -320,6 +321,30 @@ TEST(Launch, KilledWorkerIsNamedAndAbortRecordPublished) {
     if (std::regex_match(line, m, re)) seen.insert(std::stoi(m[1]));
   }
   EXPECT_EQ(seen, (std::set<int>{0, 1, 3})) << w.all();
+}
+
+// A stopped worker (SIGSTOP) makes its peers time out: the launcher's last
+// line blames the stopped rank, not the one that timed out.
+TEST(Launch, StoppedWorkerIsBlamedNotTheOneThatTimedOut) {
+  Weft w({"run", "-n", "2", "--timeout", "3", "--grace", "2", "/bin/sh", "-c",
+          "echo ready pid=$$; exec \"$0\" \"$@\"", bin_dir() + "/comm_worker", "allreduce-loop",
+          "0", "1000"});
+  ASSERT_TRUE(w.wait_for_output([](const std::string& o) {
+    return ready_pids(o).size() == 2 && o.find("[0] READY") != std::string::npos &&
+           o.find("[1] READY") != std::string::npos;
+  })) << w.all();
+  const pid_t victim = ready_pids(w.out()).at(1);
+  ASSERT_EQ(::kill(victim, SIGSTOP), 0);
+  EXPECT_EQ(w.wait(), 4) << w.all();  // rank 0's TimeoutError
+  auto lines = lines_of(w.err());
+  ASSERT_FALSE(lines.empty()) << w.all();
+  EXPECT_NE(lines.back().find(fmt::format("rank 1 (pid {}) was stopped", victim)),
+            std::string::npos)
+      << w.all();
+  EXPECT_NE(w.err().find(fmt::format("rank 1 (pid {}) is stopped (state T", victim)),
+            std::string::npos)
+      << w.all();
+  EXPECT_TRUE(gone(victim)) << "the stopped worker was left behind";
 }
 
 TEST(Launch, SigtermStopsTheWorkers) {

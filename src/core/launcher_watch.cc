@@ -1,0 +1,37 @@
+#include "core/launcher_watch.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include "core/settings.h"
+#include "weft/errors.h"
+
+namespace weft::rendezvous {
+namespace {
+
+thread_local LauncherWatch* t_watch = nullptr;
+
+}  // namespace
+
+LauncherWatch::LauncherWatch(std::string launcher)
+    : launcher_(std::move(launcher)), parent_(::getppid()), outer_(t_watch) {
+  t_watch = this;
+}
+
+LauncherWatch::~LauncherWatch() { t_watch = outer_; }
+
+void check_launcher(std::string_view waiting_for) {
+  if (t_watch == nullptr) return;
+  const pid_t now = ::getppid();
+  if (now == t_watch->parent()) return;
+  throw AbortedError(fmt::format(
+      "stopped waiting for {}: the launcher ({}, pid {}) is gone (this process now belongs to pid "
+      "{})",
+      waiting_for, t_watch->launcher(), t_watch->parent(), now));
+}
+
+std::chrono::milliseconds report_interval() {
+  return settings::get(settings::kRendezvousLogInterval);
+}
+
+}  // namespace weft::rendezvous

@@ -18,11 +18,28 @@ struct MemoryStore::Impl {
   std::mutex mu;
   std::condition_variable changed;
   std::map<std::string, std::string, std::less<>> data;
+  StoreWaitStats waits;  // under mu
 
-  // Waits until pred() holds (true) or the deadline passes (false).
+  // Waits until pred() holds (true) or the deadline passes (false). A call
+  // whose first look fails counts in `waits` until it returns.
   template <typename Pred>
   bool wait_until(std::unique_lock<std::mutex>& lock, const Deadline& deadline, Pred pred) {
-    return changed.wait_until(lock, deadline.when(), pred);
+    if (pred()) return true;
+    ++waits.waiting;
+    bool found = false;
+    for (;;) {
+      if (changed.wait_until(lock, deadline.when()) == std::cv_status::timeout) {
+        found = pred();
+        break;
+      }
+      if (pred()) {
+        found = true;
+        break;
+      }
+      ++waits.looks;
+    }
+    --waits.waiting;
+    return found;
   }
 };
 
@@ -33,6 +50,11 @@ MemoryStore::MemoryStore(Timeout default_timeout) : impl_(std::make_unique<Impl>
 MemoryStore::~MemoryStore() = default;
 
 Timeout MemoryStore::default_timeout() const { return impl_->default_timeout; }
+
+StoreWaitStats MemoryStore::wait_stats() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->waits;
+}
 
 void MemoryStore::set(std::string_view key, std::string_view value, Timeout) {
   store::check_key("set", key);

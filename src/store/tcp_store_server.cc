@@ -60,8 +60,9 @@ struct Conn {
   std::string out;                   // reply bytes not sent yet
   size_t out_done = 0;
   Clock::time_point timer = Clock::time_point::max();  // handshake or parked deadline
-  uint32_t events = 0;                                 // registered with epoll
-  bool dead = false;                                   // closed; destroyed after the current event
+  bool blocked = false;  // parked with keys missing: counted in waits.waiting
+  uint32_t events = 0;   // registered with epoll
+  bool dead = false;     // closed; destroyed after the current event
 
   explicit Conn(auth::Credentials creds) : handshake(std::move(creds), auth::Kind::Store) {}
 };
@@ -76,6 +77,9 @@ struct TcpStoreServer::Impl {
   uint16_t port = 0;
   std::thread thread;
   std::atomic<size_t> num_keys{0};
+  std::atomic<size_t> num_conns{0};
+  std::atomic<size_t> num_blocked{0};  // StoreWaitStats
+  std::atomic<uint64_t> num_looks{0};
   std::atomic<bool> stopping{false};
   std::mutex stop_mu;
 
@@ -197,6 +201,7 @@ void TcpStoreServer::Impl::accept_all() {
     c->events = ev.events;
     Conn& ref = *c;
     conns.emplace(c->id, std::move(c));
+    num_conns.store(conns.size());
     expect(ref, Phase::Handshake, ref.handshake.want());
     set_timer(ref, Clock::now() + handshake_timeout);
     WEFT_DEBUG("store server: connection from {}", ref.peer);
@@ -397,6 +402,8 @@ void TcpStoreServer::Impl::park(Conn& c, std::vector<std::string> keys, uint32_t
   }
   set_timer(c, Clock::now() + std::chrono::milliseconds(timeout_ms));
   set_events(c);
+  c.blocked = true;
+  ++num_blocked;
 }
 
 void TcpStoreServer::Impl::unpark(Conn& c) {
@@ -407,6 +414,10 @@ void TcpStoreServer::Impl::unpark(Conn& c) {
     if (it->second.empty()) watchers.erase(it);
   }
   c.waiting.clear();
+  if (c.blocked) {
+    c.blocked = false;
+    --num_blocked;
+  }
   set_timer(c, Clock::time_point::max());
   expect(c, Phase::Header, store::kRequestHeaderBytes);
 }
@@ -435,6 +446,7 @@ void TcpStoreServer::Impl::changed(const std::string& key) {
     Conn& c = *found->second;
     if (c.dead || c.phase != Phase::Parked) continue;
     if (!answer_parked(c)) {
+      ++num_looks;
       // Still missing keys; watch them all again (some may have been removed).
       for (const auto& k : c.waiting) {
         if (!data.count(k)) watchers[k].insert(c.id);
@@ -554,6 +566,7 @@ void TcpStoreServer::Impl::run() {
     expire_timers();
     for (uint64_t id : closed) conns.erase(id);
     closed.clear();
+    num_conns.store(conns.size());
     if (accept_paused_until != Clock::time_point::min() && Clock::now() >= accept_paused_until) {
       accept_paused_until = Clock::time_point::min();
       epoll_event ev{};
@@ -565,6 +578,8 @@ void TcpStoreServer::Impl::run() {
   conns.clear();
   watchers.clear();
   timers.clear();
+  num_conns.store(0);
+  num_blocked.store(0);
 }
 
 TcpStoreServer::TcpStoreServer(const std::string& host, uint16_t port, TcpStoreOptions options)
@@ -620,6 +635,12 @@ TcpStoreServer::~TcpStoreServer() { stop(); }
 uint16_t TcpStoreServer::port() const { return impl_->port; }
 
 size_t TcpStoreServer::num_keys() const { return impl_->num_keys.load(); }
+
+size_t TcpStoreServer::num_connections() const { return impl_->num_conns.load(); }
+
+StoreWaitStats TcpStoreServer::wait_stats() const {
+  return {.waiting = impl_->num_blocked.load(), .looks = impl_->num_looks.load()};
+}
 
 void TcpStoreServer::stop() {
   std::lock_guard lock(impl_->stop_mu);

@@ -57,12 +57,12 @@ struct Conn {
   size_t need = 0;          // its size
   store::RequestHeader request;
   std::vector<std::string> waiting;  // keys of the parked get (one) or wait
+  bool blocked = false;              // parked with keys missing: counted in num_blocked
   std::string out;                   // reply bytes not sent yet
   size_t out_done = 0;
   Clock::time_point timer = Clock::time_point::max();  // handshake or parked deadline
-  bool blocked = false;  // parked with keys missing: counted in waits.waiting
-  uint32_t events = 0;   // registered with epoll
-  bool dead = false;     // closed; destroyed after the current event
+  uint32_t events = 0;                                 // registered with epoll
+  bool dead = false;                                   // closed; destroyed after the current event
 
   explicit Conn(auth::Credentials creds) : handshake(std::move(creds), auth::Kind::Store) {}
 };

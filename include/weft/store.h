@@ -46,6 +46,13 @@ struct CompareSetResult {
   std::optional<std::string> current;  // the value stored after the call (nullopt: absent)
 };
 
+// The get() and wait() calls blocked on a store, for tests and diagnostics
+// (a test waits for `waiting` instead of sleeping and hoping a call is blocked).
+struct StoreWaitStats {
+  size_t waiting = 0;  // calls blocked now: a key they need was missing when they looked
+  uint64_t looks = 0;  // times blocked calls looked at their keys again and went on waiting
+};
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -102,6 +109,8 @@ class MemoryStore : public Store {
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
   bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
   Timeout default_timeout() const override;
+  // The calls blocked on this store (every thread's).
+  StoreWaitStats wait_stats() const;
 
  private:
   struct Impl;
@@ -127,6 +136,10 @@ class FileStore : public Store {
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
   bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
   Timeout default_timeout() const override;
+  // The calls of this object blocked polling the directory (not those of
+  // other FileStore objects or processes on the same directory). A look is
+  // one poll.
+  StoreWaitStats wait_stats() const;
 
  private:
   struct Impl;
@@ -192,6 +205,9 @@ class TcpStore : public Store {
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
   bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
   Timeout default_timeout() const override;
+  // Connections this client has tried to open, failed ones included (for
+  // tests and diagnostics: a call that retried shows more than one).
+  uint64_t connect_attempts() const;
 
  private:
   struct Impl;
@@ -212,6 +228,13 @@ class TcpStoreServer {
   uint16_t port() const;
   // Number of keys currently stored (for tests and diagnostics).
   size_t num_keys() const;
+  // Open connections, handshakes in progress included (for tests and diagnostics).
+  size_t num_connections() const;
+  // The requests parked until their keys exist. The server looks at a
+  // parked request again each time one of its keys is written, before it
+  // answers the write: once a set() returned, every request it concerned has
+  // been answered or counted in `looks`.
+  StoreWaitStats wait_stats() const;
   void stop();
 
  private:

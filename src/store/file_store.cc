@@ -83,6 +83,30 @@ struct FileStore::Impl {
   store::TimedMutex mu;
   std::atomic<uint64_t> tmp_counter{0};
   uint64_t tmp_salt = std::random_device{}();
+  std::atomic<size_t> waiting{0};  // StoreWaitStats
+  std::atomic<uint64_t> looks{0};
+
+  // Calls look() until it returns true (then true), polling with back-off,
+  // or until the deadline passes (then false). A call whose first look fails
+  // counts as waiting until it returns.
+  template <typename Look>
+  bool poll(const Deadline& deadline, Look look) {
+    if (look()) return true;
+    struct Waiting {
+      std::atomic<size_t>& n;
+      explicit Waiting(std::atomic<size_t>& count) : n(count) { ++n; }
+      ~Waiting() { --n; }
+      Waiting(const Waiting&) = delete;
+      Waiting& operator=(const Waiting&) = delete;
+    } counted(waiting);
+    auto step = std::chrono::microseconds(1000);
+    for (;;) {
+      if (deadline.expired()) return false;
+      backoff_sleep(step, deadline);
+      if (look()) return true;
+      ++looks;
+    }
+  }
 
   std::string path_of(std::string_view key) const { return dir + "/" + file_name(key); }
 
@@ -215,6 +239,10 @@ FileStore::~FileStore() = default;
 
 Timeout FileStore::default_timeout() const { return impl_->default_timeout; }
 
+StoreWaitStats FileStore::wait_stats() const {
+  return {.waiting = impl_->waiting.load(), .looks = impl_->looks.load()};
+}
+
 void FileStore::set(std::string_view key, std::string_view value, Timeout timeout) {
   store::check_key("set", key);
   store::check_value("set", key, value.size());
@@ -227,15 +255,12 @@ void FileStore::set(std::string_view key, std::string_view value, Timeout timeou
 std::string FileStore::get(std::string_view key, Timeout timeout) {
   store::check_key("get", key);
   Deadline deadline = store::deadline_for(timeout, impl_->default_timeout);
-  auto step = std::chrono::microseconds(1000);
-  for (;;) {
-    if (auto v = impl_->read(key)) return std::move(*v);
-    if (deadline.expired()) {
-      store::throw_timeout(call_name("get", key), resolve_timeout(timeout, impl_->default_timeout),
-                           fmt::format(" (FileStore {})", impl_->dir));
-    }
-    backoff_sleep(step, deadline);
+  std::optional<std::string> value;
+  if (!impl_->poll(deadline, [&] { return (value = impl_->read(key)).has_value(); })) {
+    store::throw_timeout(call_name("get", key), resolve_timeout(timeout, impl_->default_timeout),
+                         fmt::format(" (FileStore {})", impl_->dir));
   }
+  return std::move(*value);
 }
 
 std::optional<std::string> FileStore::try_get(std::string_view key, Timeout) {
@@ -276,17 +301,15 @@ CompareSetResult FileStore::compare_set(std::string_view key,
 void FileStore::wait(const std::vector<std::string>& keys, Timeout timeout) {
   store::check_wait_keys(keys);
   Deadline deadline = store::deadline_for(timeout, impl_->default_timeout);
-  auto step = std::chrono::microseconds(1000);
-  for (;;) {
-    auto missing = std::find_if(keys.begin(), keys.end(),
-                                [&](const std::string& k) { return !impl_->exists(k); });
-    if (missing == keys.end()) return;
-    if (deadline.expired()) {
-      store::throw_timeout(
-          call_name("wait", keys), resolve_timeout(timeout, impl_->default_timeout),
-          fmt::format(" (key {} is missing in FileStore {})", store::quote(*missing), impl_->dir));
-    }
-    backoff_sleep(step, deadline);
+  auto missing = keys.end();
+  if (!impl_->poll(deadline, [&] {
+        missing = std::find_if(keys.begin(), keys.end(),
+                               [&](const std::string& k) { return !impl_->exists(k); });
+        return missing == keys.end();
+      })) {
+    store::throw_timeout(
+        call_name("wait", keys), resolve_timeout(timeout, impl_->default_timeout),
+        fmt::format(" (key {} is missing in FileStore {})", store::quote(*missing), impl_->dir));
   }
 }
 

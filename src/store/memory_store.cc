@@ -17,6 +17,7 @@ struct MemoryStore::Impl {
   Mutex mu;
   CondVar changed{&mu};  // notified after every write
   std::map<std::string, std::string, std::less<>> data GUARDED_BY(mu);
+  StoreWaitStats waits GUARDED_BY(mu);  // calls blocked on a missing key
 
   // The first of keys that is missing (null: none).
   const std::string* first_missing(const std::vector<std::string>& keys) REQUIRES(mu) {
@@ -35,6 +36,11 @@ MemoryStore::~MemoryStore() = default;
 
 Timeout MemoryStore::default_timeout() const { return impl_->default_timeout; }
 
+StoreWaitStats MemoryStore::wait_stats() const {
+  MutexLock lock(&impl_->mu);
+  return impl_->waits;
+}
+
 void MemoryStore::set(std::string_view key, std::string_view value, Timeout) {
   store::check_key("set", key);
   store::check_value("set", key, value.size());
@@ -50,13 +56,19 @@ std::string MemoryStore::get(std::string_view key, Timeout timeout) {
   Deadline deadline = store::deadline_for(timeout, impl_->default_timeout);
   MutexLock lock(&impl_->mu);
   auto it = impl_->data.find(key);
-  while (it == impl_->data.end()) {
+  if (it != impl_->data.end()) return it->second;
+  ++impl_->waits.waiting;
+  for (;;) {
     const bool in_time = impl_->changed.wait_until(deadline.when());
     it = impl_->data.find(key);
-    if (it == impl_->data.end() && !in_time) {
+    if (it != impl_->data.end()) break;
+    if (!in_time) {
+      --impl_->waits.waiting;
       store::throw_timeout(call_name("get", key), resolve_timeout(timeout, impl_->default_timeout));
     }
+    ++impl_->waits.looks;
   }
+  --impl_->waits.waiting;
   return it->second;
 }
 
@@ -110,15 +122,21 @@ void MemoryStore::wait(const std::vector<std::string>& keys, Timeout timeout) {
   Deadline deadline = store::deadline_for(timeout, impl_->default_timeout);
   MutexLock lock(&impl_->mu);
   const std::string* missing = impl_->first_missing(keys);
-  while (missing != nullptr) {
+  if (missing == nullptr) return;
+  ++impl_->waits.waiting;
+  for (;;) {
     const bool in_time = impl_->changed.wait_until(deadline.when());
     missing = impl_->first_missing(keys);
-    if (missing != nullptr && !in_time) {
+    if (missing == nullptr) break;
+    if (!in_time) {
+      --impl_->waits.waiting;
       store::throw_timeout(call_name("wait", keys),
                            resolve_timeout(timeout, impl_->default_timeout),
                            fmt::format(" (key {} is missing)", store::quote(*missing)));
     }
+    ++impl_->waits.looks;
   }
+  --impl_->waits.waiting;
 }
 
 bool MemoryStore::remove(std::string_view key, Timeout) {

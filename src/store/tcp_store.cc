@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <mutex>
 #include <thread>
@@ -85,6 +86,7 @@ struct TcpStore::Impl {
   store::TimedMutex mu;  // serializes requests on the connection
   net::Fd fd;
   uint32_t next_id = 1;
+  std::atomic<uint64_t> connect_attempts{0};  // read without mu
 
   // Closes a connection the peer closed, or that has unexpected bytes
   // waiting: a request must start on a clean connection.
@@ -123,6 +125,7 @@ struct TcpStore::Impl {
       int err = 0;
       for (const auto& addr : addrs) {
         ++attempts;
+        ++connect_attempts;
         // One attempt at most kMaxAttempt: a host that drops the packets
         // must not keep the loop (and its reports) from running.
         net::Fd f = net::connect_tcp(addr, deadline.min(Deadline::after(kMaxAttempt)), &err);
@@ -296,6 +299,8 @@ TcpStore::TcpStore(std::string host, uint16_t port, TcpStoreOptions options)
 TcpStore::~TcpStore() = default;
 
 Timeout TcpStore::default_timeout() const { return impl_->options.timeout; }
+
+uint64_t TcpStore::connect_attempts() const { return impl_->connect_attempts.load(); }
 
 void TcpStore::connect(Timeout timeout) {
   const std::string call = fmt::format("store connect({})", impl_->peer);

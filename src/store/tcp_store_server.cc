@@ -57,6 +57,7 @@ struct Conn {
   size_t need = 0;          // its size
   store::RequestHeader request;
   std::vector<std::string> waiting;  // keys of the parked get (one) or wait
+  bool blocked = false;              // parked with keys missing: counted in num_blocked
   std::string out;                   // reply bytes not sent yet
   size_t out_done = 0;
   Clock::time_point timer = Clock::time_point::max();  // handshake or parked deadline
@@ -77,6 +78,9 @@ struct TcpStoreServer::Impl {
   Mutex stop_mu;                           // serializes stop()
   std::thread thread GUARDED_BY(stop_mu);  // the event loop (started by the constructor)
   std::atomic<size_t> num_keys{0};
+  std::atomic<size_t> num_conns{0};
+  std::atomic<size_t> num_blocked{0};  // StoreWaitStats
+  std::atomic<uint64_t> num_looks{0};
   std::atomic<bool> stopping{false};
   // Anyone who reaches the port can be refused: those lines are
   // rate-limited, and the count of the others is written at stop().
@@ -206,6 +210,7 @@ void TcpStoreServer::Impl::accept_all() {
     c->events = ev.events;
     Conn& ref = *c;
     conns.emplace(c->id, std::move(c));
+    num_conns.store(conns.size());
     expect(ref, Phase::Handshake, ref.handshake.want());
     set_timer(ref, Clock::now() + handshake_timeout);
     WEFT_DEBUG("store server: connection from {}", ref.peer);
@@ -406,6 +411,8 @@ void TcpStoreServer::Impl::park(Conn& c, std::vector<std::string> keys, uint32_t
   }
   set_timer(c, Clock::now() + std::chrono::milliseconds(timeout_ms));
   set_events(c);
+  c.blocked = true;
+  ++num_blocked;
 }
 
 void TcpStoreServer::Impl::unpark(Conn& c) {
@@ -416,6 +423,10 @@ void TcpStoreServer::Impl::unpark(Conn& c) {
     if (it->second.empty()) watchers.erase(it);
   }
   c.waiting.clear();
+  if (c.blocked) {
+    c.blocked = false;
+    --num_blocked;
+  }
   set_timer(c, Clock::time_point::max());
   expect(c, Phase::Header, store::kRequestHeaderBytes);
 }
@@ -444,6 +455,7 @@ void TcpStoreServer::Impl::changed(const std::string& key) {
     Conn& c = *found->second;
     if (c.dead || c.phase != Phase::Parked) continue;
     if (!answer_parked(c)) {
+      ++num_looks;
       // Still missing keys; watch them all again (some may have been removed).
       for (const auto& k : c.waiting) {
         if (!data.count(k)) watchers[k].insert(c.id);
@@ -563,6 +575,7 @@ void TcpStoreServer::Impl::run() {
     expire_timers();
     for (uint64_t id : closed) conns.erase(id);
     closed.clear();
+    num_conns.store(conns.size());
     if (accept_paused_until != Clock::time_point::min() && Clock::now() >= accept_paused_until) {
       accept_paused_until = Clock::time_point::min();
       epoll_event ev{};
@@ -574,6 +587,8 @@ void TcpStoreServer::Impl::run() {
   conns.clear();
   watchers.clear();
   timers.clear();
+  num_conns.store(0);
+  num_blocked.store(0);
 }
 
 TcpStoreServer::TcpStoreServer(const std::string& host, uint16_t port, TcpStoreOptions options)
@@ -629,6 +644,12 @@ TcpStoreServer::~TcpStoreServer() { stop(); }
 uint16_t TcpStoreServer::port() const { return impl_->port; }
 
 size_t TcpStoreServer::num_keys() const { return impl_->num_keys.load(); }
+
+size_t TcpStoreServer::num_connections() const { return impl_->num_conns.load(); }
+
+StoreWaitStats TcpStoreServer::wait_stats() const {
+  return {.waiting = impl_->num_blocked.load(), .looks = impl_->num_looks.load()};
+}
 
 void TcpStoreServer::stop() {
   MutexLock lock(&impl_->stop_mu);

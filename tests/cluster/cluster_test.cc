@@ -324,7 +324,10 @@ TEST_F(EmulatedCluster, AWorkerKilledOnOneHostFailsTheJobOnBoth) {
   std::regex ready(R"(\[3\] ready pid=(\d+))");
   ASSERT_TRUE(wait_output(*b, [&](const std::string& o) { return std::regex_search(o, ready); }))
       << b->output();
-  std::this_thread::sleep_for(300ms);  // a few allreduces in flight
+  // Every rank is in the loop: rank 3 finished allreduces, which need them all.
+  std::regex looping(R"(\[3\] allreduces done: 3)");
+  ASSERT_TRUE(wait_output(*b, [&](const std::string& o) { return std::regex_search(o, looping); }))
+      << b->output();
   std::smatch mm;
   std::string out = b->output();
   ASSERT_TRUE(std::regex_search(out, mm, ready));

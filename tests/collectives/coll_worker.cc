@@ -7,7 +7,8 @@
 //   --expect-auto  fail unless Auto picks ALGO (or any non-hierarchical
 //                  algorithm, for "flat") for a 16 MiB float32 allreduce
 //   --loop         no cases: print "ready pid=P", then allreduce 1 MiB in a
-//                  loop until the job fails (for failure tests)
+//                  loop until the job fails (for failure tests), printing
+//                  "allreduces done: 3" after the third
 #include <unistd.h>
 
 #include <cstdio>
@@ -59,7 +60,13 @@ int main(int argc, char** argv) {
       std::printf("ready pid=%d\n", static_cast<int>(::getpid()));
       std::fflush(stdout);
       std::vector<float> v(1u << 18, 1.0f);
-      for (;;) comm->allreduce(v, weft::ReduceOp::Max);
+      for (int done = 1;; ++done) {
+        comm->allreduce(v, weft::ReduceOp::Max);
+        if (done == 3) {
+          std::printf("allreduces done: %d\n", done);
+          std::fflush(stdout);
+        }
+      }
     }
     int bad_selection = 0;
     if (!expect_auto.empty()) {

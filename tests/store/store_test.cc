@@ -38,10 +38,12 @@ TEST_P(StoreTest, GetWaitsUntilAnotherClientSets) {
   auto setter = backend.client();
   std::string got;
   std::thread t([&] { got = waiter->get("late", 20s); });
-  std::this_thread::sleep_for(100ms);
+  // The get is blocked on the missing key before the set.
+  EXPECT_TRUE(backend.wait_blocked(1));
   setter->set("late", "here");
   t.join();
   EXPECT_EQ(got, "here");
+  EXPECT_EQ(backend.wait_stats().waiting, 0u);
 }
 
 TEST_P(StoreTest, GetTimesOut) {
@@ -70,9 +72,11 @@ TEST_P(StoreTest, WaitForSeveralKeys) {
     waiter->wait({"x", "y", "z"}, 20s);
     done = true;
   });
-  setter->set("x", "1");
-  setter->set("z", "");
-  std::this_thread::sleep_for(100ms);
+  EXPECT_TRUE(backend.wait_blocked(1));
+  // After each write of one of its keys the wait looks again, and waits on.
+  EXPECT_TRUE(backend.write_then_wait_for_a_look([&] { setter->set("x", "1"); }));
+  EXPECT_TRUE(backend.write_then_wait_for_a_look([&] { setter->set("z", ""); }));
+  EXPECT_EQ(backend.wait_stats().waiting, 1u);
   EXPECT_FALSE(done.load());
   setter->set("y", "2");
   t.join();
@@ -184,12 +188,16 @@ TEST_P(StoreTest, GetWakesOnCompareSetAndAdd) {
   auto waiter = backend.client();
   auto setter = backend.client();
   std::string a, b;
+  std::atomic<bool> got_a{false};
   std::thread t([&] {
     a = waiter->get("by_cas", 20s);
+    got_a = true;
     b = waiter->get("by_add", 20s);
   });
-  std::this_thread::sleep_for(50ms);
+  EXPECT_TRUE(backend.wait_blocked(1));
   setter->compare_set("by_cas", std::nullopt, "cas");
+  // The first get has returned (no longer counted): the one counted is the second.
+  EXPECT_TRUE(testing::wait_until([&] { return got_a && backend.wait_stats().waiting == 1; }));
   setter->add("by_add", 42);
   t.join();
   EXPECT_EQ(a, "cas");

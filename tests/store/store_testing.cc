@@ -50,14 +50,67 @@ std::shared_ptr<Store> StoreBackend::client(Timeout default_timeout) {
     case Backend::Memory:
       if (default_timeout != 30s) return std::make_shared<MemoryStore>(default_timeout);
       return memory_;
-    case Backend::File:
-      return std::make_shared<FileStore>(dir_->path() + "/store", default_timeout);
+    case Backend::File: {
+      auto file = std::make_shared<FileStore>(dir_->path() + "/store", default_timeout);
+      std::lock_guard lock(files_mu_);
+      files_.push_back(file);
+      return file;
+    }
     case Backend::Tcp: return std::make_shared<TcpStore>("127.0.0.1", server_->port(), o);
     case Backend::PrefixTcp:
       return std::make_shared<PrefixStore>(
           "job/gen1", std::make_shared<TcpStore>("127.0.0.1", server_->port(), o));
   }
   return nullptr;
+}
+
+StoreWaitStats StoreBackend::wait_stats() {
+  switch (kind_) {
+    case Backend::Memory: return memory_->wait_stats();
+    case Backend::File: {
+      StoreWaitStats sum;
+      std::lock_guard lock(files_mu_);
+      for (const auto& weak : files_) {
+        if (auto file = weak.lock()) {
+          auto s = file->wait_stats();
+          sum.waiting += s.waiting;
+          sum.looks += s.looks;
+        }
+      }
+      return sum;
+    }
+    case Backend::Tcp:
+    case Backend::PrefixTcp: return server_->wait_stats();
+  }
+  return {};
+}
+
+bool StoreBackend::wait_blocked(size_t n) {
+  return testing::wait_until([&] { return wait_stats().waiting == n; });
+}
+
+bool StoreBackend::write_then_wait_for_a_look(const std::function<void()>& write) {
+  if (kind_ == Backend::File) {
+    // The FileStore polls: two looks ending after the write returned, the
+    // second of which began after it.
+    write();
+    const uint64_t before = wait_stats().looks;
+    testing::wait_until([&] {
+      auto s = wait_stats();
+      return s.looks >= before + 2 || s.waiting == 0;
+    });
+    return wait_stats().looks >= before + 2;
+  }
+  // The MemoryStore wakes a blocked call on each write (the call sleeps on
+  // the condition variable between writes: it looks once per write); the
+  // server looks at a parked request before it answers the write.
+  const uint64_t before = wait_stats().looks;
+  write();
+  testing::wait_until([&] {
+    auto s = wait_stats();
+    return s.looks > before || s.waiting == 0;  // looked, or released
+  });
+  return wait_stats().looks > before;
 }
 
 pid_t fork_child(const std::function<int()>& fn) {

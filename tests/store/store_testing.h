@@ -8,7 +8,9 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "testing/testing.h"
 #include "weft/store.h"
@@ -30,11 +32,23 @@ class StoreBackend {
   Backend kind() const { return kind_; }
   TcpStoreServer* server() { return server_.get(); }
 
+  // The get()/wait() calls blocked on the store: the MemoryStore's, the
+  // server's, or those of every FileStore client() made.
+  StoreWaitStats wait_stats();
+  // Waits until n calls are blocked (false if that does not happen in 30 s).
+  bool wait_blocked(size_t n);
+  // With one call blocked, runs write() (a write that should not release
+  // it) and waits until the call has looked at its keys after the write
+  // (false if it did not, e.g. because the write released it).
+  bool write_then_wait_for_a_look(const std::function<void()>& write);
+
  private:
   Backend kind_;
   std::unique_ptr<testing::TempDir> dir_;
   std::unique_ptr<TcpStoreServer> server_;
-  std::shared_ptr<Store> memory_;
+  std::shared_ptr<MemoryStore> memory_;
+  std::mutex files_mu_;
+  std::vector<std::weak_ptr<FileStore>> files_;  // the clients, for wait_stats()
   TcpStoreOptions options_;
 };
 

@@ -137,7 +137,8 @@ TEST(TcpStore, ParkedWaitDoesNotBlockOtherClients) {
       released = true;
     });
   }
-  std::this_thread::sleep_for(100ms);  // let them park
+  ASSERT_TRUE(testing::wait_until([&] { return server.wait_stats().waiting == 4; }))
+      << server.wait_stats().waiting << " of 4 gets parked";
   TcpStore s("127.0.0.1", server.port(), tcp_options());
   for (int i = 0; i < 200; ++i) {
     s.set("busy", std::to_string(i));
@@ -158,15 +159,20 @@ TEST(TcpStore, WaitSeesKeysRemovedWhileParked) {
     waiter.wait({"a", "b"}, 30s);
     done = true;
   });
-  std::this_thread::sleep_for(50ms);
+  EXPECT_TRUE(testing::wait_until([&] { return server.wait_stats().waiting == 1; }));
   s.set("a", "1");
   EXPECT_TRUE(s.remove("a"));
+  const uint64_t looks = server.wait_stats().looks;
   s.set("b", "1");
-  std::this_thread::sleep_for(100ms);
+  // The server looked at the parked wait before answering the set of "b",
+  // and left it parked.
+  EXPECT_GT(server.wait_stats().looks, looks);
+  EXPECT_EQ(server.wait_stats().waiting, 1u) << "wait returned while 'a' was absent";
   EXPECT_FALSE(done.load()) << "wait returned while 'a' was absent";
   s.set("a", "2");
   t.join();
   EXPECT_TRUE(done.load());
+  EXPECT_EQ(server.wait_stats().waiting, 0u);
 }
 
 TEST(TcpStore, ServerAnswersParkedRequestsAtTheirDeadline) {
@@ -212,9 +218,11 @@ TEST(TcpStore, IdleServerDoesNotSpin) {
   idle.set("k", "v");
   std::thread t([&] { EXPECT_EQ(waiter.get("wake", 30s), "up"); });
   net::Fd silent = raw_connect(server.port());
-  std::this_thread::sleep_for(100ms);
+  // The get is parked and the server holds the three connections.
+  ASSERT_TRUE(testing::wait_until(
+      [&] { return server.wait_stats().waiting == 1 && server.num_connections() == 3; }));
   const double before = cpu_seconds();
-  std::this_thread::sleep_for(1s);
+  std::this_thread::sleep_for(1s);  // the idle time measured, not an ordering
   const double used = cpu_seconds() - before;
   idle.set("wake", "up");
   t.join();
@@ -357,22 +365,35 @@ TEST(TcpStore, UnauthenticatedOnlyWhenBothSidesAllowIt) {
   EXPECT_THROW(refusing.get("k"), ProtocolError);
 }
 
+// The server starts only once the client was refused and tried again.
 TEST(TcpStore, ClientRetriesUntilTheServerStarts) {
   const auto port = static_cast<uint16_t>(testing::free_port());
-  std::unique_ptr<TcpStoreServer> server;
-  std::thread starter([&] {
-    std::this_thread::sleep_for(300ms);
-    server = std::make_unique<TcpStoreServer>("127.0.0.1", port, tcp_options());
-  });
   TcpStore s("127.0.0.1", port, tcp_options());
-  auto start = Clock::now();
-  EXPECT_NO_THROW(s.set("k", "v", 20s));
-  EXPECT_GE(seconds_since(start), 0.2);
-  starter.join();
+  std::atomic<bool> done{false};
+  std::thread client([&] {
+    EXPECT_NO_THROW(s.set("k", "v", 20s));
+    done = true;
+  });
+  // A second attempt begins only after the first failed.
+  EXPECT_TRUE(testing::wait_until([&] { return s.connect_attempts() >= 2 || done; }));
+  EXPECT_FALSE(done.load()) << "set() returned without a server";
+  auto server = std::make_unique<TcpStoreServer>("127.0.0.1", port, tcp_options());
+  client.join();
   EXPECT_EQ(s.get("k"), "v");
-  // connect() retries the same way.
+  // connect() retries the same way, here until the server restarts.
+  server.reset();
   TcpStore c("127.0.0.1", port, tcp_options());
-  EXPECT_NO_THROW(c.connect(5s));
+  std::atomic<bool> connected{false};
+  std::thread connecting([&] {
+    EXPECT_NO_THROW(c.connect(20s));
+    connected = true;
+  });
+  EXPECT_TRUE(testing::wait_until([&] { return c.connect_attempts() >= 2 || connected; }));
+  EXPECT_FALSE(connected.load()) << "connect() returned without a server";
+  server = std::make_unique<TcpStoreServer>("127.0.0.1", port, tcp_options());
+  connecting.join();
+  c.set("k2", "v2");
+  EXPECT_EQ(c.get("k2"), "v2");
 }
 
 TEST(TcpStore, ServerThatNeverAppearsFailsByTheDeadline) {
@@ -425,7 +446,7 @@ TEST(TcpStore, StopWithParkedWaiters) {
   auto server = std::make_unique<TcpStoreServer>("127.0.0.1", 0, tcp_options());
   TcpStore s("127.0.0.1", server->port(), tcp_options());
   std::thread t([&] { EXPECT_THROW(s.get("never", 2s), Error); });
-  std::this_thread::sleep_for(200ms);
+  EXPECT_TRUE(testing::wait_until([&] { return server->wait_stats().waiting == 1; }));
   auto start = Clock::now();
   server->stop();
   EXPECT_LT(seconds_since(start), 2.0);

@@ -60,6 +60,15 @@ void run_ranks_ok(int n, const std::function<void(int)>& fn) {
   }
 }
 
+bool wait_until(const std::function<bool()>& cond, std::chrono::milliseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    if (cond()) return true;
+    if (std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
 Process::Process(std::vector<std::string> argv, std::map<std::string, std::string> env) {
   static std::atomic<int> counter{0};
   const char* base = std::getenv("TMPDIR");

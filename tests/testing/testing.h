@@ -33,6 +33,12 @@ std::vector<std::exception_ptr> run_ranks(int n, const std::function<void(int)>&
 // Same, but rethrows the first exception.
 void run_ranks_ok(int n, const std::function<void(int)>& fn);
 
+// Polls cond (every millisecond) until it holds (true) or timeout passes
+// (false). What a test waits for instead of sleeping: an observable state,
+// such as a store's count of blocked calls or a line of a child's output.
+bool wait_until(const std::function<bool()>& cond,
+                std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
 // A child process with its stdout and stderr captured to a file.
 class Process {
  public:

@@ -12,7 +12,6 @@
 #include <numeric>
 #include <random>
 #include <set>
-#include <thread>
 
 #include "testing/testing.h"
 #include "weft/data.h"
@@ -569,13 +568,14 @@ TEST(DataParallel, AbandonedStepFailsThePeerQuickly) {
       dp.grad_ready(1);  // bucket 0 starts, then the step is abandoned
       return;
     }
-    // Rank 1: whatever it is doing when rank 0 leaves fails with a CommError.
+    // Rank 1: once rank 0's abort reached it (its bucket 0 still unmatched),
+    // what it does fails with a CommError.
     const auto t0 = std::chrono::steady_clock::now();
     bool failed = false;
     try {
       DataParallel dp(comm, {param("a", a, &ga), param("b", b, &gb)}, {}, opts);
       comm->barrier();
-      std::this_thread::sleep_for(200ms);
+      EXPECT_TRUE(testing::wait_until([&] { return comm->error() != nullptr; }));
       dp.grad_ready(1);
       dp.grad_ready(0);
       dp.finish_gradients();

@@ -19,9 +19,23 @@
 
 namespace weft::comm {
 
-using transport::tcp::AbortKind;
+using transport::AbortKind;
 
 namespace {
+
+// Longest a connection may take to complete its handshake (TCP and shared
+// memory set-up), at most WEFT_TIMEOUT: a few round trips of a few hundred
+// bytes, which take milliseconds; 10 s covers a loaded host and stops a
+// stranger that connects and stays silent from holding a slot for longer.
+constexpr Timeout kHandshakeLimit = std::chrono::seconds(10);
+// How long shutdown waits for each transport to flush its goodbye (and
+// queued acknowledgements): peers that still read take milliseconds; one
+// that does not read any more must not hold the exit for long.
+constexpr auto kGoodbyeLimit = std::chrono::seconds(2);
+// How long writing the abort record to the store may take (its own thread):
+// best effort, since the abort frames carry the same news to every
+// connected peer; a store that does not answer within 2 s is gone.
+constexpr Timeout kAbortRecordLimit = std::chrono::seconds(2);
 
 std::string read_first_line(const char* path) {
   std::ifstream in(path);
@@ -107,8 +121,7 @@ std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> 
     throw InvalidArgument(fmt::format("invalid communicator name '{}'", options.name));
   }
   const size_t ring = options.shm_ring_bytes;
-  if (ring != 0 && (ring < transport::shm::kMinRingBytes || ring > transport::shm::kMaxRingBytes ||
-                    (ring & (ring - 1)) != 0)) {
+  if (!transport::valid_shm_ring_bytes(ring)) {
     throw InvalidArgument(fmt::format(
         "shared-memory ring size {} (WEFT_SHM_RING) must be 0 or a power of two from 64K to 64M",
         ring));
@@ -146,7 +159,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   eo.spin = std::chrono::microseconds(settings::get_int("WEFT_SPIN_US", 20, 0, 10000));
   engine_ = std::make_unique<transport::Engine>(eo);
 
-  transport::tcp::TcpOptions to;
+  transport::TcpOptions to;
   to.rank = rank_;
   to.size = size_;
   to.world_id = id_;
@@ -156,9 +169,10 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   to.socket_buffer_bytes = options_.socket_buffer_bytes;
   to.max_unexpected_bytes = options_.max_unexpected_bytes;
   to.listen_ip = ip;
-  to.handshake_timeout = std::min<Timeout>(options_.timeout, std::chrono::seconds(10));
+  to.handshake_timeout = std::min<Timeout>(options_.timeout, kHandshakeLimit);
 
-  transport::tcp::TcpEvents ev;
+  // One set of upcalls for every transport.
+  transport::TransportEvents ev;
   ev.on_peer_failure = [this](int peer, std::exception_ptr err) {
     std::string what;
     try {
@@ -204,15 +218,15 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
                                d.count, static_cast<ReduceOp>(d.op), static_cast<int>(d.root),
                                static_cast<Algorithm>(d.flags));
   };
-  ev.check_unexpected = [this](int peer, const transport::tcp::FrameHeader& h) {
-    return check_unexpected(peer, h.comm_id, h.desc);
+  ev.check_unexpected = [this](int peer, uint64_t comm_id, const transport::OpDesc& desc) {
+    return check_unexpected(peer, comm_id, desc);
   };
   ev.on_peer_departed = [this](int peer) {
     // Also while the shared-memory set-up is still running (it keeps the
     // departure for when it is done).
     if (shm_) shm_->peer_departed(peer);
   };
-  tcp_ = std::make_unique<transport::tcp::TcpTransport>(*engine_, to, ev);
+  tcp_ = transport::make_tcp_transport(*engine_, to, ev);
 
   RankInfo me;
   me.address = tcp_->listen_address();
@@ -221,7 +235,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   me.pid = static_cast<int>(getpid());
   if (options_.shm && size_ > 1) {
     // Listens now, so that its address goes into the rank record.
-    transport::shm::ShmOptions so;
+    transport::ShmOptions so;
     so.rank = rank_;
     so.size = size_;
     so.world_id = id_;
@@ -231,14 +245,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     so.ring_bytes = options_.shm_ring_bytes;
     so.max_unexpected_bytes = options_.max_unexpected_bytes;
     so.handshake_timeout = to.handshake_timeout;
-    transport::shm::ShmEvents sev;
-    sev.on_peer_failure = ev.on_peer_failure;
-    sev.on_mismatch = ev.on_mismatch;
-    sev.describe_op = ev.describe_op;
-    sev.check_unexpected = [this](int peer, uint64_t comm_id, const transport::OpDesc& desc) {
-      return check_unexpected(peer, comm_id, desc);
-    };
-    shm_ = std::make_unique<transport::shm::ShmTransport>(*engine_, so, sev);
+    shm_ = transport::make_shm_transport(*engine_, so, ev);
     me.shm_address = shm_->address();
     me.shm_key = shm_->key();
   }
@@ -290,7 +297,7 @@ void World::connect_shm(const RankInfo& me, const Deadline& deadline) {
   if (!shm_) return;
   // A pair uses shared memory only when both ranks enabled it: every rank
   // decides from the same records, so the routes agree on both sides.
-  std::vector<transport::shm::ShmPeer> peers;
+  std::vector<transport::LocalPeer> peers;
   for (int r = 0; r < size_; ++r) {
     const RankInfo& ri = ranks_[static_cast<size_t>(r)];
     if (r == rank_ || ri.host_id != me.host_id || ri.shm_address.empty()) continue;
@@ -346,7 +353,7 @@ void World::shutdown_once() {
     }
     // The other transports first: the TCP goodbye must come last.
     for (auto it = transports().rbegin(); it != transports().rend(); ++it) {
-      (*it)->close(Deadline::after(std::chrono::seconds(2)));
+      (*it)->close(Deadline::after(kGoodbyeLimit));
     }
   }
   if (engine_) engine_->stop();
@@ -442,7 +449,7 @@ void World::write_abort_record(const std::string& record) {
   auto store = store_;
   abort_writer_ = std::thread([store, record] {
     try {
-      store->compare_set("abort", std::nullopt, record, std::chrono::seconds(2));
+      store->compare_set("abort", std::nullopt, record, kAbortRecordLimit);
     } catch (const std::exception& e) {
       WEFT_DEBUG("could not write the abort record to the store: {}", e.what());
     }

@@ -318,6 +318,20 @@ std::string World::transport_names() const {
   return names;
 }
 
+transport::InboundStats World::inbound_stats() const {
+  transport::InboundStats sum;
+  for (auto* t : transports()) {
+    const transport::InboundStats s = t->inbound_stats();
+    sum.direct += s.direct;
+    sum.held += s.held;
+    sum.from_held += s.from_held;
+    sum.discarded += s.discarded;
+    sum.paused += s.paused;
+    sum.goodbyes += s.goodbyes;
+  }
+  return sum;
+}
+
 World::~World() { shutdown(); }
 
 void World::shutdown() {

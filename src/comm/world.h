@@ -71,6 +71,9 @@ class World : public std::enable_shared_from_this<World> {
   transport::Transport& route(int peer) { return *route_[static_cast<size_t>(peer)]; }
   // Names of the transports in use ("tcp", "tcp+shm").
   std::string transport_names() const;
+  // What became of the messages received so far, summed over the
+  // transports (which path of the inbound logic each took; tests).
+  transport::InboundStats inbound_stats() const;
 
   // Starts a point-to-point request (world ranks).
   void start(const transport::RequestPtr& req);

@@ -196,6 +196,9 @@ class Inbound {
     return err;
   }
 
+  // A peer said goodbye (it sends nothing more).
+  void note_goodbye() { count(goodbyes_); }
+
   InboundStats stats() const {
     InboundStats s;
     s.direct = direct_.load(std::memory_order_relaxed);
@@ -203,6 +206,7 @@ class Inbound {
     s.from_held = from_held_.load(std::memory_order_relaxed);
     s.discarded = discarded_.load(std::memory_order_relaxed);
     s.paused = paused_.load(std::memory_order_relaxed);
+    s.goodbyes = goodbyes_.load(std::memory_order_relaxed);
     return s;
   }
 
@@ -220,6 +224,7 @@ class Inbound {
   std::atomic<uint64_t> from_held_{0};
   std::atomic<uint64_t> discarded_{0};
   std::atomic<uint64_t> paused_{0};
+  std::atomic<uint64_t> goodbyes_{0};
 };
 
 }  // namespace weft::transport

@@ -64,6 +64,7 @@ struct InboundStats {
   uint64_t from_held = 0;  // receives completed from a held message
   uint64_t discarded = 0;  // dropped (mismatch, failed peer or transport)
   uint64_t paused = 0;     // times reading stopped for want of budget
+  uint64_t goodbyes = 0;   // peers that closed their communicator (mesh transport)
 };
 
 class Transport {

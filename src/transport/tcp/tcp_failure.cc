@@ -37,6 +37,7 @@ void TcpTransport::peer_said_bye(Peer& peer) {
     pending = !peer.q.posted.empty();
   }
   WEFT_DEBUG("rank {} closed its communicator", peer.rank);
+  inbound_.note_goodbye();
   if (events_.on_peer_departed) events_.on_peer_departed(peer.rank);
   if (pending)
     peer_failed(peer, "closed its communicator while operations with it were pending", true);

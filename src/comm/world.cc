@@ -23,11 +23,6 @@ using transport::AbortKind;
 
 namespace {
 
-// Longest a connection may take to complete its handshake (TCP and shared
-// memory set-up), at most WEFT_TIMEOUT: a few round trips of a few hundred
-// bytes, which take milliseconds; 10 s covers a loaded host and stops a
-// stranger that connects and stays silent from holding a slot for longer.
-constexpr Timeout kHandshakeLimit = std::chrono::seconds(10);
 // How long shutdown waits for each transport to flush its goodbye (and
 // queued acknowledgements): peers that still read take milliseconds; one
 // that does not read any more must not hold the exit for long.
@@ -169,7 +164,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   to.socket_buffer_bytes = options_.socket_buffer_bytes;
   to.max_unexpected_bytes = options_.max_unexpected_bytes;
   to.listen_ip = ip;
-  to.handshake_timeout = std::min<Timeout>(options_.timeout, kHandshakeLimit);
+  to.handshake_timeout = std::min<Timeout>(options_.timeout, transport::kHandshakeLimit);
 
   // One set of upcalls for every transport.
   transport::TransportEvents ev;

@@ -139,6 +139,13 @@ class LocalTransport : public Transport {
   virtual void connect_all(const std::vector<LocalPeer>& peers, const Deadline& deadline) = 0;
 };
 
+// Longest a connection may take to complete its handshake (TCP, and each
+// shared-memory set-up exchange), at most the communicator's timeout: a
+// few round trips of a few hundred bytes, which take milliseconds; 10 s
+// covers a loaded host and stops a stranger that connects and stays silent
+// from holding a slot for longer.
+inline constexpr Timeout kHandshakeLimit = std::chrono::seconds(10);
+
 struct TcpOptions {
   int rank = 0;
   int size = 1;
@@ -151,7 +158,7 @@ struct TcpOptions {
   // IP address to listen on ("127.0.0.1", "10.0.0.2", "::1"...).
   std::string listen_ip = "127.0.0.1";
   // How long an accepted connection may take to complete its handshake.
-  Timeout handshake_timeout = std::chrono::seconds(10);
+  Timeout handshake_timeout = kHandshakeLimit;
 };
 
 struct ShmOptions {
@@ -171,7 +178,7 @@ struct ShmOptions {
   // Bytes of early messages held per peer (WEFT_MAX_UNEXPECTED).
   size_t max_unexpected_bytes = 256u << 20;
   // How long one set-up exchange may take.
-  Timeout handshake_timeout = std::chrono::seconds(10);
+  Timeout handshake_timeout = kHandshakeLimit;
 };
 
 // The TCP mesh, listening on options.listen_ip (tcp/tcp_transport.h).

@@ -176,9 +176,10 @@ TEST(Communicator, AbortWakesEveryRankWithThePeerNamed) {
     auto c = Communicator::create(r, n, store, test_options(60s));
     c->barrier();
     if (r == 2) {
-      // Its neighbour's first allreduce message has arrived (held: rank 2
-      // never posts a receive), so the others are inside the allreduce.
-      EXPECT_TRUE(wait_inbound(c, [](const auto& s) { return s.held >= 1; }));
+      // A message that no receive has taken is held: a neighbour's first
+      // allreduce message (the barrier's were all taken), so the others
+      // are inside the allreduce.
+      EXPECT_TRUE(wait_inbound(c, [](const auto& s) { return s.held > s.from_held; }));
       c->abort("test abort");
       return;
     }

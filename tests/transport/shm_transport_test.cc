@@ -485,3 +485,30 @@ TEST(ShmTransport, StrangersAreRefusedAndTheSetUpCompletes) {
 
 }  // namespace
 }  // namespace weft::transport::shm
+
+namespace weft::transport {
+namespace {
+
+using namespace std::chrono_literals;
+
+TEST(EngineDeathTest, AStuckProgressThreadEndsTheProcessInsteadOfReturning) {
+  // fail_all() promises that no buffer of a failed request is touched once
+  // it returns; when the progress thread cannot be reached to make it so,
+  // the process ends with a message naming what could not be done.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        Engine e;
+        std::atomic<bool> stuck{false};
+        e.post([&] {  // the background thread runs it, and is stuck in it
+          stuck = true;
+          std::this_thread::sleep_for(30s);
+        });
+        while (!stuck) std::this_thread::yield();
+        e.run_in_progress_or_die([] {}, "a test task", 200ms);
+      },
+      "FATAL: the progress thread did not run 'a test task' within");
+}
+
+}  // namespace
+}  // namespace weft::transport

@@ -25,7 +25,7 @@ set(WEFT_PUBLIC_HEADERS
 # The finer rule of issue 10: the headers of comm see the transports only through their interface
 # (transport/transport.h and the engine), never a transport's own folder (transport/tcp/,
 # transport/shm/). Checked by tests/layers/check_includes.cmake when ON.
-set(WEFT_CHECK_COMM_SEES_TRANSPORT_INTERFACE_ONLY OFF)
+set(WEFT_CHECK_COMM_SEES_TRANSPORT_INTERFACE_ONLY ON)
 
 # weft_layers_visible(<layer> <out-var>): the layers <layer> may use (itself and those before it).
 function(weft_layers_visible layer out)

@@ -3,11 +3,24 @@
 #include <fmt/format.h>
 
 #include "core/log.h"
+#include "transport/engine.h"
 #include "weft/errors.h"
 
 namespace weft::comm {
 
-using transport::tcp::AbortKind;
+using transport::AbortKind;
+
+namespace {
+
+// How long an asynchronous collective may take to return after its world
+// was aborted for its timeout. The abort fails every request at once, so
+// the collective returns within the time of a reduction of the data it
+// already has (milliseconds); one that has not returned after 60 s is
+// stuck, and it may still write into the caller's buffers, which the
+// caller would reuse after the error: the process ends instead.
+constexpr auto kAbortedCollectiveLimit = std::chrono::seconds(60);
+
+}  // namespace
 
 void abort_world(Group& group, const std::string& reason) {
   World& w = group.world();
@@ -50,8 +63,11 @@ void CollectiveWork::wait(Timeout timeout) {
     w.abort(err, AbortKind::Timeout, -1, msg, true);
     // The collective fails fast now; its buffers are released when it returns.
     lk.lock();
-    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return done_; })) {
-      WEFT_ERROR("{}: still running 60 s after its communicator was aborted", description_);
+    if (!cv_.wait_for(lk, kAbortedCollectiveLimit, [&] { return done_; })) {
+      transport::fatal_stuck(fmt::format(
+          "rank {}: {} is still running {} after its communicator was aborted (it timed out); "
+          "it may still write into the application's buffers, so the process ends",
+          w.rank(), description_, format_timeout(kAbortedCollectiveLimit)));
     }
     std::rethrow_exception(err);
   }

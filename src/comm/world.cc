@@ -20,9 +20,18 @@
 
 namespace weft::comm {
 
-using transport::tcp::AbortKind;
+using transport::AbortKind;
 
 namespace {
+
+// How long shutdown waits for each transport to flush its goodbye (and
+// queued acknowledgements): peers that still read take milliseconds; one
+// that does not read any more must not hold the exit for long.
+constexpr auto kGoodbyeLimit = std::chrono::seconds(2);
+// How long writing the abort record to the store may take (its own thread):
+// best effort, since the abort frames carry the same news to every
+// connected peer; a store that does not answer within 2 s is gone.
+constexpr Timeout kAbortRecordLimit = std::chrono::seconds(2);
 
 std::string read_first_line(const char* path) {
   std::ifstream in(path);
@@ -109,8 +118,7 @@ std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> 
     throw InvalidArgument(fmt::format("invalid communicator name '{}'", options.name));
   }
   const size_t ring = options.shm_ring_bytes;
-  if (ring != 0 && (ring < transport::shm::kMinRingBytes || ring > transport::shm::kMaxRingBytes ||
-                    (ring & (ring - 1)) != 0)) {
+  if (!transport::valid_shm_ring_bytes(ring)) {
     throw InvalidArgument(fmt::format(
         "shared-memory ring size {} (WEFT_SHM_RING) must be 0 or a power of two from 64K to 64M",
         ring));
@@ -148,7 +156,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   eo.spin = std::chrono::microseconds(settings::get(settings::kSpinUs));
   engine_ = std::make_unique<transport::Engine>(eo);
 
-  transport::tcp::TcpOptions to;
+  transport::TcpOptions to;
   to.rank = rank_;
   to.size = size_;
   to.world_id = id_;
@@ -158,9 +166,10 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   to.socket_buffer_bytes = options_.socket_buffer_bytes;
   to.max_unexpected_bytes = options_.max_unexpected_bytes;
   to.listen_ip = ip;
-  to.handshake_timeout = std::min<Timeout>(options_.timeout, std::chrono::seconds(10));
+  to.handshake_timeout = std::min<Timeout>(options_.timeout, transport::kHandshakeLimit);
 
-  transport::tcp::TcpEvents ev;
+  // One set of upcalls for every transport.
+  transport::TransportEvents ev;
   ev.on_peer_failure = [this](int peer, std::exception_ptr err) {
     std::string what;
     try {
@@ -206,15 +215,15 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
                                d.count, static_cast<ReduceOp>(d.op), static_cast<int>(d.root),
                                static_cast<Algorithm>(d.flags));
   };
-  ev.check_unexpected = [this](int peer, const transport::tcp::FrameHeader& h) {
-    return check_unexpected(peer, h.comm_id, h.desc);
+  ev.check_unexpected = [this](int peer, uint64_t comm_id, const transport::OpDesc& desc) {
+    return check_unexpected(peer, comm_id, desc);
   };
   ev.on_peer_departed = [this](int peer) {
     // Also while the shared-memory set-up is still running (it keeps the
     // departure for when it is done).
     if (shm_) shm_->peer_departed(peer);
   };
-  tcp_ = std::make_unique<transport::tcp::TcpTransport>(*engine_, to, ev);
+  tcp_ = transport::make_tcp_transport(*engine_, to, ev);
 
   RankInfo me;
   me.address = tcp_->listen_address();
@@ -223,7 +232,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   me.pid = static_cast<int>(getpid());
   if (options_.shm && size_ > 1) {
     // Listens now, so that its address goes into the rank record.
-    transport::shm::ShmOptions so;
+    transport::ShmOptions so;
     so.rank = rank_;
     so.size = size_;
     so.world_id = id_;
@@ -233,14 +242,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     so.ring_bytes = options_.shm_ring_bytes;
     so.max_unexpected_bytes = options_.max_unexpected_bytes;
     so.handshake_timeout = to.handshake_timeout;
-    transport::shm::ShmEvents sev;
-    sev.on_peer_failure = ev.on_peer_failure;
-    sev.on_mismatch = ev.on_mismatch;
-    sev.describe_op = ev.describe_op;
-    sev.check_unexpected = [this](int peer, uint64_t comm_id, const transport::OpDesc& desc) {
-      return check_unexpected(peer, comm_id, desc);
-    };
-    shm_ = std::make_unique<transport::shm::ShmTransport>(*engine_, so, sev);
+    shm_ = transport::make_shm_transport(*engine_, so, ev);
     me.shm_address = shm_->address();
     me.shm_key = shm_->key();
   }
@@ -291,7 +293,7 @@ void World::connect_shm(const RankInfo& me, const Deadline& deadline) {
   if (!shm_) return;
   // A pair uses shared memory only when both ranks enabled it: every rank
   // decides from the same records, so the routes agree on both sides.
-  std::vector<transport::shm::ShmPeer> peers;
+  std::vector<transport::LocalPeer> peers;
   for (int r = 0; r < size_; ++r) {
     const RankInfo& ri = ranks_[static_cast<size_t>(r)];
     if (r == rank_ || ri.host_id != me.host_id || ri.shm_address.empty()) continue;
@@ -310,6 +312,20 @@ std::string World::transport_names() const {
     names += t->name();
   }
   return names;
+}
+
+transport::InboundStats World::inbound_stats() const {
+  transport::InboundStats sum;
+  for (auto* t : transports()) {
+    const transport::InboundStats s = t->inbound_stats();
+    sum.direct += s.direct;
+    sum.held += s.held;
+    sum.from_held += s.from_held;
+    sum.discarded += s.discarded;
+    sum.paused += s.paused;
+    sum.goodbyes += s.goodbyes;
+  }
+  return sum;
 }
 
 World::~World() { shutdown(); }
@@ -347,7 +363,7 @@ void World::shutdown_once() {
     }
     // The other transports first: the TCP goodbye must come last.
     for (auto it = transports().rbegin(); it != transports().rend(); ++it) {
-      (*it)->close(Deadline::after(std::chrono::seconds(2)));
+      (*it)->close(Deadline::after(kGoodbyeLimit));
     }
   }
   if (engine_) engine_->stop();
@@ -443,7 +459,7 @@ void World::write_abort_record(const std::string& record) {
   auto store = store_;
   abort_writer_ = std::thread([store, record] {
     try {
-      store->compare_set("abort", std::nullopt, record, std::chrono::seconds(2));
+      store->compare_set("abort", std::nullopt, record, kAbortRecordLimit);
     } catch (const std::exception& e) {
       WEFT_DEBUG("could not write the abort record to the store: {}", e.what());
     }

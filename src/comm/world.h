@@ -22,8 +22,7 @@
 #include "core/deadline.h"
 #include "transport/engine.h"
 #include "transport/request.h"
-#include "transport/shm/shm_transport.h"
-#include "transport/tcp/tcp_transport.h"
+#include "transport/transport.h"
 #include "weft/options.h"
 #include "weft/store.h"
 
@@ -68,11 +67,13 @@ class World : public std::enable_shared_from_this<World> {
   Store& store() { return *store_; }
   const std::shared_ptr<Store>& world_store() const { return store_; }
   transport::Engine& engine() { return *engine_; }
-  transport::tcp::TcpTransport& tcp() { return *tcp_; }
   // The transport that carries the data between this rank and `peer`.
   transport::Transport& route(int peer) { return *route_[static_cast<size_t>(peer)]; }
   // Names of the transports in use ("tcp", "tcp+shm").
   std::string transport_names() const;
+  // What became of the messages received so far, summed over the
+  // transports (which path of the inbound logic each took; tests).
+  transport::InboundStats inbound_stats() const;
 
   // Starts a point-to-point request (world ranks).
   void start(const transport::RequestPtr& req);
@@ -88,7 +89,7 @@ class World : public std::enable_shared_from_this<World> {
   // Breaks the world with `error`: fails every pending and later request.
   // When `propagate`, peers are told (Abort frames) and an abort record is
   // written to the store so that every rank learns which rank failed.
-  void abort(std::exception_ptr error, transport::tcp::AbortKind kind, int culprit,
+  void abort(std::exception_ptr error, transport::AbortKind kind, int culprit,
              const std::string& reason, bool propagate);
   // Aborts (and propagates) because an operation failed with `error`; the
   // kind of abort and the culprit are taken from the error's type.
@@ -133,9 +134,10 @@ class World : public std::enable_shared_from_this<World> {
   int local_size_ = 1;
 
   std::unique_ptr<transport::Engine> engine_;
-  std::unique_ptr<transport::tcp::TcpTransport> tcp_;
+  // The mesh (TCP): every pair, control frames, failure detection.
+  std::unique_ptr<transport::MeshTransport> tcp_;
   // Shared memory with the ranks of this host (null when none or disabled).
-  std::unique_ptr<transport::shm::ShmTransport> shm_;
+  std::unique_ptr<transport::LocalTransport> shm_;
   // Every transport, TCP first; route_[peer] is the one for that peer's data.
   // Published by a release store of the count: the progress thread may
   // read them (an abort) while the set-up adds shared memory.
@@ -153,12 +155,11 @@ class World : public std::enable_shared_from_this<World> {
   mutable std::mutex error_mu_;
   std::exception_ptr error_;  // GUARDED_BY(error_mu_)
   // What the first abort said, repeated to the peers on shutdown.
-  bool abort_known_ = false;  // GUARDED_BY(error_mu_)
-  transport::tcp::AbortKind abort_kind_ =
-      transport::tcp::AbortKind::Aborted;  // GUARDED_BY(error_mu_)
-  int abort_culprit_ = -1;                 // GUARDED_BY(error_mu_)
-  std::string abort_reason_;               // GUARDED_BY(error_mu_)
-  std::thread abort_writer_;               // writes the store record without blocking progress
+  bool abort_known_ = false;                                         // GUARDED_BY(error_mu_)
+  transport::AbortKind abort_kind_ = transport::AbortKind::Aborted;  // GUARDED_BY(error_mu_)
+  int abort_culprit_ = -1;                                           // GUARDED_BY(error_mu_)
+  std::string abort_reason_;                                         // GUARDED_BY(error_mu_)
+  std::thread abort_writer_;  // writes the store record without blocking progress
 
   std::mutex active_mu_;
   std::map<std::pair<uint64_t, uint64_t>, transport::OpDesc> active_;  // GUARDED_BY(active_mu_)

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 
 #include "core/log.h"
 #include "weft/errors.h"
@@ -109,15 +111,36 @@ bool Engine::run_in_progress(std::function<void()> fn, const Deadline& deadline)
   return wait([&] { return ran->load(std::memory_order_seq_cst); }, deadline);
 }
 
+void Engine::run_in_progress_or_die(std::function<void()> fn, const char* what, Timeout limit) {
+  if (run_in_progress(std::move(fn), Deadline::after(limit))) return;
+  // Returning would let the caller go on (and its caller release buffers)
+  // while the progress thread may still run handlers on them.
+  fatal_stuck(fmt::format(
+      "the progress thread did not run '{}' within {}: it is stuck, and requests that may still "
+      "write into the application's buffers cannot be stopped; ending the process",
+      what, format_timeout(limit)));
+}
+
+void fatal_stuck(const std::string& message) {
+  const std::string line = "FATAL: " + message;
+  if (log::enabled(log::Level::Error)) {
+    log::write(log::Level::Error, line);
+  } else {
+    std::fprintf(stderr, "weft: %s\n", line.c_str());
+  }
+  std::fflush(stderr);
+  std::abort();
+}
+
 void Engine::add_poller(std::shared_ptr<Poller> poller) {
-  run_in_progress([this, p = std::move(poller)] { pollers_.push_back(p); },
-                  Deadline::after(std::chrono::seconds(30)));
+  run_in_progress_or_die([this, p = std::move(poller)] { pollers_.push_back(p); },
+                         "register a poller");
 }
 
 void Engine::remove_poller(const Poller* poller) {
-  run_in_progress(
+  run_in_progress_or_die(
       [this, poller] { std::erase_if(pollers_, [&](const auto& p) { return p.get() == poller; }); },
-      Deadline::after(std::chrono::seconds(30)));
+      "remove a poller (before its transport is destroyed)");
 }
 
 int Engine::run_pollers() {

@@ -37,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <queue>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -45,6 +46,23 @@
 #include "core/socket.h"
 
 namespace weft::transport {
+
+// How long a task that must run on the progress thread (run_in_progress)
+// may wait for it when returning without it would break a promise: failing
+// every request of an aborted world (Transport::fail_all: afterwards no
+// handler may touch a failed request's buffer), registering and removing a
+// poller (afterwards it must not run on a destroyed transport). Handlers
+// never block (non-blocking I/O, copies bounded by a ring or a read
+// buffer), so the token holder comes back within milliseconds even on a
+// loaded host; after 30 s it is stuck (a deadlock, a handler that never
+// returns), and the process ends instead (run_in_progress_or_die).
+inline constexpr std::chrono::seconds kProgressTaskLimit{30};
+
+// Logs "FATAL: <message>" (whatever the log level) and ends the process
+// with std::abort: for a deadline on the failure path that passed while a
+// request could still write into a caller's buffer, where returning would
+// let that buffer be reused under it (silent corruption).
+[[noreturn]] void fatal_stuck(const std::string& message);
 
 // Something registered in the epoll set. on_event runs on the thread that
 // holds the progress token, never on two threads at once.
@@ -138,6 +156,12 @@ class Engine {
   // Used for everything that must not race with handlers, e.g. failing the
   // receive a handler is filling.
   bool run_in_progress(std::function<void()> fn, const Deadline& deadline);
+  // run_in_progress for work the caller must not return without (see
+  // kProgressTaskLimit): if it has not run after `limit`, logs a fatal
+  // message naming `what` and ends the process (std::abort), since the
+  // caller's promise can no longer be kept.
+  void run_in_progress_or_die(std::function<void()> fn, const char* what,
+                              Timeout limit = kProgressTaskLimit);
   // Queues fn to run on the progress thread soon; does not wait.
   void post(std::function<void()> fn);
   // True on the thread that holds the progress token.

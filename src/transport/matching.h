@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "transport/request.h"
+#include "transport/transport.h"
 
 namespace weft::transport {
 
@@ -34,9 +35,6 @@ struct MessageHeader {
   uint64_t length = 0;  // payload bytes
   OpDesc desc;
 };
-
-// Formats an operation descriptor for messages ("allreduce #3 of float32 x 1000...").
-using DescribeOp = std::function<std::string(const OpDesc&)>;
 
 // "mismatched operations: rank 0 called <mine> but rank 2 (host h) called
 // <theirs>"; the sizes are added when the two calls read the same.

@@ -6,11 +6,26 @@
 #include <numeric>
 #include <thread>
 
+#include "api/access.h"
+#include "comm/group.h"
+#include "comm/world.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
 namespace weft {
 namespace {
+
+// Polls until pred(the inbound counters of c's world) holds; false after `limit`.
+template <typename Pred>
+bool wait_inbound(const std::shared_ptr<Communicator>& c, Pred pred,
+                  std::chrono::milliseconds limit = std::chrono::seconds(30)) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (!pred(api::CommunicatorAccess::group(*c)->world().inbound_stats())) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
 
 using namespace std::chrono_literals;
 using testing::run_ranks;
@@ -167,7 +182,10 @@ TEST(Communicator, AbortWakesEveryRankWithThePeerNamed) {
     auto c = Communicator::create(r, n, store, test_options(60s));
     c->barrier();
     if (r == 2) {
-      std::this_thread::sleep_for(200ms);
+      // A message that no receive has taken is held: a neighbour's first
+      // allreduce message (the barrier's were all taken), so the others
+      // are inside the allreduce.
+      EXPECT_TRUE(wait_inbound(c, [](const auto& s) { return s.held > s.from_held; }));
       c->abort("test abort");
       return;
     }

@@ -4,7 +4,8 @@
 //   comm_worker allreduce-loop ITERATIONS COUNT [--wait-go]
 //
 // Prints "READY" once connected, runs ITERATIONS allreduces (0: until a
-// failure) of COUNT floats and checks every result; with --wait-go it first
+// failure) of COUNT floats and checks every result, printing "RUNNING"
+// after the fourth; with --wait-go it first
 // waits for the store key "test/go". On success prints "OK" and exits 0; on
 // failure prints "ERROR <type> rank=<failed rank>: <message>" and exits
 // 3 (PeerError), 4 (TimeoutError), 5 (other communication error), 6 (other).
@@ -50,6 +51,10 @@ int run(int argc, char** argv) {
         std::printf("WRONG iteration %ld element %zu: %f != %f\n", it, i, v[i], expect);
         return 7;
       }
+    }
+    if (it == 3) {  // the job is in the middle of its allreduces
+      std::printf("RUNNING rank %d\n", comm->rank());
+      std::fflush(stdout);
     }
   }
   comm->barrier();

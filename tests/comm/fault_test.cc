@@ -44,13 +44,14 @@ class Job {
   Store& store() { return *store_; }
   const std::string& token() const { return token_; }
 
-  // Waits until every worker printed READY.
-  void wait_ready(std::chrono::seconds limit = 60s) {
+  // Waits until every worker printed `line` (READY: connected; RUNNING:
+  // a few allreduces done, so the job is in the middle of its allreduces).
+  void wait_ready(std::chrono::seconds limit = 60s, const std::string& line = "READY") {
     auto until = std::chrono::steady_clock::now() + limit;
     for (int r = 0; r < n_; ++r) {
-      while (proc(r).output().find("READY") == std::string::npos) {
+      while (proc(r).output().find(line) == std::string::npos) {
         ASSERT_FALSE(proc(r).wait(0ms)) << "rank " << r << " exited early:\n" << proc(r).output();
-        ASSERT_LT(std::chrono::steady_clock::now(), until) << "rank " << r << " not ready";
+        ASSERT_LT(std::chrono::steady_clock::now(), until) << "rank " << r << " not " << line;
         std::this_thread::sleep_for(20ms);
       }
     }
@@ -67,8 +68,7 @@ class Job {
 TEST(Faults, KilledWorkerIsNamedByEverySurvivor) {
   const int n = 4, victim = 2;
   Job job(n, {"allreduce-loop", "0", std::to_string(4u << 20)}, 60);
-  job.wait_ready();
-  std::this_thread::sleep_for(500ms);  // in the middle of the allreduces
+  job.wait_ready(60s, "RUNNING");  // in the middle of the allreduces
   auto t0 = std::chrono::steady_clock::now();
   job.proc(victim).signal(SIGKILL);
   for (int r = 0; r < n; ++r) {
@@ -86,8 +86,7 @@ TEST(Faults, KilledWorkerIsNamedByEverySurvivor) {
 TEST(Faults, StoppedWorkerTimesOutEverySurvivor) {
   const int n = 4, victim = 1, timeout_s = 4;
   Job job(n, {"allreduce-loop", "0", std::to_string(4u << 20)}, timeout_s);
-  job.wait_ready();
-  std::this_thread::sleep_for(500ms);
+  job.wait_ready(60s, "RUNNING");
   auto t0 = std::chrono::steady_clock::now();
   job.proc(victim).signal(SIGSTOP);
   for (int r = 0; r < n; ++r) {

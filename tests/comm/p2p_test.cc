@@ -5,12 +5,28 @@
 
 #include <numeric>
 #include <random>
+#include <thread>
 
+#include "api/access.h"
+#include "comm/group.h"
+#include "comm/world.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
 namespace weft {
 namespace {
+
+// Polls until pred(the inbound counters of c's world) holds; false after `limit`.
+template <typename Pred>
+bool wait_inbound(const std::shared_ptr<Communicator>& c, Pred pred,
+                  std::chrono::milliseconds limit = std::chrono::seconds(30)) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (!pred(api::CommunicatorAccess::group(*c)->world().inbound_stats())) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
 
 using namespace std::chrono_literals;
 using testing::run_ranks_ok;
@@ -145,7 +161,8 @@ TEST(P2PBackPressure, EarlyMessagesBeyondTheBudgetWaitInTheStream) {
       }
       for (auto& x : w) x->wait();
     } else {
-      std::this_thread::sleep_for(300ms);
+      // The budget is full and reading has stopped before any receive is posted.
+      ASSERT_TRUE(wait_inbound(c, [](const auto& s) { return s.paused >= 1; }));
       for (int i = 0; i < kMsgs; ++i) {
         std::vector<uint8_t> got(1 << 20);
         c->recv(Buffer(got.data(), got.size(), DType::UInt8), 0, static_cast<uint32_t>(i))->wait();

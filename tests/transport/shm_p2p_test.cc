@@ -13,6 +13,9 @@
 #include <random>
 #include <thread>
 
+#include "api/access.h"
+#include "comm/group.h"
+#include "comm/world.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
@@ -51,6 +54,23 @@ std::vector<uint8_t> pattern(size_t n, uint32_t seed) {
     std::memcpy(v.data() + i, &x, std::min<size_t>(4, n - i));
   }
   return v;
+}
+
+// What became of the messages this rank received so far (inbound.h).
+transport::InboundStats inbound(const std::shared_ptr<Communicator>& c) {
+  return api::CommunicatorAccess::group(*c)->world().inbound_stats();
+}
+
+// Polls until pred(inbound(c)) holds; false after `limit`.
+template <typename Pred>
+bool wait_inbound(const std::shared_ptr<Communicator>& c, Pred pred,
+                  std::chrono::milliseconds limit = 30s) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (!pred(inbound(c))) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::yield();
+  }
+  return true;
 }
 
 ConstBuffer cbuf(const std::vector<uint8_t>& v) { return {v.data(), v.size(), DType::UInt8}; }
@@ -137,12 +157,18 @@ TEST_P(ShmP2P, EarlyMessagesAreHeldAndSameTagIsFifo) {
       }
       for (auto& x : w) x->wait();
     } else {
-      std::this_thread::sleep_for(300ms);  // everything arrives before its receive
+      // Everything arrives before its receive: held, every one of them.
+      // (Counted from 0: rank 0 may send before this rank looks; nothing
+      // else reaches this rank before these messages.)
+      ASSERT_TRUE(wait_inbound(c, [&](const auto& s) { return s.held >= kMessages; }))
+          << "held " << inbound(c).held << " of " << kMessages << " (paused " << inbound(c).paused
+          << ", direct " << inbound(c).direct << ", discarded " << inbound(c).discarded << ")";
       for (int i = 0; i < kMessages; ++i) {
         std::vector<uint8_t> got(i % 2 ? 100000 : 1000);
         c->recv(buf(got), 0, 7)->wait();
         ASSERT_TRUE(got == pattern(got.size(), static_cast<uint32_t>(i))) << "message " << i;
       }
+      EXPECT_EQ(inbound(c).from_held, static_cast<uint64_t>(kMessages));  // each from its copy
     }
     c->barrier();
   });
@@ -242,8 +268,9 @@ TEST_P(ShmP2P, LeavingWithReceivesPendingFailsThemAndEarlierMessagesArrive) {
       c.reset();  // leaves cleanly while rank 1 still expects tag 2
       return;
     }
-    while (!sent) std::this_thread::sleep_for(1ms);
-    std::this_thread::sleep_for(200ms);
+    // Rank 0's message is held and its goodbye has arrived before the receive is posted.
+    ASSERT_TRUE(wait_inbound(c, [](const auto& s) { return s.held >= 1 && s.goodbyes >= 1; }));
+    EXPECT_TRUE(sent);
     std::vector<uint8_t> got(1000);
     c->recv(buf(got), 0, 1)->wait();  // sent before the goodbye: delivered
     EXPECT_EQ(got[999], 5);
@@ -257,6 +284,57 @@ TEST_P(ShmP2P, LeavingWithReceivesPendingFailsThemAndEarlierMessagesArrive) {
     EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);  // not the 30 s deadline
   });
   for (auto& e : errors) EXPECT_EQ(e, nullptr);
+}
+
+TEST_P(ShmP2P, AFailedReceiveWritesNothingIntoItsBufferAfterItReturns) {
+  // A large message is streaming into rank 1's posted receive when rank 1's
+  // world is aborted. Once the receive has thrown, its buffer belongs to
+  // the application again: a guard pattern written there must stay intact
+  // while rank 0 goes on sending. (With single copy the one read of the
+  // payload usually wins the race and the receive completes whole.)
+  constexpr size_t kBytes = 128u << 20;
+  auto store = std::make_shared<MemoryStore>();
+  std::atomic<bool> posted{false}, checked{false}, failed{false};
+  auto errors = testing::run_ranks(2, [&](int r) {
+    auto c = Communicator::create(r, 2, store, options(30s));
+    if (r == 0) {
+      std::vector<uint8_t> out(kBytes, 0x5a);
+      while (!posted) std::this_thread::yield();
+      while (!checked) {  // keeps sending, whatever becomes of the sends
+        try {
+          c->send(cbuf(out), 1, 1)->wait();
+        } catch (const CommError&) {
+          std::this_thread::sleep_for(1ms);
+        }
+      }
+      return;
+    }
+    std::vector<uint8_t> in(kBytes, 0);
+    const uint64_t direct = inbound(c).direct;
+    auto w = c->recv(buf(in), 0, 1);
+    posted = true;
+    // The message was matched with the posted receive: its payload is
+    // going into the buffer now.
+    ASSERT_TRUE(wait_inbound(c, [&](const auto& s) { return s.direct > direct; }));
+    c->abort("test: abort while a receive is being filled");
+    try {
+      w->wait();
+      EXPECT_EQ(std::count(in.begin(), in.end(), 0x5a), static_cast<ptrdiff_t>(kBytes));
+    } catch (const CommError&) {
+      failed = true;
+    }
+    std::fill(in.begin(), in.end(), 0xa5);
+    std::this_thread::sleep_for(500ms);  // time for a stray write to land
+    const auto intact = std::count(in.begin(), in.end(), 0xa5);
+    checked = true;
+    EXPECT_EQ(intact, static_cast<ptrdiff_t>(kBytes))
+        << kBytes - static_cast<size_t>(intact) << " bytes written after the receive returned";
+  });
+  for (auto& e : errors) EXPECT_EQ(e, nullptr);
+  // Streamed (TCP, or through the rings), the receive cannot finish first.
+  if (!GetParam().cma) {
+    EXPECT_TRUE(failed) << "the receive completed before the abort";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ShmP2P, ::testing::ValuesIn(kModes),

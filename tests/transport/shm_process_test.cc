@@ -96,7 +96,10 @@ TEST_P(KilledRank, SurvivorsNameItAndNothingIsLeftBehind) {
     if (std::sscanf(out.c_str() + at, "READY %d %d", &r, &id) == 2 && r == victim) pid = id;
   }
   ASSERT_GT(pid, 0) << out;
-  std::this_thread::sleep_for(300ms);  // in the middle of the transfers
+  while (count(p.output(), "RUNNING") < static_cast<size_t>(n)) {  // in the middle of the transfers
+    ASSERT_FALSE(p.wait(20ms)) << "the job ended early:\n" << p.output();
+    ASSERT_LT(std::chrono::steady_clock::now(), until) << p.output();
+  }
   auto t0 = std::chrono::steady_clock::now();
   ASSERT_EQ(::kill(pid, SIGKILL), 0);
   ASSERT_TRUE(p.wait(90s)) << "the survivors hang:\n" << p.output();

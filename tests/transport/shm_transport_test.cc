@@ -387,9 +387,11 @@ TEST(ShmTransport, ConsumerGetsThePayloadInOrderedPieces) {
     // Early: held (or described) before the receive exists.
     std::vector<uint8_t> x(300000, 5), y(300000, 0);
     auto s = send_req(1, 10, x);
+    const uint64_t held = b.t->inbound_stats().held;
     a.t->isend(s);
-    std::this_thread::sleep_for(50ms);
-    b.engine->wait([] { return false; }, Deadline::after(50ms));  // lets b see it
+    // b makes progress until it has held the message (or its description).
+    ASSERT_TRUE(b.engine->wait([&] { return b.t->inbound_stats().held == held + 1; },
+                               Deadline::after(10s)));
     auto r = recv_req(0, 10, y);
     size_t got = 0;
     r->consume = [&](size_t from, size_t to, const void* data) {
@@ -399,6 +401,7 @@ TEST(ShmTransport, ConsumerGetsThePayloadInOrderedPieces) {
     ASSERT_TRUE(b.wait(r));
     ASSERT_TRUE(a.wait(s));
     ASSERT_TRUE(r->ok());
+    EXPECT_GE(b.t->inbound_stats().from_held, 1u);  // taken from the held message
     if (cma) {  // only its description came early: it is read, and consumed, now
       EXPECT_EQ(r->consumed, x.size());
       EXPECT_EQ(got, x.size());
@@ -482,3 +485,30 @@ TEST(ShmTransport, StrangersAreRefusedAndTheSetUpCompletes) {
 
 }  // namespace
 }  // namespace weft::transport::shm
+
+namespace weft::transport {
+namespace {
+
+using namespace std::chrono_literals;
+
+TEST(EngineDeathTest, AStuckProgressThreadEndsTheProcessInsteadOfReturning) {
+  // fail_all() promises that no buffer of a failed request is touched once
+  // it returns; when the progress thread cannot be reached to make it so,
+  // the process ends with a message naming what could not be done.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        Engine e;
+        std::atomic<bool> stuck{false};
+        e.post([&] {  // the background thread runs it, and is stuck in it
+          stuck = true;
+          std::this_thread::sleep_for(30s);
+        });
+        while (!stuck) std::this_thread::yield();
+        e.run_in_progress_or_die([] {}, "a test task", 200ms);
+      },
+      "FATAL: the progress thread did not run 'a test task' within");
+}
+
+}  // namespace
+}  // namespace weft::transport

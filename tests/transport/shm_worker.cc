@@ -9,8 +9,9 @@
 //       then "CASES <n> FAILURES <f> (job total <t>)"; exits 0 only if none.
 //   shm_worker stream BYTES
 //       Ignores SIGTERM (the launcher's stop when a rank dies: the test is
-//       about this worker's own detection). Prints "READY <rank> <pid>",
-//       then forever sends BYTES to the next
+//       about this worker's own detection). Prints "READY <rank> <pid>"
+//       after the first round and "RUNNING <rank>" after the fourth,
+//       forever sends BYTES to the next
 //       rank and receives BYTES from the previous one, and allreduces, each
 //       result checked. On a failure prints "ERROR <type> rank=<r>: ...",
 //       then "MEMFDS <open memfd descriptors> MAPPED <mapped segments>"
@@ -108,6 +109,10 @@ int stream(std::shared_ptr<weft::Communicator>& comm, size_t bytes) {
     }
     if (it == 0) {
       std::printf("READY %d %d\n", r, static_cast<int>(::getpid()));
+      std::fflush(stdout);
+    }
+    if (it == 3) {  // in the middle of the transfers
+      std::printf("RUNNING %d\n", r);
       std::fflush(stdout);
     }
   }

@@ -52,6 +52,7 @@
 #include "core/deadline.h"
 #include "core/socket.h"
 #include "transport/engine.h"
+#include "transport/inbound.h"
 #include "transport/matching.h"
 #include "transport/request.h"
 #include "transport/shm/segment.h"
@@ -59,48 +60,11 @@
 
 namespace weft::transport::shm {
 
-struct ShmOptions {
-  int rank = 0;
-  int size = 1;
-  uint64_t world_id = 0;
-  uint32_t generation = 0;
-  // Allow single-copy transfers (process_vm_readv) where the kernel allows
-  // them (WEFT_SHM_CMA). Off: everything goes through the rings.
-  bool cma = true;
-  // Messages of at least this many bytes may use single copy (when the
-  // ring is busy or they are large; WEFT_SHM_CMA_MIN).
-  size_t cma_min_bytes = 32u << 10;
-  // Bytes of each ring (per direction and pair); 0: 1 MiB, less on hosts
-  // with more than 8 ranks (WEFT_SHM_RING).
-  uint64_t ring_bytes = 0;
-  // Bytes of early messages held per peer (WEFT_MAX_UNEXPECTED).
-  size_t max_unexpected_bytes = 256u << 20;
-  // How long one set-up exchange may take.
-  Timeout handshake_timeout = std::chrono::seconds(10);
-};
+using ShmOptions = transport::ShmOptions;
+using ShmEvents = transport::TransportEvents;
+using ShmPeer = transport::LocalPeer;
 
-// Upcalls into the communicator layer; they run on the progress thread.
-struct ShmEvents {
-  // A peer broke the protocol or vanished under a transfer (PeerError).
-  std::function<void(int peer, std::exception_ptr error)> on_peer_failure;
-  // Two ranks disagree about an operation (MismatchError).
-  std::function<void(std::exception_ptr error)> on_mismatch;
-  // A collective's message arrived before its receive was posted: a
-  // MismatchError if it contradicts the collective this rank runs.
-  std::function<std::exception_ptr(int peer, uint64_t comm_id, const OpDesc& desc)>
-      check_unexpected;
-  DescribeOp describe_op;
-};
-
-// What a local peer published at rendezvous.
-struct ShmPeer {
-  int rank = -1;
-  std::string address;  // its abstract socket name
-  std::string key;      // its secret, read from the (authenticated) store
-  std::string host;     // host name, for messages
-};
-
-class ShmTransport : public Transport {
+class ShmTransport : public LocalTransport {
  public:
   // Listens on a fresh abstract socket and makes the eventfd.
   ShmTransport(Engine& engine, ShmOptions options, ShmEvents events);
@@ -112,8 +76,8 @@ class ShmTransport : public Transport {
 
   // Published in the rank record: the socket name and the key a peer must
   // present.
-  const std::string& address() const { return address_; }
-  const std::string& key() const { return key_; }
+  const std::string& address() const override { return address_; }
+  const std::string& key() const override { return key_; }
 
   // Sets up a segment with every peer (all on this host): connects to the
   // lower ranks, then accepts the higher ones. Strangers (wrong key, world,
@@ -121,7 +85,7 @@ class ShmTransport : public Transport {
   // ProtocolError / PeerError / TimeoutError if a pair cannot be set up by
   // the deadline. Then registers with the engine (not when `peers` is
   // empty: the transport is then unused).
-  void connect_all(const std::vector<ShmPeer>& peers, const Deadline& deadline);
+  void connect_all(const std::vector<ShmPeer>& peers, const Deadline& deadline) override;
 
   // Whether large messages to `peer` go by single copy (tests, logs).
   bool single_copy_to(int peer) const;
@@ -134,6 +98,7 @@ class ShmTransport : public Transport {
   // Flushes queued acknowledgements within the deadline.
   void close(const Deadline& deadline) override;
   void peer_departed(int peer) override;
+  InboundStats inbound_stats() const override { return inbound_.stats(); }
 
  private:
   struct Peer;
@@ -191,6 +156,8 @@ class ShmTransport : public Transport {
   void stall(Peer& p, const RequestPtr& req, const std::string& why);
   // Runs a report on the progress thread (from any thread).
   void report(std::function<void()> fn);
+  // Reports a MismatchError upward (on_mismatch), through report().
+  void report_mismatch(std::exception_ptr error);
   std::exception_ptr peer_error(const Peer& p, const std::string& reason) const;
 
   Engine& engine_;
@@ -215,11 +182,11 @@ class ShmTransport : public Transport {
   bool ready_ = false;                 // GUARDED_BY(setup_mu_)
   std::vector<int> early_departures_;  // GUARDED_BY(setup_mu_)
 
-  HoldBuffers holds_;  // payloads that arrive before their receive
   // Where single-copy pieces for a consumer land (Request::consume):
   // progress thread only.
   std::unique_ptr<uint8_t[]> stage_;
   FirstError first_error_;                       // set by fail_all
+  Inbound inbound_;                              // the path of arriving messages, shared with tcp
   bool fail_done_ = false;                       // progress thread only
   std::vector<std::function<void()>> deferred_;  // progress thread only
 };

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "transport/request.h"
+#include "transport/transport.h"
 
 namespace weft::transport::tcp {
 
@@ -24,8 +25,8 @@ enum class FrameType : uint8_t {
   Bye = 3,    // the sender closes its communicator: no more frames follow
 };
 
-// Kinds of Abort frames (flags field).
-enum class AbortKind : uint16_t { PeerFailure = 1, Timeout = 2, Aborted = 3, Mismatch = 4 };
+// Kinds of Abort frames (flags field): transport::AbortKind.
+using transport::AbortKind;
 
 struct FrameHeader {
   FrameType type = FrameType::Data;

@@ -28,6 +28,7 @@
 #include "core/auth.h"
 #include "core/socket.h"
 #include "transport/engine.h"
+#include "transport/inbound.h"
 #include "transport/matching.h"
 #include "transport/request.h"
 #include "transport/tcp/frame.h"
@@ -35,42 +36,11 @@
 
 namespace weft::transport::tcp {
 
-struct TcpOptions {
-  int rank = 0;
-  int size = 1;
-  uint64_t world_id = 0;  // identifies the world (name + generation) in handshakes
-  uint32_t generation = 0;
-  auth::Credentials credentials;
-  int sockets_per_peer = 1;
-  size_t socket_buffer_bytes = 4u << 20;
-  size_t max_unexpected_bytes = 256u << 20;
-  // IP address to listen on ("127.0.0.1", "10.0.0.2", "::1"...).
-  std::string listen_ip = "127.0.0.1";
-  // How long an accepted connection may take to complete its handshake.
-  Timeout handshake_timeout = std::chrono::seconds(10);
-};
+using TcpOptions = transport::TcpOptions;
+using TcpEvents = transport::TransportEvents;
+using transport::AbortKind;
 
-// Upcalls into the communicator layer. They run on the progress thread and
-// must not block for long.
-struct TcpEvents {
-  // A peer failed (connection reset or closed without goodbye, protocol
-  // violation by an authenticated peer). `error` is a PeerError.
-  std::function<void(int peer, std::exception_ptr error)> on_peer_failure;
-  // A peer reported that the world is aborting (Abort frame).
-  std::function<void(int from, AbortKind kind, int failed_rank, std::string reason)> on_abort;
-  // Two ranks disagree about an operation (MismatchError).
-  std::function<void(std::exception_ptr error)> on_mismatch;
-  // A collective's message arrived before its receive was posted: returns a
-  // MismatchError if it contradicts a collective this rank is running.
-  std::function<std::exception_ptr(int peer, const FrameHeader& header)> check_unexpected;
-  // A peer closed its communicator (said goodbye on every connection);
-  // called before its pending requests on this transport are failed.
-  std::function<void(int peer)> on_peer_departed;
-  // Formats an operation descriptor for mismatch messages.
-  std::function<std::string(const OpDesc&)> describe_op;
-};
-
-class TcpTransport : public Transport {
+class TcpTransport : public MeshTransport {
  public:
   // Starts listening on options.listen_ip (ephemeral port).
   TcpTransport(Engine& engine, TcpOptions options, TcpEvents events);
@@ -81,14 +51,14 @@ class TcpTransport : public Transport {
   TcpTransport& operator=(const TcpTransport&) = delete;
 
   // "ip:port" other ranks connect to.
-  std::string listen_address() const;
+  std::string listen_address() const override;
 
   // Builds the full mesh: connects to every lower rank (addresses[r] is rank
   // r's listen_address(); hosts[r] its hostname for messages) and waits for
   // every higher rank to connect. Throws TimeoutError / ProtocolError /
   // PeerError when the mesh is not complete by the deadline.
   void connect_all(const std::vector<std::string>& addresses, const std::vector<std::string>& hosts,
-                   const Deadline& deadline);
+                   const Deadline& deadline) override;
 
   // Starts a send / posts a receive. Never blocks for long (an inline
   // non-blocking write at most). A request on a failed or departed peer, or
@@ -106,9 +76,10 @@ class TcpTransport : public Transport {
   // of the failed requests any more.
   void fail_all(std::exception_ptr error) override;
   // Sends an Abort frame to every connected peer (best effort).
-  void broadcast_abort(AbortKind kind, int failed_rank, const std::string& reason);
+  void broadcast_abort(AbortKind kind, int failed_rank, const std::string& reason) override;
   // Graceful goodbye to every peer (Bye frames, flushed within the deadline).
   void close(const Deadline& deadline) override;
+  InboundStats inbound_stats() const override { return inbound_.stats(); }
 
   std::string host_of(int rank) const;
   int rank() const { return options_.rank; }
@@ -135,12 +106,9 @@ class TcpTransport : public Transport {
   void peer_said_bye(Peer& peer);
   void fail_all_in_progress();
   std::exception_ptr peer_error(const Peer& peer, const std::string& reason) const;
-  // Called with peer.mu held: completes posted receives whose unexpected
-  // message is now complete. Returns mismatch errors to report once the
-  // lock is released.
-  std::vector<std::exception_ptr> deliver_unexpected_locked(Peer& peer);
-  // A MismatchError if the message does not fit the receive it matched, else null.
-  std::exception_ptr mismatch(const Peer& peer, const Request& req, const FrameHeader& h) const;
+  // Delivers held messages to the receives that take them; reports mismatches.
+  void deliver_held(Peer& peer,
+                    std::vector<std::pair<RequestPtr, std::unique_ptr<Unexpected>>> ready);
 
   Engine& engine_;
   TcpOptions options_;
@@ -158,7 +126,7 @@ class TcpTransport : public Transport {
   std::atomic<int> connections_ready_{0};
 
   FirstError first_error_;  // set by fail_all
-  HoldBuffers holds_;       // payloads that arrive before their receive
+  Inbound inbound_;         // the path of arriving messages, shared with shm
   bool fail_done_ = false;  // progress thread only
 };
 

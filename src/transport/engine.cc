@@ -96,9 +96,12 @@ bool Engine::run_in_progress(std::function<void()> fn, const Deadline& deadline)
   auto ran = std::make_shared<std::atomic<bool>>(false);
   {
     std::lock_guard<std::mutex> lk(tasks_mu_);
-    tasks_.push_back([fn = std::move(fn), ran] {
+    tasks_.push_back([this, fn = std::move(fn), ran] {
       fn();
       ran->store(true, std::memory_order_seq_cst);
+      // The poster may sleep on fg_cv_ (another thread holds the token and
+      // runs this): nothing else would wake it before its deadline.
+      notify_completion();
     });
     have_tasks_.store(true, std::memory_order_release);
   }

@@ -11,12 +11,11 @@ DEMO_ARGS ?=
 LAUNCHER := $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 # The extra builds leave out what their checks do not need.
 SMALL_BUILD := -DWEFT_BUILD_BENCH=OFF -DWEFT_BUILD_EXAMPLES=OFF $(LAUNCHER)
-# What the sanitizer builds run: the transport, collective and fault tests
-# (ctest labels: weft_add_test labels each test with its folder and binary).
-SAN_LABELS := ^(transport|collectives|comm_fault_test)$$
+# What the sanitizer builds run: the transport, collective and fault tests (ctest labels, see
+# tests/CMakeLists.txt), and under ASan the reduction kernels too (single-threaded: not for TSan).
 SAN_TARGETS := matching_test shm_transport_test shm_p2p_test shm_process_test shm_worker \
-  reduce_kernels_test collectives_test coll_worker comm_fault_test comm_worker weft_cli
-SAN_CTEST := ctest --output-on-failure -j $(JOBS) --timeout 900 -L '$(SAN_LABELS)'
+  collectives_test coll_worker comm_fault_test comm_worker weft_cli
+SAN_CTEST := ctest --output-on-failure -j $(JOBS) --timeout 900
 
 .PHONY: all deps build test test-release demo install bench bench-deps format clean \
         ci-checks format-check ci-thread-safety ci-asan ci-tsan
@@ -40,7 +39,7 @@ test-release: build
 # The checks CI adds to the test suite (each can be run on its own):
 # - format-check: every C++ file as .clang-format says (`make format` fixes);
 # - ci-thread-safety: clang with -Wthread-safety -Werror (core/thread_annotations.h), in build-clang/;
-# - ci-asan: AddressSanitizer + UBSan build of the transport, collective and fault tests, in build-asan/;
+# - ci-asan: AddressSanitizer + UBSan build of the transport, collective, fault and kernel tests, in build-asan/;
 # - ci-tsan: ThreadSanitizer build of the same, in build-tsan/ (suppressions: scripts/tsan.supp).
 ci-checks: format-check ci-thread-safety ci-asan ci-tsan
 
@@ -54,15 +53,15 @@ ci-thread-safety: deps
 
 ci-asan: deps
 	cmake --preset asan $(SMALL_BUILD)
-	cmake --build build-asan -j $(JOBS) --target $(SAN_TARGETS)
+	cmake --build build-asan -j $(JOBS) --target $(SAN_TARGETS) reduce_kernels_test
 	cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(SAN_CTEST)
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(SAN_CTEST) -L '^(transport|collectives|fault|kernels)$$'
 
 ci-tsan: deps
 	cmake --preset tsan $(SMALL_BUILD)
 	cmake --build build-tsan -j $(JOBS) --target $(SAN_TARGETS)
 	cd build-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$(CURDIR)/scripts/tsan.supp" \
-	  $(SAN_CTEST)
+	  $(SAN_CTEST) -L '^(transport|collectives|fault)$$'
 
 demo: build
 	scripts/demo.sh $(DEMO_ARGS)

@@ -31,15 +31,14 @@ std::string enforce_values(const char* op, const char* ea, const char* eb, const
       ::weft::detail::enforce_fail(__FILE__, __LINE__, #cond, fmt::format("" __VA_ARGS__)); \
   } while (0)
 
-#define WEFT_ENFORCE_OP_(op, a, b, ...)                                                    \
-  do {                                                                                     \
-    const auto& weft_a_ = (a);                                                             \
-    const auto& weft_b_ = (b);                                                             \
-    if (!(weft_a_ op weft_b_)) [[unlikely]]                                                \
-      ::weft::detail::enforce_fail(                                                        \
-          __FILE__, __LINE__,                                                              \
-          ::weft::detail::enforce_values(#op, #a, #b, weft_a_, weft_b_),                   \
-          fmt::format("" __VA_ARGS__));                                                    \
+#define WEFT_ENFORCE_OP_(op, a, b, ...)                                                           \
+  do {                                                                                            \
+    const auto& weft_a_ = (a);                                                                    \
+    const auto& weft_b_ = (b);                                                                    \
+    if (!(weft_a_ op weft_b_)) [[unlikely]]                                                       \
+      ::weft::detail::enforce_fail(__FILE__, __LINE__,                                            \
+                                   ::weft::detail::enforce_values(#op, #a, #b, weft_a_, weft_b_), \
+                                   fmt::format("" __VA_ARGS__));                                  \
   } while (0)
 
 // A place the code never reaches (the default of a switch over every case

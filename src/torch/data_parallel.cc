@@ -69,7 +69,7 @@ struct DataParallel::Impl {
 
   Mutex mu;                                   // hooks may run on autograd threads
   std::vector<char> reported GUARDED_BY(mu);  // per parameter, this step
-  bool finished = false;       // finish_gradients() ran this step
+  bool finished = false;                      // finish_gradients() ran this step
 
   // The gradient of parameter i as a contiguous tensor of its dtype, made
   // the slot tensor when it is undefined.

@@ -100,12 +100,15 @@ class MemoryStore : public Store {
  public:
   explicit MemoryStore(Timeout default_timeout = kDefaultStoreTimeout);
   ~MemoryStore() override;
-  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  void set(std::string_view key, std::string_view value,
+           Timeout timeout = kDefaultTimeout) override;
   std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
-  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key,
+                                     Timeout timeout = kDefaultTimeout) override;
   int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
   CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
-                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+                               std::string_view desired,
+                               Timeout timeout = kDefaultTimeout) override;
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
   bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
   Timeout default_timeout() const override;
@@ -127,12 +130,15 @@ class FileStore : public Store {
   // Creates the directory if needed.
   explicit FileStore(std::string path, Timeout default_timeout = kDefaultStoreTimeout);
   ~FileStore() override;
-  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  void set(std::string_view key, std::string_view value,
+           Timeout timeout = kDefaultTimeout) override;
   std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
-  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key,
+                                     Timeout timeout = kDefaultTimeout) override;
   int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
   CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
-                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+                               std::string_view desired,
+                               Timeout timeout = kDefaultTimeout) override;
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
   bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
   Timeout default_timeout() const override;
@@ -152,12 +158,15 @@ class PrefixStore : public Store {
  public:
   PrefixStore(std::string prefix, std::shared_ptr<Store> base);
   ~PrefixStore() override;
-  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  void set(std::string_view key, std::string_view value,
+           Timeout timeout = kDefaultTimeout) override;
   std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
-  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key,
+                                     Timeout timeout = kDefaultTimeout) override;
   int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
   CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
-                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+                               std::string_view desired,
+                               Timeout timeout = kDefaultTimeout) override;
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
   bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
   Timeout default_timeout() const override;
@@ -196,12 +205,15 @@ class TcpStore : public Store {
   ~TcpStore() override;
   // Connects now (with retries until the deadline); throws like any call.
   void connect(Timeout timeout = kDefaultTimeout);
-  void set(std::string_view key, std::string_view value, Timeout timeout = kDefaultTimeout) override;
+  void set(std::string_view key, std::string_view value,
+           Timeout timeout = kDefaultTimeout) override;
   std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
-  std::optional<std::string> try_get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key,
+                                     Timeout timeout = kDefaultTimeout) override;
   int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
   CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
-                               std::string_view desired, Timeout timeout = kDefaultTimeout) override;
+                               std::string_view desired,
+                               Timeout timeout = kDefaultTimeout) override;
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
   bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
   Timeout default_timeout() const override;

@@ -31,7 +31,8 @@ std::string errno_string(int err) {
 
 uint16_t SocketAddress::port() const {
   if (family() == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in*>(&storage)->sin_port);
-  if (family() == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_port);
+  if (family() == AF_INET6)
+    return ntohs(reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_port);
   return 0;
 }
 
@@ -45,7 +46,8 @@ std::string SocketAddress::ip() const {
   if (family() == AF_INET) {
     inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&storage)->sin_addr, buf, sizeof buf);
   } else if (family() == AF_INET6) {
-    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_addr, buf, sizeof buf);
+    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_addr, buf,
+              sizeof buf);
   } else {
     return "?";
   }
@@ -99,7 +101,8 @@ std::pair<std::string, uint16_t> split_host_port(std::string_view text, std::str
   std::string_view port_text;
   if (!text.empty() && text.front() == '[') {
     auto close = text.find(']');
-    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') return fail();
+    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':')
+      return fail();
     host = std::string(text.substr(1, close - 1));
     port_text = text.substr(close + 2);
   } else {
@@ -164,7 +167,8 @@ Fd listen_tcp(const SocketAddress& addr, int backlog) {
     setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
   }
   if (::bind(fd.get(), addr.sa(), addr.length) != 0) {
-    throw Error(fmt::format("cannot listen on {}: bind: {}", addr.to_string(), errno_string(errno)));
+    throw Error(
+        fmt::format("cannot listen on {}: bind: {}", addr.to_string(), errno_string(errno)));
   }
   if (::listen(fd.get(), backlog) != 0) {
     throw Error(fmt::format("cannot listen on {}: {}", addr.to_string(), errno_string(errno)));
@@ -314,7 +318,8 @@ std::string interface_address(const std::string& ifname, int family) {
   freeifaddrs(list);
   if (!seen) throw InvalidArgument(fmt::format("network interface '{}' does not exist", ifname));
   if (family == AF_INET6) {
-    if (v6.empty()) throw InvalidArgument(fmt::format("interface '{}' has no IPv6 address", ifname));
+    if (v6.empty())
+      throw InvalidArgument(fmt::format("interface '{}' has no IPv6 address", ifname));
     return v6;
   }
   if (!v4.empty()) return v4;

@@ -40,9 +40,10 @@ TEST(Auth, SameTokenIsAccepted) {
   Context ctx{};
   ctx[0] = 42;
   std::thread server([&] {
-    auto hs = serve(p.b.get(), ServerHandshake({"secret", false}, Kind::Transport, [](const Hello& h) {
-                      return h.context[0] == 42 ? "" : "bad context";
-                    }));
+    auto hs =
+        serve(p.b.get(), ServerHandshake({"secret", false}, Kind::Transport, [](const Hello& h) {
+                return h.context[0] == 42 ? "" : "bad context";
+              }));
     EXPECT_TRUE(hs.accepted()) << hs.error();
   });
   EXPECT_NO_THROW(client_handshake(p.a.get(), Kind::Transport, ctx, {"secret", false},
@@ -91,8 +92,9 @@ TEST(Auth, GarbageIsRefusedWithoutReply) {
 TEST(Auth, ContextRejection) {
   Pair p;
   std::thread server([&] {
-    auto hs = serve(p.b.get(), ServerHandshake({"t", false}, Kind::Transport,
-                                               [](const Hello&) { return std::string("stale generation"); }));
+    auto hs = serve(p.b.get(), ServerHandshake({"t", false}, Kind::Transport, [](const Hello&) {
+                      return std::string("stale generation");
+                    }));
     EXPECT_FALSE(hs.accepted());
     EXPECT_EQ(hs.error(), "stale generation");
   });
@@ -103,7 +105,8 @@ TEST(Auth, ContextRejection) {
 }
 
 TEST(Auth, UnauthenticatedNeedsExplicitConsent) {
-  EXPECT_THROW(client_handshake(-1, Kind::Store, {}, {"", false}, Deadline::after(std::chrono::seconds(1)), "x"),
+  EXPECT_THROW(client_handshake(-1, Kind::Store, {}, {"", false},
+                                Deadline::after(std::chrono::seconds(1)), "x"),
                ProtocolError);
   Pair p;
   std::thread server([&] {

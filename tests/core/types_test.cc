@@ -1,9 +1,9 @@
+#include "weft/types.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <limits>
-
-#include "weft/types.h"
 
 namespace weft {
 namespace {
@@ -21,14 +21,15 @@ TEST(Types, HalfRounding) {
   EXPECT_EQ(half_to_float(float_to_half(1.0f)), 1.0f);
   EXPECT_EQ(half_to_float(float_to_half(65504.0f)), 65504.0f);
   EXPECT_TRUE(std::isinf(half_to_float(float_to_half(70000.0f))));
-  EXPECT_EQ(half_to_float(float_to_half(1.0f + 1.0f / 4096)), 1.0f);  // ties to even
+  EXPECT_EQ(half_to_float(float_to_half(1.0f + 1.0f / 4096)), 1.0f);          // ties to even
   EXPECT_EQ(half_to_float(float_to_half(5.96046448e-08f)), 5.96046448e-08f);  // smallest subnormal
 }
 
 TEST(Types, BFloat16) {
   EXPECT_EQ(bfloat16_to_float(float_to_bfloat16(1.5f)), 1.5f);
   EXPECT_EQ(bfloat16_to_float(float_to_bfloat16(-2.0f)), -2.0f);
-  EXPECT_TRUE(std::isnan(bfloat16_to_float(float_to_bfloat16(std::numeric_limits<float>::quiet_NaN()))));
+  EXPECT_TRUE(
+      std::isnan(bfloat16_to_float(float_to_bfloat16(std::numeric_limits<float>::quiet_NaN()))));
 }
 
 TEST(Types, BufferViews) {

@@ -20,6 +20,7 @@ int main() {
     });
   }
   for (auto& t : ranks) t.join();
-  std::printf("outside: allreduce of 3 ranks = %g, weft %s\n", static_cast<double>(results[0]), weft::version());
+  std::printf("outside: allreduce of 3 ranks = %g, weft %s\n", static_cast<double>(results[0]),
+              weft::version());
   return results[0] == 6.0f && results[1] == 6.0f && results[2] == 6.0f ? 0 : 1;
 }

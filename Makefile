@@ -13,7 +13,7 @@ LAUNCHER := $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 SMALL_BUILD := -DWEFT_BUILD_BENCH=OFF -DWEFT_BUILD_EXAMPLES=OFF $(LAUNCHER)
 # What the sanitizer builds run: the transport, collective and fault tests (ctest labels, see
 # tests/CMakeLists.txt), and under ASan the reduction kernels too (single-threaded: not for TSan).
-SAN_TARGETS := matching_test shm_transport_test shm_p2p_test shm_process_test shm_worker \
+SAN_TARGETS := engine_test matching_test shm_transport_test shm_p2p_test shm_process_test shm_worker \
   collectives_test coll_worker comm_fault_test comm_worker weft_cli
 SAN_CTEST := ctest --output-on-failure -j $(JOBS) --timeout 900
 

@@ -71,7 +71,7 @@ void Engine::run_tasks() {
   if (!have_tasks_.load(std::memory_order_acquire)) return;
   std::vector<std::function<void()>> tasks;
   {
-    std::lock_guard<std::mutex> lk(tasks_mu_);
+    MutexLock lk(&tasks_mu_);
     tasks.swap(tasks_);
     have_tasks_.store(false, std::memory_order_release);
   }
@@ -80,7 +80,7 @@ void Engine::run_tasks() {
 
 void Engine::post(std::function<void()> fn) {
   {
-    std::lock_guard<std::mutex> lk(tasks_mu_);
+    MutexLock lk(&tasks_mu_);
     tasks_.push_back(std::move(fn));
     have_tasks_.store(true, std::memory_order_release);
   }
@@ -95,7 +95,7 @@ bool Engine::run_in_progress(std::function<void()> fn, const Deadline& deadline)
   }
   auto ran = std::make_shared<std::atomic<bool>>(false);
   {
-    std::lock_guard<std::mutex> lk(tasks_mu_);
+    MutexLock lk(&tasks_mu_);
     tasks_.push_back([fn = std::move(fn), ran] {
       fn();
       ran->store(true, std::memory_order_seq_cst);
@@ -151,7 +151,7 @@ int Engine::run_pollers() {
 
 void Engine::add(int fd, uint32_t events, std::shared_ptr<Handler> handler) {
   {
-    std::lock_guard<std::mutex> lk(handlers_mu_);
+    MutexLock lk(&handlers_mu_);
     handlers_[fd] = std::move(handler);
   }
   epoll_event ev{};
@@ -159,7 +159,7 @@ void Engine::add(int fd, uint32_t events, std::shared_ptr<Handler> handler) {
   ev.data.fd = fd;
   if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
     int err = errno;
-    std::lock_guard<std::mutex> lk(handlers_mu_);
+    MutexLock lk(&handlers_mu_);
     handlers_.erase(fd);
     throw Error(fmt::format("epoll_ctl(ADD, fd {}): {}", fd, net::errno_string(err)));
   }
@@ -178,7 +178,7 @@ void Engine::remove(int fd) {
   ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, fd, nullptr);
   std::shared_ptr<Handler> released;
   {
-    std::lock_guard<std::mutex> lk(handlers_mu_);
+    MutexLock lk(&handlers_mu_);
     auto it = handlers_.find(fd);
     if (it != handlers_.end()) {
       released = std::move(it->second);
@@ -190,14 +190,14 @@ void Engine::remove(int fd) {
 
 void Engine::add_timer(Deadline when, std::function<void()> fn) {
   {
-    std::lock_guard<std::mutex> lk(timers_mu_);
+    MutexLock lk(&timers_mu_);
     timers_.push(Timer{when, timer_seq_++, std::move(fn)});
   }
   interrupt();  // the owner may be blocked with a longer timeout
 }
 
 int Engine::next_timer_ms(int cap_ms) {
-  std::lock_guard<std::mutex> lk(timers_mu_);
+  MutexLock lk(&timers_mu_);
   if (timers_.empty()) return cap_ms;
   int ms = timers_.top().when.poll_ms();
   return cap_ms < 0 ? ms : std::min(ms, cap_ms);
@@ -207,7 +207,7 @@ void Engine::run_due_timers() {
   for (;;) {
     std::function<void()> fn;
     {
-      std::lock_guard<std::mutex> lk(timers_mu_);
+      MutexLock lk(&timers_mu_);
       if (timers_.empty() || !timers_.top().when.expired()) return;
       fn = timers_.top().fn;
       timers_.pop();
@@ -256,7 +256,7 @@ int Engine::progress_once(int timeout_ms) {
     }
     std::shared_ptr<Handler> h;
     {
-      std::lock_guard<std::mutex> lk(handlers_mu_);
+      MutexLock lk(&handlers_mu_);
       auto it = handlers_.find(fd);
       if (it != handlers_.end()) h = it->second;
     }

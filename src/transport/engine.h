@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "core/deadline.h"
+#include "core/mutex.h"
 #include "core/socket.h"
 
 namespace weft::transport {
@@ -196,21 +197,22 @@ class Engine {
   net::Fd epoll_fd_;
   net::Fd wake_fd_;  // eventfd: interrupts epoll_wait
 
-  std::mutex handlers_mu_;
-  std::unordered_map<int, std::shared_ptr<Handler>> handlers_;
+  Mutex handlers_mu_;
+  std::unordered_map<int, std::shared_ptr<Handler>> handlers_ GUARDED_BY(handlers_mu_);
 
   // Touched only by the progress owner (see add_poller).
   std::vector<std::shared_ptr<Poller>> pollers_;
 
-  std::mutex tasks_mu_;
-  std::vector<std::function<void()>> tasks_;
+  Mutex tasks_mu_;
+  std::vector<std::function<void()>> tasks_ GUARDED_BY(tasks_mu_);
   std::atomic<bool> have_tasks_{false};
 
-  std::mutex timers_mu_;
-  std::priority_queue<Timer, std::vector<Timer>, std::greater<>> timers_;
-  uint64_t timer_seq_ = 0;
+  Mutex timers_mu_;
+  std::priority_queue<Timer, std::vector<Timer>, std::greater<>> timers_ GUARDED_BY(timers_mu_);
+  uint64_t timer_seq_ GUARDED_BY(timers_mu_) = 0;
 
-  // Token state, guarded by mu_.
+  // Token state, guarded by mu_. (Still std::mutex: not yet annotated; the
+  // waits on fg_cv_ and bg_cv_ would have to become loops under MutexLock.)
   std::mutex mu_;
   std::condition_variable fg_cv_;  // foreground waiters waiting for the token or a completion
   std::condition_variable bg_cv_;  // the background thread

@@ -57,7 +57,7 @@ Engine::~Engine() { stop(); }
 
 void Engine::stop() {
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     stopping_ = true;
   }
   bg_cv_.notify_all();
@@ -323,16 +323,12 @@ bool Engine::run_as_owner(const std::function<bool()>& done, const Deadline& dea
 
 bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
   if (done()) return true;
-  std::unique_lock<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   fg_wanting_.fetch_add(1);
   bool result = false;
-  // Whatever happens, leave as a foreground waiter. The background thread
-  // is not woken: it takes the token back by itself once the grace period
-  // after the last foreground wait has passed.
-  auto leave = [&] {
-    fg_wanting_.fetch_sub(1);
-    last_fg_release_ = Deadline::Clock::now();
-  };
+  // Whatever happens, leave as a foreground waiter (leave_locked). The
+  // background thread is not woken: it takes the token back by itself once
+  // the grace period after the last foreground wait has passed.
   for (;;) {
     if (!token_held_) {
       token_held_ = true;
@@ -342,7 +338,7 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       } catch (...) {
         lk.lock();
         token_held_ = false;
-        leave();
+        leave_locked();
         if (sleepers_.load() > 0) fg_cv_.notify_all();
         throw;
       }
@@ -358,7 +354,7 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       result = true;
       break;
     }
-    bool timed_out = fg_cv_.wait_until(lk, deadline.when()) == std::cv_status::timeout;
+    bool timed_out = !fg_cv_.wait_until(deadline.when());
     sleepers_.fetch_sub(1);
     if (done()) {
       result = true;
@@ -369,8 +365,13 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       break;
     }
   }
-  leave();
+  leave_locked();
   return result;
+}
+
+void Engine::leave_locked() {
+  fg_wanting_.fetch_sub(1);
+  last_fg_release_ = Deadline::Clock::now();
 }
 
 void Engine::set_spin(std::chrono::microseconds spin, bool yield) {
@@ -381,21 +382,21 @@ void Engine::set_spin(std::chrono::microseconds spin, bool yield) {
 void Engine::wake() {
   if (owner_blocked_.load(std::memory_order_seq_cst)) interrupt();
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     fg_cv_.notify_all();
   }
 }
 
 void Engine::notify_completion() {
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     fg_cv_.notify_all();
   }
 }
 
 void Engine::kick() {
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     if (token_held_) {
       // The owner (background or foreground) will see the newly armed events.
       return;
@@ -407,16 +408,16 @@ void Engine::kick() {
 
 void Engine::background_loop() {
   pthread_setname_np(pthread_self(), options_.thread_name.substr(0, 15).c_str());
-  std::unique_lock<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   while (!stopping_) {
     if (token_held_ || fg_wanting_.load() > 0) {
       // Foreground waiters drive progress; look again after a grace period.
-      bg_cv_.wait_for(lk, options_.idle_grace);
+      bg_cv_.wait_for(options_.idle_grace);
       continue;
     }
     auto resume = last_fg_release_ + options_.idle_grace;
     if (!kicked_ && Deadline::Clock::now() < resume) {
-      bg_cv_.wait_until(lk, resume);
+      bg_cv_.wait_until(resume);
       continue;
     }
     kicked_ = false;

@@ -409,7 +409,12 @@ class DataParallel {
   std::unique_ptr<Flat> param_flat_;   // all parameters, for averaging/broadcast
   std::unique_ptr<Flat> buffer_flat_;  // floating-point buffers
 
-  mutable std::mutex mu_;  // guards the per-step state below (grad_ready may be concurrent)
+  // Guards the per-step state below (grad_ready may be concurrent). A plain
+  // std::mutex, not checked by clang's thread-safety analysis: weft::Mutex
+  // and the annotations live in src/core/, which this installed header
+  // cannot include; checking this state would mean moving it behind a
+  // pointer to a struct defined in data_parallel.cc.
+  mutable std::mutex mu_;
   Phase phase_ = Phase::Idle;
   bool averaging_ = false;  // this step's gradients are averaged
   int64_t step_ = 0;

@@ -44,7 +44,7 @@ void P2PWork::abort() { abort_world(*group_, "aborted by the application (Work::
 
 void CollectiveWork::finish(std::exception_ptr error) {
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     done_ = true;
     error_ = std::move(error);
   }
@@ -53,8 +53,10 @@ void CollectiveWork::finish(std::exception_ptr error) {
 
 void CollectiveWork::wait(Timeout timeout) {
   Deadline d = timeout.count() < 0 ? deadline_ : deadline_.min(Deadline::after(timeout));
-  std::unique_lock<std::mutex> lk(mu_);
-  if (!cv_.wait_until(lk, d.when(), [&] { return done_; })) {
+  MutexLock lk(&mu_);
+  while (!done_ && cv_.wait_until(d.when())) {
+  }
+  if (!done_) {
     lk.unlock();
     World& w = group_->world();
     std::string msg = fmt::format("rank {}: {} timed out after {}", w.rank(), description_,
@@ -63,7 +65,10 @@ void CollectiveWork::wait(Timeout timeout) {
     w.abort(err, AbortKind::Timeout, -1, msg, true);
     // The collective fails fast now; its buffers are released when it returns.
     lk.lock();
-    if (!cv_.wait_for(lk, kAbortedCollectiveLimit, [&] { return done_; })) {
+    const auto limit = CondVar::Clock::now() + kAbortedCollectiveLimit;
+    while (!done_ && cv_.wait_until(limit)) {
+    }
+    if (!done_) {
       transport::fatal_stuck(fmt::format(
           "rank {}: {} is still running {} after its communicator was aborted (it timed out); "
           "it may still write into the application's buffers, so the process ends",
@@ -75,12 +80,12 @@ void CollectiveWork::wait(Timeout timeout) {
 }
 
 bool CollectiveWork::test() {
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   return done_;
 }
 
 std::exception_ptr CollectiveWork::error() const {
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   return done_ ? error_ : nullptr;
 }
 

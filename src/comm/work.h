@@ -2,13 +2,12 @@
 // world's collective thread.
 #pragma once
 
-#include <condition_variable>
 #include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "comm/group.h"
+#include "core/mutex.h"
 #include "weft/work.h"
 
 namespace weft::comm {
@@ -34,12 +33,12 @@ class CollectiveWork : public Work {
  public:
   CollectiveWork(std::shared_ptr<Group> group, std::string description, Deadline deadline)
       : group_(std::move(group)), description_(std::move(description)), deadline_(deadline) {}
-  void finish(std::exception_ptr error);
+  void finish(std::exception_ptr error) EXCLUDES(mu_);
   const Deadline& deadline() const { return deadline_; }
 
-  void wait(Timeout timeout) override;
-  bool test() override;
-  std::exception_ptr error() const override;
+  void wait(Timeout timeout) EXCLUDES(mu_) override;
+  bool test() EXCLUDES(mu_) override;
+  std::exception_ptr error() const EXCLUDES(mu_) override;
   void abort() override;
   std::string describe() const override { return description_; }
 
@@ -47,10 +46,10 @@ class CollectiveWork : public Work {
   std::shared_ptr<Group> group_;
   std::string description_;
   Deadline deadline_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;         // GUARDED_BY(mu_)
-  std::exception_ptr error_;  // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  CondVar cv_{&mu_};  // done_ became true
+  bool done_ GUARDED_BY(mu_) = false;
+  std::exception_ptr error_ GUARDED_BY(mu_);
 };
 
 // Aborts the world of `group` on behalf of the application.

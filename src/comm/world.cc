@@ -336,7 +336,7 @@ void World::shutdown() {
 
 void World::shutdown_once() {
   {
-    std::lock_guard<std::mutex> lk(exec_mu_);
+    MutexLock lk(&exec_mu_);
     exec_stop_ = true;
   }
   exec_cv_.notify_all();
@@ -344,7 +344,7 @@ void World::shutdown_once() {
   if (tcp_) {
     // Operations still in flight fail here; peers see a goodbye, not a failure.
     {
-      std::lock_guard<std::mutex> lk(error_mu_);
+      MutexLock lk(&error_mu_);
       if (!error_) {
         error_ = std::make_exception_ptr(
             AbortedError(fmt::format("rank {}: the communicator was destroyed", rank_)));
@@ -358,7 +358,7 @@ void World::shutdown_once() {
       // Repeat why this world broke before leaving, so that a peer that sees
       // the connection close has first learned the reason (on the same
       // connection), even if the original report has not reached it yet.
-      std::lock_guard<std::mutex> lk(error_mu_);
+      MutexLock lk(&error_mu_);
       if (abort_known_) tcp_->broadcast_abort(abort_kind_, abort_culprit_, abort_reason_);
     }
     // The other transports first: the TCP goodbye must come last.
@@ -392,7 +392,7 @@ void World::wait(const transport::RequestPtr& req, const Deadline& deadline) {
 }
 
 std::exception_ptr World::error() const {
-  std::lock_guard<std::mutex> lk(error_mu_);
+  MutexLock lk(&error_mu_);
   return error_;
 }
 
@@ -405,7 +405,7 @@ void World::abort(std::exception_ptr error, AbortKind kind, int culprit, const s
                   bool propagate) {
   bool first = false;
   {
-    std::lock_guard<std::mutex> lk(error_mu_);
+    MutexLock lk(&error_mu_);
     if (!error_) {
       error_ = error;
       first = true;
@@ -477,7 +477,7 @@ void World::fail_timeout(const std::string& op, int peer, Timeout waited) {
 
 void World::begin_collective(uint64_t comm_id, const transport::OpDesc& desc) {
   {
-    std::lock_guard<std::mutex> lk(active_mu_);
+    MutexLock lk(&active_mu_);
     active_[{comm_id, desc.seq}] = desc;
   }
   std::exception_ptr err;
@@ -492,7 +492,7 @@ void World::begin_collective(uint64_t comm_id, const transport::OpDesc& desc) {
 }
 
 void World::end_collective(uint64_t comm_id, uint64_t seq) {
-  std::lock_guard<std::mutex> lk(active_mu_);
+  MutexLock lk(&active_mu_);
   active_.erase({comm_id, seq});
 }
 
@@ -500,7 +500,7 @@ std::exception_ptr World::check_unexpected(int peer, uint64_t comm_id,
                                            const transport::OpDesc& desc) {
   transport::OpDesc mine;
   {
-    std::lock_guard<std::mutex> lk(active_mu_);
+    MutexLock lk(&active_mu_);
     auto it = active_.find({comm_id, desc.seq});
     if (it == active_.end() || it->second == desc) return nullptr;
     mine = it->second;
@@ -513,7 +513,7 @@ std::exception_ptr World::check_unexpected(int peer, uint64_t comm_id,
 }
 
 void World::submit(std::function<void()> task) {
-  std::lock_guard<std::mutex> lk(exec_mu_);
+  MutexLock lk(&exec_mu_);
   if (!executor_.joinable()) {
     executor_ = std::thread([this] { executor_loop(); });
   }
@@ -523,9 +523,9 @@ void World::submit(std::function<void()> task) {
 
 void World::executor_loop() {
   pthread_setname_np(pthread_self(), "weft-collective");
-  std::unique_lock<std::mutex> lk(exec_mu_);
+  MutexLock lk(&exec_mu_);
   for (;;) {
-    exec_cv_.wait(lk, [&] { return exec_stop_ || !exec_queue_.empty(); });
+    while (!exec_stop_ && exec_queue_.empty()) exec_cv_.wait();
     if (exec_queue_.empty()) return;  // stopping and drained
     auto task = std::move(exec_queue_.front());
     exec_queue_.pop_front();

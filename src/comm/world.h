@@ -6,7 +6,6 @@
 
 #include <array>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <exception>
@@ -20,6 +19,7 @@
 #include <vector>
 
 #include "core/deadline.h"
+#include "core/mutex.h"
 #include "transport/engine.h"
 #include "transport/request.h"
 #include "transport/transport.h"
@@ -152,22 +152,22 @@ class World : public std::enable_shared_from_this<World> {
   }
   std::vector<transport::Transport*> route_;
 
-  mutable std::mutex error_mu_;
-  std::exception_ptr error_;  // GUARDED_BY(error_mu_)
+  mutable Mutex error_mu_;
+  std::exception_ptr error_ GUARDED_BY(error_mu_);
   // What the first abort said, repeated to the peers on shutdown.
-  bool abort_known_ = false;                                         // GUARDED_BY(error_mu_)
-  transport::AbortKind abort_kind_ = transport::AbortKind::Aborted;  // GUARDED_BY(error_mu_)
-  int abort_culprit_ = -1;                                           // GUARDED_BY(error_mu_)
-  std::string abort_reason_;                                         // GUARDED_BY(error_mu_)
+  bool abort_known_ GUARDED_BY(error_mu_) = false;
+  transport::AbortKind abort_kind_ GUARDED_BY(error_mu_) = transport::AbortKind::Aborted;
+  int abort_culprit_ GUARDED_BY(error_mu_) = -1;
+  std::string abort_reason_ GUARDED_BY(error_mu_);
   std::thread abort_writer_;  // writes the store record without blocking progress
 
-  std::mutex active_mu_;
-  std::map<std::pair<uint64_t, uint64_t>, transport::OpDesc> active_;  // GUARDED_BY(active_mu_)
+  Mutex active_mu_;
+  std::map<std::pair<uint64_t, uint64_t>, transport::OpDesc> active_ GUARDED_BY(active_mu_);
 
-  std::mutex exec_mu_;
-  std::condition_variable exec_cv_;
-  std::deque<std::function<void()>> exec_queue_;  // GUARDED_BY(exec_mu_)
-  bool exec_stop_ = false;                        // GUARDED_BY(exec_mu_)
+  Mutex exec_mu_;
+  CondVar exec_cv_{&exec_mu_};  // a task was queued, or exec_stop_ set
+  std::deque<std::function<void()>> exec_queue_ GUARDED_BY(exec_mu_);
+  bool exec_stop_ GUARDED_BY(exec_mu_) = false;
   std::thread executor_;
   std::once_flag shutdown_once_;
   std::vector<std::shared_ptr<void>> keep_alive_;

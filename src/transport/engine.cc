@@ -57,7 +57,7 @@ Engine::~Engine() { stop(); }
 
 void Engine::stop() {
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     stopping_ = true;
   }
   bg_cv_.notify_all();
@@ -71,7 +71,7 @@ void Engine::run_tasks() {
   if (!have_tasks_.load(std::memory_order_acquire)) return;
   std::vector<std::function<void()>> tasks;
   {
-    std::lock_guard<std::mutex> lk(tasks_mu_);
+    MutexLock lk(&tasks_mu_);
     tasks.swap(tasks_);
     have_tasks_.store(false, std::memory_order_release);
   }
@@ -80,7 +80,7 @@ void Engine::run_tasks() {
 
 void Engine::post(std::function<void()> fn) {
   {
-    std::lock_guard<std::mutex> lk(tasks_mu_);
+    MutexLock lk(&tasks_mu_);
     tasks_.push_back(std::move(fn));
     have_tasks_.store(true, std::memory_order_release);
   }
@@ -95,7 +95,7 @@ bool Engine::run_in_progress(std::function<void()> fn, const Deadline& deadline)
   }
   auto ran = std::make_shared<std::atomic<bool>>(false);
   {
-    std::lock_guard<std::mutex> lk(tasks_mu_);
+    MutexLock lk(&tasks_mu_);
     tasks_.push_back([this, fn = std::move(fn), ran] {
       fn();
       ran->store(true, std::memory_order_seq_cst);
@@ -154,7 +154,7 @@ int Engine::run_pollers() {
 
 void Engine::add(int fd, uint32_t events, std::shared_ptr<Handler> handler) {
   {
-    std::lock_guard<std::mutex> lk(handlers_mu_);
+    MutexLock lk(&handlers_mu_);
     handlers_[fd] = std::move(handler);
   }
   epoll_event ev{};
@@ -162,7 +162,7 @@ void Engine::add(int fd, uint32_t events, std::shared_ptr<Handler> handler) {
   ev.data.fd = fd;
   if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
     int err = errno;
-    std::lock_guard<std::mutex> lk(handlers_mu_);
+    MutexLock lk(&handlers_mu_);
     handlers_.erase(fd);
     throw Error(fmt::format("epoll_ctl(ADD, fd {}): {}", fd, net::errno_string(err)));
   }
@@ -181,7 +181,7 @@ void Engine::remove(int fd) {
   ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, fd, nullptr);
   std::shared_ptr<Handler> released;
   {
-    std::lock_guard<std::mutex> lk(handlers_mu_);
+    MutexLock lk(&handlers_mu_);
     auto it = handlers_.find(fd);
     if (it != handlers_.end()) {
       released = std::move(it->second);
@@ -193,14 +193,14 @@ void Engine::remove(int fd) {
 
 void Engine::add_timer(Deadline when, std::function<void()> fn) {
   {
-    std::lock_guard<std::mutex> lk(timers_mu_);
+    MutexLock lk(&timers_mu_);
     timers_.push(Timer{when, timer_seq_++, std::move(fn)});
   }
   interrupt();  // the owner may be blocked with a longer timeout
 }
 
 int Engine::next_timer_ms(int cap_ms) {
-  std::lock_guard<std::mutex> lk(timers_mu_);
+  MutexLock lk(&timers_mu_);
   if (timers_.empty()) return cap_ms;
   int ms = timers_.top().when.poll_ms();
   return cap_ms < 0 ? ms : std::min(ms, cap_ms);
@@ -210,7 +210,7 @@ void Engine::run_due_timers() {
   for (;;) {
     std::function<void()> fn;
     {
-      std::lock_guard<std::mutex> lk(timers_mu_);
+      MutexLock lk(&timers_mu_);
       if (timers_.empty() || !timers_.top().when.expired()) return;
       fn = timers_.top().fn;
       timers_.pop();
@@ -259,7 +259,7 @@ int Engine::progress_once(int timeout_ms) {
     }
     std::shared_ptr<Handler> h;
     {
-      std::lock_guard<std::mutex> lk(handlers_mu_);
+      MutexLock lk(&handlers_mu_);
       auto it = handlers_.find(fd);
       if (it != handlers_.end()) h = it->second;
     }
@@ -326,16 +326,12 @@ bool Engine::run_as_owner(const std::function<bool()>& done, const Deadline& dea
 
 bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
   if (done()) return true;
-  std::unique_lock<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   fg_wanting_.fetch_add(1);
   bool result = false;
-  // Whatever happens, leave as a foreground waiter. The background thread
-  // is not woken: it takes the token back by itself once the grace period
-  // after the last foreground wait has passed.
-  auto leave = [&] {
-    fg_wanting_.fetch_sub(1);
-    last_fg_release_ = Deadline::Clock::now();
-  };
+  // Whatever happens, leave as a foreground waiter (leave_locked). The
+  // background thread is not woken: it takes the token back by itself once
+  // the grace period after the last foreground wait has passed.
   for (;;) {
     if (!token_held_) {
       token_held_ = true;
@@ -345,7 +341,7 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       } catch (...) {
         lk.lock();
         token_held_ = false;
-        leave();
+        leave_locked();
         if (sleepers_.load() > 0) fg_cv_.notify_all();
         throw;
       }
@@ -361,7 +357,7 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       result = true;
       break;
     }
-    bool timed_out = fg_cv_.wait_until(lk, deadline.when()) == std::cv_status::timeout;
+    bool timed_out = !fg_cv_.wait_until(deadline.when());
     sleepers_.fetch_sub(1);
     if (done()) {
       result = true;
@@ -372,8 +368,13 @@ bool Engine::wait(const std::function<bool()>& done, const Deadline& deadline) {
       break;
     }
   }
-  leave();
+  leave_locked();
   return result;
+}
+
+void Engine::leave_locked() {
+  fg_wanting_.fetch_sub(1);
+  last_fg_release_ = Deadline::Clock::now();
 }
 
 void Engine::set_spin(std::chrono::microseconds spin, bool yield) {
@@ -384,21 +385,21 @@ void Engine::set_spin(std::chrono::microseconds spin, bool yield) {
 void Engine::wake() {
   if (owner_blocked_.load(std::memory_order_seq_cst)) interrupt();
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     fg_cv_.notify_all();
   }
 }
 
 void Engine::notify_completion() {
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     fg_cv_.notify_all();
   }
 }
 
 void Engine::kick() {
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     if (token_held_) {
       // The owner (background or foreground) will see the newly armed events.
       return;
@@ -410,16 +411,16 @@ void Engine::kick() {
 
 void Engine::background_loop() {
   pthread_setname_np(pthread_self(), options_.thread_name.substr(0, 15).c_str());
-  std::unique_lock<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   while (!stopping_) {
     if (token_held_ || fg_wanting_.load() > 0) {
       // Foreground waiters drive progress; look again after a grace period.
-      bg_cv_.wait_for(lk, options_.idle_grace);
+      bg_cv_.wait_for(options_.idle_grace);
       continue;
     }
     auto resume = last_fg_release_ + options_.idle_grace;
     if (!kicked_ && Deadline::Clock::now() < resume) {
-      bg_cv_.wait_until(lk, resume);
+      bg_cv_.wait_until(resume);
       continue;
     }
     kicked_ = false;

@@ -31,7 +31,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -43,6 +42,7 @@
 #include <vector>
 
 #include "core/deadline.h"
+#include "core/mutex.h"
 #include "core/socket.h"
 
 namespace weft::transport {
@@ -182,6 +182,8 @@ class Engine {
   int next_timer_ms(int cap_ms);
   void run_due_timers();
   void run_tasks();
+  // A foreground waiter leaves wait().
+  void leave_locked() REQUIRES(mu_);
 
   struct Timer {
     Deadline when;
@@ -196,30 +198,30 @@ class Engine {
   net::Fd epoll_fd_;
   net::Fd wake_fd_;  // eventfd: interrupts epoll_wait
 
-  std::mutex handlers_mu_;
-  std::unordered_map<int, std::shared_ptr<Handler>> handlers_;
+  Mutex handlers_mu_;
+  std::unordered_map<int, std::shared_ptr<Handler>> handlers_ GUARDED_BY(handlers_mu_);
 
   // Touched only by the progress owner (see add_poller).
   std::vector<std::shared_ptr<Poller>> pollers_;
 
-  std::mutex tasks_mu_;
-  std::vector<std::function<void()>> tasks_;
+  Mutex tasks_mu_;
+  std::vector<std::function<void()>> tasks_ GUARDED_BY(tasks_mu_);
   std::atomic<bool> have_tasks_{false};
 
-  std::mutex timers_mu_;
-  std::priority_queue<Timer, std::vector<Timer>, std::greater<>> timers_;
-  uint64_t timer_seq_ = 0;
+  Mutex timers_mu_;
+  std::priority_queue<Timer, std::vector<Timer>, std::greater<>> timers_ GUARDED_BY(timers_mu_);
+  uint64_t timer_seq_ GUARDED_BY(timers_mu_) = 0;
 
-  // Token state, guarded by mu_.
-  std::mutex mu_;
-  std::condition_variable fg_cv_;  // foreground waiters waiting for the token or a completion
-  std::condition_variable bg_cv_;  // the background thread
-  bool token_held_ = false;
-  bool bg_owns_ = false;
-  std::atomic<bool> stopping_{false};
-  bool kicked_ = false;
+  // Token state.
+  Mutex mu_;
+  CondVar fg_cv_{&mu_};  // foreground waiters waiting for the token or a completion
+  CondVar bg_cv_{&mu_};  // the background thread
+  bool token_held_ GUARDED_BY(mu_) = false;
+  bool bg_owns_ GUARDED_BY(mu_) = false;
+  std::atomic<bool> stopping_{false};  // written under mu_
+  bool kicked_ GUARDED_BY(mu_) = false;
   std::atomic<int> fg_wanting_{0};  // threads in wait(); written under mu_
-  Deadline::Clock::time_point last_fg_release_{};
+  Deadline::Clock::time_point last_fg_release_ GUARDED_BY(mu_){};
   std::atomic<int> sleepers_{0};            // waiters asleep on cv_
   std::atomic<bool> owner_blocked_{false};  // the token holder may be blocked in epoll_wait
   std::atomic<int64_t> spin_us_;            // the bounded poll (set_spin)

@@ -21,11 +21,11 @@
 #include <cstring>
 #include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "core/mutex.h"
 #include "transport/engine.h"
 #include "transport/matching.h"
 #include "transport/request.h"
@@ -39,11 +39,11 @@ namespace weft::transport {
 template <typename U>
 struct InboundPeer {
   int rank = -1;
-  std::mutex mu;
-  MatchQueues<U> q;       // GUARDED_BY(mu)
-  bool failed = false;    // GUARDED_BY(mu)
-  bool departed = false;  // GUARDED_BY(mu)
-  std::string failure;    // GUARDED_BY(mu)
+  Mutex mu;
+  MatchQueues<U> q GUARDED_BY(mu);
+  bool failed GUARDED_BY(mu) = false;
+  bool departed GUARDED_BY(mu) = false;
+  std::string failure GUARDED_BY(mu);
 };
 
 enum class Disposition : uint8_t { Deliver, Hold, Discard, Pause };
@@ -82,7 +82,7 @@ class Inbound {
     Arrival<U> a;
     RequestPtr mismatched;
     {
-      std::lock_guard<std::mutex> lk(p.mu);
+      MutexLock lk(&p.mu);
       if (p.failed || first_error_.failed()) {
         a.what = Disposition::Discard;
       } else if ((a.req = p.q.take_posted(h.comm_id, h.tag))) {
@@ -142,7 +142,7 @@ class Inbound {
   // the queues.
   template <typename U>
   std::vector<std::pair<RequestPtr, std::unique_ptr<U>>> held_complete(InboundPeer<U>& p, U* held) {
-    std::lock_guard<std::mutex> lk(p.mu);
+    MutexLock lk(&p.mu);
     held->complete = true;
     return p.q.take_deliverable();
   }
@@ -152,7 +152,7 @@ class Inbound {
   // or it failed at once (the peer has failed or left, the transport failed).
   template <typename U, typename Host>
   std::unique_ptr<U> post(InboundPeer<U>& p, const Host& host, const RequestPtr& req) {
-    std::lock_guard<std::mutex> lk(p.mu);
+    MutexLock lk(&p.mu);
     // A message that arrived before the receive was posted (possibly before the peer left).
     std::unique_ptr<U> matched = p.q.take_unexpected(*req);
     if (matched) return matched;

@@ -40,7 +40,7 @@ HoldBuffers::Block HoldBuffers::get(size_t n) {
     return {std::unique_ptr<uint8_t[]>(new uint8_t[std::max<size_t>(n, 1)]), n};
   }
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     auto it = free_.find(cap);
     if (it != free_.end() && !it->second.empty()) {
       Block b{std::move(it->second.back()), cap};
@@ -54,14 +54,14 @@ HoldBuffers::Block HoldBuffers::get(size_t n) {
 
 void HoldBuffers::put(Block b) {
   if (!b.data || b.capacity < kMinKept) return;  // freed here
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   if (kept_ + b.capacity > keep_bytes_) return;
   kept_ += b.capacity;
   free_[b.capacity].push_back(std::move(b.data));
 }
 
 size_t HoldBuffers::kept_bytes() const {
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   return kept_;
 }
 

@@ -18,11 +18,11 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "core/mutex.h"
 #include "transport/request.h"
 #include "transport/transport.h"
 
@@ -162,16 +162,16 @@ class HoldBuffers {
   };
   explicit HoldBuffers(size_t keep_bytes = 32u << 20) : keep_bytes_(keep_bytes) {}
   // A block of at least n bytes (at least 1).
-  Block get(size_t n);
+  Block get(size_t n) EXCLUDES(mu_);
   // Returns a block once its message was delivered (kept or freed).
-  void put(Block b);
-  size_t kept_bytes() const;
+  void put(Block b) EXCLUDES(mu_);
+  size_t kept_bytes() const EXCLUDES(mu_);
 
  private:
   const size_t keep_bytes_;
-  mutable std::mutex mu_;
-  std::map<size_t, std::vector<std::unique_ptr<uint8_t[]>>> free_;  // GUARDED_BY(mu_), by capacity
-  size_t kept_ = 0;                                                 // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  std::map<size_t, std::vector<std::unique_ptr<uint8_t[]>>> free_ GUARDED_BY(mu_);  // by capacity
+  size_t kept_ GUARDED_BY(mu_) = 0;
 };
 
 // Checks a message against the receive it is matched with: a MismatchError

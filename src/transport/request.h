@@ -8,8 +8,9 @@
 #include <exception>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
+
+#include "core/mutex.h"
 
 namespace weft::transport {
 
@@ -101,8 +102,8 @@ using RequestPtr = std::shared_ptr<Request>;
 class FirstError {
  public:
   // Records error unless one is recorded already.
-  void set(std::exception_ptr error) {
-    std::lock_guard<std::mutex> lk(mu_);
+  void set(std::exception_ptr error) EXCLUDES(mu_) {
+    MutexLock lk(&mu_);
     if (!failed_.load()) {
       error_ = std::move(error);
       failed_.store(true);
@@ -110,14 +111,14 @@ class FirstError {
   }
   bool failed() const { return failed_.load(); }
   // The recorded error (null while none is).
-  std::exception_ptr get() const {
-    std::lock_guard<std::mutex> lk(mu_);
+  std::exception_ptr get() const EXCLUDES(mu_) {
+    MutexLock lk(&mu_);
     return error_;
   }
 
  private:
-  mutable std::mutex mu_;
-  std::exception_ptr error_;  // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  std::exception_ptr error_ GUARDED_BY(mu_);
   std::atomic<bool> failed_{false};
 };
 

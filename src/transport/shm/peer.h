@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "core/log.h"
+#include "core/mutex.h"
 #include "transport/shm/shm_transport.h"
 #include "weft/errors.h"
 
@@ -98,14 +99,14 @@ struct ShmTransport::Peer : InboundPeer<Unexpected> {
 
   // Receives whose single-copy read failed or may have read a reused
   // buffer: they wait for the world's abort (see stall()).
-  std::vector<RequestPtr> stalled;  // GUARDED_BY(mu)
+  std::vector<RequestPtr> stalled GUARDED_BY(mu);
   // Receives matched in irecv() with a single-copy message that arrived
   // first: the progress thread reads them (irecv() returns at once).
   struct Read {
     RequestPtr req;
     uint64_t address, send_id, cancels;
   };
-  std::deque<Read> reads;  // GUARDED_BY(mu)
+  std::deque<Read> reads GUARDED_BY(mu);
   std::atomic<bool> have_reads{false};
 
   // Inbound ring: the progress owner only.
@@ -123,14 +124,14 @@ struct ShmTransport::Peer : InboundPeer<Unexpected> {
   std::atomic<bool> in_paused{false};  // waiting for a receive to be posted
 
   // Outbound ring.
-  std::mutex out_mu;
-  std::deque<SendOp> sendq;                           // GUARDED_BY(out_mu)
-  std::unordered_map<uint64_t, RequestPtr> awaiting;  // GUARDED_BY(out_mu): DataCma sends
-  uint64_t next_send_id = 1;                          // GUARDED_BY(out_mu)
-  uint64_t out_head = 0;                              // GUARDED_BY(out_mu)
-  uint64_t out_tail_seen = 0;                         // GUARDED_BY(out_mu)
-  bool out_dead = false;                              // GUARDED_BY(out_mu)
-  std::atomic<bool> queued{false};                    // sendq is not empty
+  Mutex out_mu;
+  std::deque<SendOp> sendq GUARDED_BY(out_mu);
+  std::unordered_map<uint64_t, RequestPtr> awaiting GUARDED_BY(out_mu);  // DataCma sends
+  uint64_t next_send_id GUARDED_BY(out_mu) = 1;
+  uint64_t out_head GUARDED_BY(out_mu) = 0;
+  uint64_t out_tail_seen GUARDED_BY(out_mu) = 0;
+  bool out_dead GUARDED_BY(out_mu) = false;
+  std::atomic<bool> queued{false};  // sendq is not empty
 };
 
 class ShmTransport::Poll : public Poller {

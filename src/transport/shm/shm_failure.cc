@@ -22,7 +22,7 @@ void ShmTransport::violation(Peer& p, const std::string& why) {
 void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_it) {
   std::vector<RequestPtr> failed;
   {
-    std::lock_guard<std::mutex> lk(p.mu);
+    MutexLock lk(&p.mu);
     if (p.failed) return;
     p.failed = true;
     p.failure = reason;
@@ -37,7 +37,7 @@ void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_i
   p.discard = true;
   p.in_state = Peer::In::Dead;
   {
-    std::lock_guard<std::mutex> lk(p.out_mu);
+    MutexLock lk(&p.out_mu);
     for (auto& op : p.sendq) {
       if (op.req && op.type() == RecordType::Data) failed.push_back(op.req);
     }
@@ -58,7 +58,7 @@ void ShmTransport::peer_failed(Peer& p, const std::string& reason, bool report_i
 
 void ShmTransport::peer_departed(int rank) {
   {
-    std::lock_guard<std::mutex> lk(setup_mu_);
+    MutexLock lk(&setup_mu_);
     if (!ready_) {
       early_departures_.push_back(rank);
       return;
@@ -71,12 +71,12 @@ void ShmTransport::peer_departed(int rank) {
     poll_in(*p);
     bool pending = p->cur_req != nullptr;
     {
-      std::lock_guard<std::mutex> lk(p->mu);
+      MutexLock lk(&p->mu);
       p->departed = true;
       pending = pending || !p->q.posted.empty() || !p->stalled.empty() || !p->reads.empty();
     }
     {
-      std::lock_guard<std::mutex> lk(p->out_mu);
+      MutexLock lk(&p->out_mu);
       for (auto& op : p->sendq) pending = pending || op.req != nullptr;
       pending = pending || !p->awaiting.empty();
     }
@@ -100,7 +100,7 @@ void ShmTransport::fail_all_in_progress() {
   for (Peer* p : local_) {
     std::vector<RequestPtr> failed;
     {
-      std::lock_guard<std::mutex> lk(p->mu);
+      MutexLock lk(&p->mu);
       failed = p->q.clear();
       failed.insert(failed.end(), p->stalled.begin(), p->stalled.end());
       p->stalled.clear();
@@ -116,7 +116,7 @@ void ShmTransport::fail_all_in_progress() {
       p->in_paused.store(false);
     }
     {
-      std::lock_guard<std::mutex> lk(p->out_mu);
+      MutexLock lk(&p->out_mu);
       std::deque<SendOp> keep;  // acknowledgements still go out (close() flushes them)
       for (auto& op : p->sendq) {
         if (!op.req) {
@@ -143,7 +143,7 @@ void ShmTransport::fail_all_in_progress() {
 
 std::exception_ptr ShmTransport::find_conflict(uint64_t comm_id, const OpDesc& desc) {
   for (Peer* p : local_) {
-    std::lock_guard<std::mutex> lk(p->mu);
+    MutexLock lk(&p->mu);
     if (const Unexpected* u = p->q.find_conflict(comm_id, desc)) {
       return mismatch_error(options_.rank, desc, 0, p->rank, p->host, u->header.desc,
                             u->header.length, events_.describe_op);
@@ -156,7 +156,7 @@ void ShmTransport::close(const Deadline& deadline) {
   engine_.wait(
       [&] {
         for (Peer* p : local_) {
-          std::lock_guard<std::mutex> lk(p->out_mu);
+          MutexLock lk(&p->out_mu);
           if (!p->sendq.empty() && !p->out_dead) return false;
         }
         return true;

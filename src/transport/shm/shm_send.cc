@@ -20,7 +20,8 @@ void ShmTransport::signal(Peer& p, std::atomic<uint32_t>& sleeping) {
   }
 }
 
-bool ShmTransport::fits_now(Peer& p, const SendOp& op) {
+// out_mu is named on the definitions (Peer is incomplete in shm_transport.h).
+bool ShmTransport::fits_now(Peer& p, const SendOp& op) REQUIRES(p.out_mu) {
   // Through the ring, a message costs two copies but no system call and no
   // page pinning, and both copies stay in cache (a receiver with a consumer
   // even uses the payload in the ring, without copying it out): better for
@@ -34,7 +35,7 @@ bool ShmTransport::fits_now(Peer& p, const SendOp& op) {
   return (p.out_head - t) + op.total <= p.ring_bytes;
 }
 
-ShmTransport::WriteResult ShmTransport::write_some(Peer& p, SendOp& op) {
+ShmTransport::WriteResult ShmTransport::write_some(Peer& p, SendOp& op) REQUIRES(p.out_mu) {
   const uint64_t cap = p.ring_bytes;
   uint64_t free = cap - (p.out_head - p.out_tail_seen);
   const uint64_t left = op.total - op.off;
@@ -80,7 +81,7 @@ bool ShmTransport::submit(Peer& p, SendOp op) {
   RequestPtr done;
   bool queued = false, corrupt = false;
   {
-    std::lock_guard<std::mutex> lk(p.out_mu);
+    MutexLock lk(&p.out_mu);
     if (p.out_dead) return false;
     // A data record queued after fail_all() cleared the queues would never
     // fail: fail_all() sets the flag before it takes this lock.
@@ -137,7 +138,7 @@ void ShmTransport::isend(const RequestPtr& req) {
   Peer* p = admit(req);
   if (p == nullptr) return;
   {
-    std::lock_guard<std::mutex> lk(p->mu);
+    MutexLock lk(&p->mu);
     if (p->failed || p->departed) {
       req->fail(request_peer_error(*req, p->host,
                                    p->failed ? p->failure : "has closed its communicator"));
@@ -168,7 +169,7 @@ int ShmTransport::flush(Peer& p) {
   int n = 0;
   bool corrupt = false;
   {
-    std::lock_guard<std::mutex> lk(p.out_mu);
+    MutexLock lk(&p.out_mu);
     while (!p.sendq.empty() && !p.out_dead) {
       SendOp& op = p.sendq.front();
       const uint64_t before = op.off;

@@ -208,7 +208,7 @@ void ShmTransport::connect_all(const std::vector<ShmPeer>& peers, const Deadline
   auto ready = [this] {
     std::vector<int> early;
     {
-      std::lock_guard<std::mutex> lk(setup_mu_);
+      MutexLock lk(&setup_mu_);
       ready_ = true;
       early.swap(early_departures_);
     }

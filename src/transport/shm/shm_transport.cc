@@ -87,7 +87,7 @@ void ShmTransport::stall(Peer& p, const RequestPtr& req, const std::string& why)
   // with the right error soon; only if nothing comes does the peer fail.
   bool held = false;
   {
-    std::lock_guard<std::mutex> lk(p.mu);
+    MutexLock lk(&p.mu);
     if (!p.failed && !first_error_.failed()) {
       p.stalled.push_back(req);
       held = true;
@@ -101,7 +101,7 @@ void ShmTransport::stall(Peer& p, const RequestPtr& req, const std::string& why)
   engine_.add_timer(Deadline::after(kStallGrace), [this, &p, r = req, why, alive = alive_] {
     if (!alive->load()) return;
     {
-      std::lock_guard<std::mutex> lk(p.mu);
+      MutexLock lk(&p.mu);
       auto it = std::find(p.stalled.begin(), p.stalled.end(), r);
       if (it == p.stalled.end()) return;  // failed meanwhile
       p.stalled.erase(it);
@@ -151,7 +151,7 @@ void ShmTransport::deliver(Peer& p, const RequestPtr& req, Unexpected& u, bool n
   } else if (u.cma) {
     // Not on the caller's thread: a collective posts its receives before
     // its sends, and the peer is waiting for those.
-    std::lock_guard<std::mutex> lk(p.mu);
+    MutexLock lk(&p.mu);
     if (p.failed || first_error_.failed()) {
       auto first = first_error_.get();
       req->fail(first ? first : request_peer_error(*req, p.host, "failed: " + p.failure));
@@ -203,7 +203,7 @@ void ShmTransport::on_cma(Peer& p, const RecordHeader& h, const CmaBody& body) {
 void ShmTransport::on_ack(Peer& p, uint64_t send_id) {
   RequestPtr r;
   {
-    std::lock_guard<std::mutex> lk(p.out_mu);
+    MutexLock lk(&p.out_mu);
     auto it = p.awaiting.find(send_id);
     if (it != p.awaiting.end()) {
       r = std::move(it->second);
@@ -217,7 +217,7 @@ void ShmTransport::on_ack(Peer& p, uint64_t send_id) {
   }
   bool failed;
   {
-    std::lock_guard<std::mutex> lk(p.mu);
+    MutexLock lk(&p.mu);
     failed = p.failed;
   }
   // After a failure the sends were failed and forgotten: a late ack is fine.
@@ -344,7 +344,7 @@ void ShmTransport::report(std::function<void()> fn) {
 int ShmTransport::run_reads(Peer& p) {
   std::deque<Peer::Read> reads;
   {
-    std::lock_guard<std::mutex> lk(p.mu);
+    MutexLock lk(&p.mu);
     reads.swap(p.reads);
     p.have_reads.store(false, std::memory_order_relaxed);
   }
@@ -371,7 +371,7 @@ bool ShmTransport::prepare_block() {
       work = true;
     }
     if (p->queued.load(std::memory_order_seq_cst)) {
-      std::lock_guard<std::mutex> lk(p->out_mu);
+      MutexLock lk(&p->out_mu);
       if (!p->out_dead && p->out_ctl->tail.load(std::memory_order_seq_cst) != p->out_tail_seen)
         work = true;
     }

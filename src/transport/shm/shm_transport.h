@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "core/deadline.h"
+#include "core/mutex.h"
 #include "core/socket.h"
 #include "transport/engine.h"
 #include "transport/inbound.h"
@@ -135,6 +136,7 @@ class ShmTransport : public LocalTransport {
 
   // Any thread.
   bool submit(Peer& p, SendOp op);
+  // out_mu held (annotated on the definition).
   WriteResult write_some(Peer& p, SendOp& op);
   // Whether a message that may go by single copy goes through the ring
   // instead (small enough, and room for it now). out_mu held.
@@ -178,9 +180,9 @@ class ShmTransport : public LocalTransport {
 
   // Departures reported (by TCP, on the progress thread) before
   // connect_all() is done are applied when it is.
-  std::mutex setup_mu_;
-  bool ready_ = false;                 // GUARDED_BY(setup_mu_)
-  std::vector<int> early_departures_;  // GUARDED_BY(setup_mu_)
+  Mutex setup_mu_;
+  bool ready_ GUARDED_BY(setup_mu_) = false;
+  std::vector<int> early_departures_ GUARDED_BY(setup_mu_);
 
   // Where single-copy pieces for a consumer land (Request::consume):
   // progress thread only.

@@ -18,6 +18,7 @@
 #include <string>
 
 #include "core/log.h"
+#include "core/mutex.h"
 #include "transport/tcp/tcp_transport.h"
 #include "weft/errors.h"
 
@@ -45,7 +46,7 @@ struct TcpTransport::Unexpected {
 // rank, mu, the match queues, failed, departed, failure: InboundPeer.
 struct TcpTransport::Peer : InboundPeer<Unexpected> {
   std::vector<std::shared_ptr<Connection>> conns;
-  int byes = 0;  // GUARDED_BY(mu)
+  int byes GUARDED_BY(mu) = 0;
 };
 
 // ---------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class TcpTransport::Connection : public Handler {
     }
     bool queued = false;
     {
-      std::lock_guard<std::mutex> lk(send_mu_);
+      MutexLock lk(&send_mu_);
       if (dead_) return false;
       if (sendq_.empty()) {
         int err = 0;
@@ -122,7 +123,7 @@ class TcpTransport::Connection : public Handler {
   void fail_sends(const std::function<std::exception_ptr(const Request&)>& error_for) {
     std::vector<RequestPtr> failed;
     {
-      std::lock_guard<std::mutex> lk(send_mu_);
+      MutexLock lk(&send_mu_);
       std::deque<SendOp> keep;
       for (auto& op : sendq_) {
         if (!op.req) {
@@ -145,7 +146,7 @@ class TcpTransport::Connection : public Handler {
   void kill(const std::function<std::exception_ptr(const Request&)>& error_for) {
     std::vector<RequestPtr> failed;
     {
-      std::lock_guard<std::mutex> lk(send_mu_);
+      MutexLock lk(&send_mu_);
       dead_ = true;
       for (auto& op : sendq_) {
         if (op.req) failed.push_back(op.req);
@@ -177,7 +178,7 @@ class TcpTransport::Connection : public Handler {
   }
 
   bool send_idle() {
-    std::lock_guard<std::mutex> lk(send_mu_);
+    MutexLock lk(&send_mu_);
     return sendq_.empty() || dead_;
   }
 
@@ -185,7 +186,7 @@ class TcpTransport::Connection : public Handler {
   // connection may go on (any thread).
   void resume_if_paused() {
     {
-      std::lock_guard<std::mutex> lk(send_mu_);
+      MutexLock lk(&send_mu_);
       if (!paused_) return;
       paused_ = false;
       update_events_locked();
@@ -211,7 +212,7 @@ class TcpTransport::Connection : public Handler {
 
   std::shared_ptr<Handler> shared_from_handler() { return self_.lock(); }
 
-  void update_events_locked() {
+  void update_events_locked() REQUIRES(send_mu_) {
     uint32_t ev = (paused_ ? 0u : static_cast<uint32_t>(EPOLLIN)) |
                   (out_armed_ ? static_cast<uint32_t>(EPOLLOUT) : 0u);
     t_.engine_.modify(fd_.get(), ev);
@@ -251,7 +252,7 @@ class TcpTransport::Connection : public Handler {
     int err = 0;
     bool failed = false;
     {
-      std::lock_guard<std::mutex> lk(send_mu_);
+      MutexLock lk(&send_mu_);
       while (!sendq_.empty() && !dead_) {
         int rc = write_op(sendq_.front(), &err);
         if (rc == 0) break;
@@ -428,7 +429,7 @@ class TcpTransport::Connection : public Handler {
       // No room: stop reading this connection until a receive is posted.
       if (rstate_ != RState::Paused) {
         rstate_ = RState::Paused;
-        std::lock_guard<std::mutex> slk(send_mu_);
+        MutexLock slk(&send_mu_);
         paused_ = true;
         update_events_locked();
       }
@@ -443,7 +444,7 @@ class TcpTransport::Connection : public Handler {
       target_ = a.held->data.get();
     }
     if (rstate_ == RState::Paused) {
-      std::lock_guard<std::mutex> slk(send_mu_);
+      MutexLock slk(&send_mu_);
       if (paused_) {
         paused_ = false;
         update_events_locked();
@@ -505,11 +506,11 @@ class TcpTransport::Connection : public Handler {
   std::string control_;
 
   // Send state.
-  std::mutex send_mu_;
-  std::deque<SendOp> sendq_;  // GUARDED_BY(send_mu_)
-  bool out_armed_ = false;    // GUARDED_BY(send_mu_)
-  bool paused_ = false;       // GUARDED_BY(send_mu_)
-  bool dead_ = false;         // GUARDED_BY(send_mu_)
+  Mutex send_mu_;
+  std::deque<SendOp> sendq_ GUARDED_BY(send_mu_);
+  bool out_armed_ GUARDED_BY(send_mu_) = false;
+  bool paused_ GUARDED_BY(send_mu_) = false;
+  bool dead_ GUARDED_BY(send_mu_) = false;
   std::atomic<bool> broken_{false};
 };
 

@@ -7,7 +7,7 @@ namespace weft::transport::tcp {
 void TcpTransport::peer_failed(Peer& peer, const std::string& reason, bool report) {
   std::vector<RequestPtr> failed;
   {
-    std::lock_guard<std::mutex> lk(peer.mu);
+    MutexLock lk(&peer.mu);
     if (peer.failed) return;
     peer.failed = true;
     peer.failure = reason;
@@ -29,7 +29,7 @@ void TcpTransport::peer_failed(Peer& peer, const std::string& reason, bool repor
 void TcpTransport::peer_said_bye(Peer& peer) {
   bool pending = false;
   {
-    std::lock_guard<std::mutex> lk(peer.mu);
+    MutexLock lk(&peer.mu);
     // Data sent before the goodbye precedes it on each connection: the peer
     // has left once every one of its connections said goodbye.
     if (++peer.byes < static_cast<int>(peer.conns.size())) return;
@@ -57,7 +57,7 @@ void TcpTransport::fail_all_in_progress() {
   for (auto& p : peers_) {
     std::vector<RequestPtr> failed;
     {
-      std::lock_guard<std::mutex> lk(p->mu);
+      MutexLock lk(&p->mu);
       failed = p->q.clear();
     }
     for (auto& c : p->conns) {
@@ -84,7 +84,7 @@ void TcpTransport::broadcast_abort(AbortKind kind, int failed_rank, const std::s
   for (auto& p : peers_) {
     if (p->rank == options_.rank) continue;
     {
-      std::lock_guard<std::mutex> lk(p->mu);
+      MutexLock lk(&p->mu);
       if (p->failed || p->departed) continue;
     }
     if (p->conns.empty() || !p->conns[0]) continue;

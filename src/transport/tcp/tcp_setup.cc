@@ -194,7 +194,7 @@ TcpTransport::TcpTransport(Engine& engine, TcpOptions options, TcpEvents events)
 TcpTransport::~TcpTransport() {
   engine_.remove(listen_fd_.get());
   {
-    std::lock_guard<std::mutex> lk(mesh_mu_);
+    MutexLock lk(&mesh_mu_);
     for (auto& a : acceptors_) engine_.remove(a->fd());
     acceptors_.clear();
   }
@@ -209,7 +209,7 @@ std::string TcpTransport::listen_address() const { return listen_address_; }
 
 std::string TcpTransport::host_of(int rank) const {
   if (rank < 0 || rank >= options_.size) return "?";
-  std::lock_guard<std::mutex> lk(hosts_mu_);
+  MutexLock lk(&hosts_mu_);
   const std::string& h = hosts_[static_cast<size_t>(rank)];
   return h.empty() ? "?" : h;
 }
@@ -219,7 +219,7 @@ void TcpTransport::on_accepted(net::Fd fd, std::string remote) {
   auto acc = std::make_shared<Acceptor>(*this, std::move(fd), std::move(remote));
   acc->set_self(acc);
   {
-    std::lock_guard<std::mutex> lk(mesh_mu_);
+    MutexLock lk(&mesh_mu_);
     acceptors_.push_back(acc);
   }
   engine_.add(acc->fd(), EPOLLIN, acc);
@@ -249,7 +249,7 @@ std::string TcpTransport::check_hello(const auth::Hello& hello) {
     return fmt::format("connection index {} out of range (sockets per peer: {})", c.index,
                        options_.sockets_per_peer);
   }
-  std::lock_guard<std::mutex> lk(mesh_mu_);
+  MutexLock lk(&mesh_mu_);
   if (peers_[c.src]->conns[c.index]) {
     return fmt::format("duplicate connection {} from rank {}", c.index, c.src);
   }
@@ -259,7 +259,7 @@ std::string TcpTransport::check_hello(const auth::Hello& hello) {
 void TcpTransport::on_handshake_done(Acceptor* acceptor, bool ok) {
   std::shared_ptr<Acceptor> acc;
   {
-    std::lock_guard<std::mutex> lk(mesh_mu_);
+    MutexLock lk(&mesh_mu_);
     auto it = std::find_if(acceptors_.begin(), acceptors_.end(),
                            [&](const auto& a) { return a.get() == acceptor; });
     if (it == acceptors_.end()) return;
@@ -280,7 +280,7 @@ void TcpTransport::attach(int peer_rank, int index, net::Fd fd) {
   auto conn = std::make_shared<Connection>(*this, peer, index, std::move(fd));
   conn->set_self(conn);
   {
-    std::lock_guard<std::mutex> lk(mesh_mu_);
+    MutexLock lk(&mesh_mu_);
     peer.conns[static_cast<size_t>(index)] = conn;
   }
   conn->start();
@@ -292,7 +292,7 @@ void TcpTransport::attach(int peer_rank, int index, net::Fd fd) {
 void TcpTransport::connect_all(const std::vector<std::string>& addresses,
                                const std::vector<std::string>& hosts, const Deadline& deadline) {
   {
-    std::lock_guard<std::mutex> lk(hosts_mu_);
+    MutexLock lk(&hosts_mu_);
     hosts_ = hosts;
     hosts_.resize(static_cast<size_t>(options_.size));
   }
@@ -340,7 +340,7 @@ void TcpTransport::connect_all(const std::vector<std::string>& addresses,
   if (!ok) {
     std::string missing;
     {
-      std::lock_guard<std::mutex> lk(mesh_mu_);
+      MutexLock lk(&mesh_mu_);
       for (int r = options_.rank + 1; r < options_.size; ++r) {
         for (auto& c : peers_[static_cast<size_t>(r)]->conns) {
           if (!c) {

@@ -33,7 +33,7 @@ void TcpTransport::isend(const RequestPtr& req) {
   }
   Peer& peer = *peers_[static_cast<size_t>(req->peer())];
   {
-    std::lock_guard<std::mutex> lk(peer.mu);
+    MutexLock lk(&peer.mu);
     if (peer.failed || peer.departed) {
       req->fail(request_peer_error(*req, host_of(peer.rank),
                                    peer.failed ? peer.failure : "has closed its communicator"));
@@ -96,7 +96,7 @@ void TcpTransport::deliver_held(
 std::exception_ptr TcpTransport::find_conflict(uint64_t comm_id, const OpDesc& desc) {
   for (auto& p : peers_) {
     if (p->rank == options_.rank) continue;
-    std::lock_guard<std::mutex> lk(p->mu);
+    MutexLock lk(&p->mu);
     if (const Unexpected* u = p->q.find_conflict(comm_id, desc)) {
       return mismatch_error(options_.rank, desc, 0, p->rank, host_of(p->rank), u->header.desc,
                             u->header.length, events_.describe_op);

@@ -15,7 +15,6 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <exception>
@@ -26,6 +25,7 @@
 #include <vector>
 
 #include "core/auth.h"
+#include "core/mutex.h"
 #include "core/socket.h"
 #include "transport/engine.h"
 #include "transport/inbound.h"
@@ -118,11 +118,11 @@ class TcpTransport : public MeshTransport {
   std::shared_ptr<Listener> listener_;
 
   std::vector<std::unique_ptr<Peer>> peers_;  // indexed by rank; peers_[rank()] unused
-  mutable std::mutex hosts_mu_;
-  std::vector<std::string> hosts_;  // GUARDED_BY(hosts_mu_)
+  mutable Mutex hosts_mu_;
+  std::vector<std::string> hosts_ GUARDED_BY(hosts_mu_);
 
-  std::mutex mesh_mu_;  // guards acceptors_ and connection attachment
-  std::vector<std::shared_ptr<Acceptor>> acceptors_;
+  Mutex mesh_mu_;  // guards acceptors_ and connection attachment (Peer::conns)
+  std::vector<std::shared_ptr<Acceptor>> acceptors_ GUARDED_BY(mesh_mu_);
   std::atomic<int> connections_ready_{0};
 
   FirstError first_error_;  // set by fail_all

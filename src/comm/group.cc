@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "core/bytes.h"
+#include "core/enforce.h"
 #include "weft/errors.h"
 
 namespace weft::comm {
@@ -15,7 +16,7 @@ Group::Group(std::shared_ptr<World> world, std::vector<int> members, uint64_t id
   for (size_t i = 0; i < members_.size(); ++i) {
     if (members_[i] == me) rank_ = static_cast<int>(i);
   }
-  if (rank_ < 0) throw InternalError("group does not contain this rank");
+  WEFT_ENFORCE_GE(rank_, 0, "group does not contain this rank");
   const auto& my_host = world_->ranks()[static_cast<size_t>(me)].host_id;
   local_rank_ = 0;
   local_size_ = 0;

@@ -11,6 +11,7 @@
 #include <new>
 #include <utility>
 
+#include "core/enforce.h"
 #include "weft/errors.h"
 
 namespace weft::transport::shm {
@@ -38,10 +39,9 @@ void Mapping::reset() {
 }
 
 std::pair<net::Fd, Mapping> create_segment(const SegmentSpec& spec) {
-  if (spec.ring_bytes < kMinRingBytes || spec.ring_bytes > kMaxRingBytes ||
-      (spec.ring_bytes & (spec.ring_bytes - 1)) != 0) {
-    throw InternalError(fmt::format("shared-memory ring size {} out of range", spec.ring_bytes));
-  }
+  WEFT_ENFORCE(spec.ring_bytes >= kMinRingBytes && spec.ring_bytes <= kMaxRingBytes &&
+                   (spec.ring_bytes & (spec.ring_bytes - 1)) == 0,
+               "shared-memory ring size {} out of range", spec.ring_bytes);
   const uint64_t total = segment_bytes(spec.ring_bytes);
   net::Fd fd(::memfd_create("weft-shm", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!fd.valid()) throw Error(fmt::format("memfd_create: {}", net::errno_string(errno)));

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "core/auth.h"
+#include "core/enforce.h"
 #include "transport/shm/peer.h"
 
 namespace weft::transport::shm {
@@ -224,9 +225,8 @@ void ShmTransport::connect_all(const std::vector<ShmPeer>& peers, const Deadline
   std::vector<ShmPeer> lower;
   int higher = 0;
   for (const auto& p : peers) {
-    if (p.rank < 0 || p.rank >= options_.size || p.rank == options_.rank) {
-      throw InternalError(fmt::format("shm: invalid peer rank {}", p.rank));
-    }
+    WEFT_ENFORCE(p.rank >= 0 && p.rank < options_.size && p.rank != options_.rank,
+                 "shm: invalid peer rank {}", p.rank);
     if (p.rank < options_.rank)
       lower.push_back(p);
     else

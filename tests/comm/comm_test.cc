@@ -9,23 +9,14 @@
 #include "api/access.h"
 #include "comm/group.h"
 #include "comm/world.h"
+#include "testing/inbound.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
 namespace weft {
 namespace {
 
-// Polls until pred(the inbound counters of c's world) holds; false after `limit`.
-template <typename Pred>
-bool wait_inbound(const std::shared_ptr<Communicator>& c, Pred pred,
-                  std::chrono::milliseconds limit = std::chrono::seconds(30)) {
-  const auto until = std::chrono::steady_clock::now() + limit;
-  while (!pred(api::CommunicatorAccess::group(*c)->world().inbound_stats())) {
-    if (std::chrono::steady_clock::now() > until) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
+using testing::wait_inbound;
 
 using namespace std::chrono_literals;
 using testing::run_ranks;

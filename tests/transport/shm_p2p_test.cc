@@ -16,6 +16,7 @@
 #include "api/access.h"
 #include "comm/group.h"
 #include "comm/world.h"
+#include "testing/inbound.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
@@ -56,22 +57,8 @@ std::vector<uint8_t> pattern(size_t n, uint32_t seed) {
   return v;
 }
 
-// What became of the messages this rank received so far (inbound.h).
-transport::InboundStats inbound(const std::shared_ptr<Communicator>& c) {
-  return api::CommunicatorAccess::group(*c)->world().inbound_stats();
-}
-
-// Polls until pred(inbound(c)) holds; false after `limit`.
-template <typename Pred>
-bool wait_inbound(const std::shared_ptr<Communicator>& c, Pred pred,
-                  std::chrono::milliseconds limit = 30s) {
-  const auto until = std::chrono::steady_clock::now() + limit;
-  while (!pred(inbound(c))) {
-    if (std::chrono::steady_clock::now() > until) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
+using testing::inbound;
+using testing::wait_inbound;
 
 ConstBuffer cbuf(const std::vector<uint8_t>& v) { return {v.data(), v.size(), DType::UInt8}; }
 Buffer buf(std::vector<uint8_t>& v) { return {v.data(), v.size(), DType::UInt8}; }

@@ -34,13 +34,18 @@ for b in "${args[@]}"; do
   fi
 done
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+raw=$(mktemp)
+trap 'rm -f "$out" "$raw"' EXIT
 export WEFT_ALLOW_UNAUTHENTICATED=1
 
 bench_once() {  # build label shm
   local b=$1 label=$2 shm=$3
+  # The run's output goes to a file and is parsed after the run: a parser
+  # starting beside it (python3 takes tens of ms of CPU to start) competed
+  # with the two ranks on a 2-core machine and inflated the first size.
   WEFT_SHM=$shm "$b/bin/weft" run -n 2 -- "$b/bin/weft-bench" allreduce --min-bytes 4K \
-    --max-bytes 16M --json 2>/dev/null | python3 -c '
+    --max-bytes 16M --json >"$raw" 2>/dev/null
+  python3 -c '
 import json, sys
 label, shm = sys.argv[1], sys.argv[2]
 for line in sys.stdin:
@@ -50,13 +55,14 @@ for line in sys.stdin:
     if r["bytes"] in (4096, 1 << 20, 16 << 20):
         t = "shm" if shm == "1" else "tcp"
         print("allreduce-%s-%d %s %s" % (t, r["bytes"], label, r["time_us"]))
-' "$label" "$shm" >>"$out"
+' "$label" "$shm" <"$raw" >>"$out"
 }
 
 train_once() {  # build label
   local b=$1 label=$2
   "$b/bin/weft" run -n 2 -- "$b/bin/fashion_mnist" --epochs 1 --max-steps 300 --test-samples 1000 \
-    --threads 1 --json 2>/dev/null | python3 -c '
+    --threads 1 --json >"$raw" 2>/dev/null
+  python3 -c '
 import json, sys
 rate = None
 for line in sys.stdin:
@@ -65,7 +71,7 @@ for line in sys.stdin:
     r = json.loads(line)
     rate = r.get("samples_per_s", rate)  # after the first 20 steps
 if rate is not None: print(f"train-2w {sys.argv[1]} {rate}")
-' "$label" >>"$out"
+' "$label" <"$raw" >>"$out"
 }
 
 for ((i = 1; i <= rounds; i++)); do

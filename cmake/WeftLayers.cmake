@@ -3,7 +3,7 @@
 # target an include root holding only those layers, and tests/layers checks every #include against
 # this file (and this list against the table of docs/ARCHITECTURE.md).
 # Read by CMake projects (include()) and by the scripts of tests/layers (cmake -P).
-set(WEFT_LAYERS core store transport comm collectives api data train torch launch)
+set(WEFT_LAYERS core store transport comm collectives api data train balance torch launch)
 
 # The layer each public header (include/weft/<name>) belongs to: a header of layer L is visible to
 # L and to the layers after it. Every header under include/weft/ must be listed.
@@ -20,6 +20,8 @@ set(WEFT_PUBLIC_HEADERS
   weft.h=api
   data.h=data
   train.h=train
+  balance.h=balance
+  host.h=balance
   torch.h=torch)
 
 # The finer rule of issue 10: the headers of comm see the transports only through their interface

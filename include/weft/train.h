@@ -323,6 +323,19 @@ class DataParallel {
   // after_update() (local SGD averages the parameters there).
   void end_step();
 
+  // The weight of this rank's gradients in the average, from the next step
+  // on (1 by default): each bucket is multiplied by it just before its
+  // allreduce (ReduceOp::Avg). Load balancing (weft/balance.h) gives rank i,
+  // which computed the mean gradient over s_i of a step's B samples, the
+  // weight W * s_i / B (weft::balance::gradient_weight), so that the
+  // average is exactly the mean gradient of the B samples. A weight of 0
+  // sends zeros whatever the gradient holds (a rank with no sample this
+  // step). A weight of 1 costs nothing. Not inside a step; `weight` finite
+  // and >= 0, else weft::InvalidArgument. Ignored by steps whose gradients
+  // are not averaged (local SGD).
+  void set_gradient_weight(double weight);
+  double gradient_weight() const;
+
   // Makes the parameters and buffers equal on every rank now (averages them
   // when the policy says they may differ, e.g. before evaluating or saving a
   // local SGD model). Collective. Not inside a step.
@@ -418,6 +431,7 @@ class DataParallel {
   Phase phase_ = Phase::Idle;
   bool averaging_ = false;  // this step's gradients are averaged
   int64_t step_ = 0;
+  double weight_ = 1.0;           // set_gradient_weight()
   int64_t synced_at_ = 0;         // step_ when the model was last averaged or broadcast
   std::vector<uint8_t> ready_;    // per parameter
   std::vector<void*> step_grad_;  // per parameter: where its gradient is this step

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -78,6 +79,44 @@ class DrainGuard {
  private:
   std::vector<WorkPtr>& works_;
 };
+
+// Multiplies n elements of a floating dtype by w; w == 0 writes zeros, so
+// that a rank without samples sends zeros even if its gradient holds NaN.
+void scale_in_place(void* data, size_t n, DType dtype, double w) {
+  if (w == 0) {
+    std::memset(data, 0, n * dtype_size(dtype));
+    return;
+  }
+  switch (dtype) {
+    case DType::Float32: {
+      auto* p = static_cast<float*>(data);
+      const auto f = static_cast<float>(w);
+      for (size_t i = 0; i < n; ++i) p[i] *= f;
+      return;
+    }
+    case DType::Float64: {
+      auto* p = static_cast<double*>(data);
+      for (size_t i = 0; i < n; ++i) p[i] *= w;
+      return;
+    }
+    case DType::Float16: {
+      auto* p = static_cast<Half*>(data);
+      const auto f = static_cast<float>(w);
+      for (size_t i = 0; i < n; ++i) p[i] = float_to_half(half_to_float(p[i]) * f);
+      return;
+    }
+    case DType::BFloat16: {
+      auto* p = static_cast<BFloat16*>(data);
+      const auto f = static_cast<float>(w);
+      for (size_t i = 0; i < n; ++i) p[i] = float_to_bfloat16(bfloat16_to_float(p[i]) * f);
+      return;
+    }
+    default:
+      // Buckets hold floating dtypes only (checked at construction).
+      throw InternalError(
+          fmt::format("DataParallel: cannot weight a {} bucket", dtype_name(dtype)));
+  }
+}
 
 }  // namespace
 
@@ -331,11 +370,27 @@ void DataParallel::launch_in_order_locked() {
   while (next_launch_ < buckets_.size() && pending_[next_launch_] == 0) {
     const Bucket& b = buckets_[next_launch_];
     void* data = static_cast<std::byte*>(grad_storage_.get()) + bucket_offset_[next_launch_];
+    if (weight_ != 1.0) scale_in_place(data, b.numel, b.dtype, weight_);
     works_[next_launch_] = comm_->allreduce_async(Buffer(data, b.numel, b.dtype), opts);
     stats_.bucket_allreduces += 1;
     stats_.bytes_allreduced += b.bytes();
     ++next_launch_;
   }
+}
+
+void DataParallel::set_gradient_weight(double weight) {
+  if (!std::isfinite(weight) || weight < 0) {
+    throw InvalidArgument(
+        fmt::format("DataParallel::set_gradient_weight: {} is not a finite number >= 0", weight));
+  }
+  check_idle("set_gradient_weight");
+  std::lock_guard lock(mu_);
+  weight_ = weight;
+}
+
+double DataParallel::gradient_weight() const {
+  std::lock_guard lock(mu_);
+  return weight_;
 }
 
 void DataParallel::begin_step() {

@@ -339,6 +339,83 @@ TEST(DataParallel, BspWithNWorkersEqualsOneWorkerWithNTimesTheBatch) {
   }
 }
 
+// Uneven shares (load balancing): rank r computes the mean gradient over its
+// own s_r samples of each step's B, weighted by W * s_r / B
+// (set_gradient_weight); the average must then be the mean gradient of the
+// B samples, as one worker computing the global batch gets it. Shares change
+// every step, and one rank has no sample in some steps (weight 0: it sends
+// zeros even though its gradient buffer holds NaN).
+TEST(DataParallel, WeightedUnevenSharesEqualOneWorkerWithTheGlobalBatch) {
+  const int n = 3, global = 24, steps = 20;
+  auto shares_of = [&](int s) {
+    std::vector<int> sh{4 + s % 5, 12 - s % 7, 0};
+    sh[2] = global - sh[0] - sh[1];
+    if (s % 4 == 3) sh[0] += sh[2], sh[2] = 0;  // rank 2 idle this step
+    return sh;
+  };
+  Regression data(static_cast<size_t>(global * steps));
+  Linear single;
+  single.init(42);
+  for (int s = 0; s < steps; ++s) {
+    single.gradient(data.x, data.y, static_cast<size_t>(s * global), global);
+    single.sgd(0.05f);
+  }
+  auto store = std::make_shared<MemoryStore>();
+  std::vector<Linear> replicas(n);
+  run_ranks_ok(n, [&](int r) {
+    auto comm = make_comm(r, n, store);
+    Linear& m = replicas[r];
+    m.init(r == 0 ? 42 : 1000 + r);
+    DataParallel dp(comm, m.parameters());
+    for (int s = 0; s < steps; ++s) {
+      const std::vector<int> sh = shares_of(s);
+      int first = s * global;
+      for (int k = 0; k < r; ++k) first += sh[k];
+      const int mine = sh[static_cast<size_t>(r)];
+      dp.set_gradient_weight(static_cast<double>(n) * mine / global);
+      if (mine > 0) {
+        m.gradient(data.x, data.y, static_cast<size_t>(first), static_cast<size_t>(mine));
+      } else {
+        std::fill(m.gw.begin(), m.gw.end(), std::nanf(""));
+        m.gb[0] = std::nanf("");
+      }
+      dp.grad_ready(1);
+      dp.grad_ready(0);
+      dp.finish_gradients();
+      m.sgd(0.05f);
+      dp.end_step();
+    }
+  });
+  Linear ref;
+  ref.init(42);
+  ASSERT_NE(ref.w, single.w);
+  for (int r = 0; r < n; ++r) {
+    for (int k = 0; k < Linear::kIn; ++k) {
+      EXPECT_NEAR(replicas[r].w[k], single.w[k], 1e-4f) << "rank " << r << " w[" << k << "]";
+      EXPECT_EQ(replicas[r].w[k], replicas[0].w[k]);
+    }
+    EXPECT_NEAR(replicas[r].b[0], single.b[0], 1e-4f);
+  }
+}
+
+TEST(DataParallel, GradientWeightIsCheckedAndRefusedInsideAStep) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(1, [&](int r) {
+    auto comm = make_comm(r, 1, store);
+    Linear m;
+    DataParallel dp(comm, m.parameters());
+    EXPECT_DOUBLE_EQ(dp.gradient_weight(), 1.0);
+    EXPECT_THROW(dp.set_gradient_weight(-1), InvalidArgument);
+    EXPECT_THROW(dp.set_gradient_weight(std::nan("")), InvalidArgument);
+    EXPECT_THROW(dp.set_gradient_weight(INFINITY), InvalidArgument);
+    dp.set_gradient_weight(0.5);
+    dp.begin_step();
+    EXPECT_THROW(dp.set_gradient_weight(1), InvalidArgument);
+    dp.end_step();
+    EXPECT_DOUBLE_EQ(dp.gradient_weight(), 0.5);
+  });
+}
+
 // ---- Local SGD ---------------------------------------------------------------
 
 TEST(DataParallel, LocalSgdAveragesParametersEveryHStepsAfterWarmup) {

@@ -1,0 +1,229 @@
+// Load balancing for data-parallel training on uneven or changing workers.
+//
+// Under BSP every step waits for the slowest worker. Instead of giving every
+// worker the same part of each global batch, the balancer gives worker i a
+// share s_i of it, proportional to the rate (samples/s of compute) measured
+// on that worker, so that every worker finishes its forward and backward at
+// about the same time. The global batch B = sum of s_i stays constant, and
+// each worker's gradient, the mean over its s_i samples, is weighted by
+// W * s_i / B before the engine averages over the W workers
+// (DataParallel::set_gradient_weight), so that the averaged gradient is
+// exactly the mean gradient of the global batch, whatever the shares.
+//
+//   weft::balance::Balancer bal(comm, {.mode = Mode::Dynamic, .global_batch = 256});
+//   bal.probe([&](int64_t n) { forward + backward on n samples, no engine });  // optional
+//   weft::data::ShardQueue queue(num_samples, comm->size(), {...});
+//   for (epoch) {
+//     queue.start_epoch(epoch);
+//     for (;;) {
+//       auto takes = queue.take_step(bal.shares());   // the same on every rank
+//       int64_t total = sum of takes[i].size(); if (total == 0) break;
+//       dp.set_gradient_weight(weft::balance::gradient_weight(takes[rank].size(), total, W));
+//       compute on takes[rank] (timed); dp.finish_gradients() (timed wait); optimizer;
+//       dp.end_step(); queue.complete_step(); bal.end_step({compute_seconds, wait_seconds});   //
+//       every rank, every step
+//     }
+//   }
+//
+// Pieces:
+// * The capability probe (Balancer::probe): each worker's host facts
+//   (weft/host.h) and a measured step time of the user's own model; the
+//   initial shares are proportional to the measured rates.
+// * The live monitor (Balancer::end_step): every worker records each step's
+//   compute and communication-wait time; every `exchange_every` steps the
+//   workers' figures (rate, compute time per sample, waiting, CPU
+//   utilisation, resident memory, cgroup throttling, GPU utilisation) are
+//   exchanged with one small allgather, so that every rank sees every
+//   worker (Balancer::workers()).
+// * The planner (replan(), a pure function): the new shares move from the
+//   current ones toward the proportional target, damped (a fraction of the
+//   way per re-plan) and bounded (a minimum share, a maximum change per
+//   re-plan), so that they settle instead of oscillating. Each decision is
+//   logged with the old and new shares and why.
+// * Stragglers: a worker below `straggler_floor` of the median rate is
+//   reported (logged, WorkerFigures::straggler).
+//
+// Every rank computes the same plan from the same exchanged figures, so the
+// shares are identical everywhere without further communication.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "weft/communicator.h"
+#include "weft/host.h"
+
+namespace weft::balance {
+
+enum class Mode : uint8_t {
+  None,     // equal shares, never changed
+  Static,   // shares from the start-up probe, then fixed
+  Dynamic,  // shares from the probe, re-planned from the live rates
+};
+// "none", "static", "dynamic".
+std::string_view mode_name(Mode mode);
+// Parses those names; throws weft::InvalidArgument listing them otherwise.
+Mode parse_mode(std::string_view name);
+
+// ---------------------------------------------------------------------------
+// Share arithmetic and the planner (pure functions, the same on every rank)
+// ---------------------------------------------------------------------------
+
+// The weight of a worker's gradient when it computed the mean gradient over
+// `share` samples of a step of `total` samples over `workers` workers:
+// workers * share / total. With every worker's gradient so weighted, their
+// average (ReduceOp::Avg) is the mean gradient of the `total` samples.
+// 0 <= share <= total, total >= 1, workers >= 1, else weft::InvalidArgument.
+double gradient_weight(int64_t share, int64_t total, int workers);
+
+// Shares of `global_batch` proportional to `rates`, each at least
+// `min_share`, summing to global_batch exactly (largest remainders). Rates
+// must be finite and > 0 (sanitize_rates() first); global_batch >=
+// rates.size() * min_share, min_share >= 1, else weft::InvalidArgument.
+std::vector<int64_t> proportional_shares(std::span<const double> rates, int64_t global_batch,
+                                         int64_t min_share);
+
+// Measured rates made safe to plan with: a rate that is zero, negative,
+// NaN or infinite is replaced by the median of the valid ones (by 1 when
+// none is valid). `replaced` (optional) receives the indices replaced.
+std::vector<double> sanitize_rates(std::span<const double> rates,
+                                   std::vector<size_t>* replaced = nullptr);
+
+struct PlannerOptions {
+  int64_t global_batch = 0;  // samples per step over all workers, >= workers * min_share
+  int64_t min_share = 1;     // no worker gets less (>= 1)
+  // Fraction of the way from the current share to the target taken per
+  // re-plan, in (0, 1]: 1 jumps at once, smaller values damp noise.
+  double damping = 0.5;
+  // A share changes by at most this fraction of the mean share
+  // (global_batch / workers) per re-plan, in (0, 1].
+  double max_change = 0.25;
+  // A re-plan whose largest change is below this fraction of the mean share
+  // keeps the current shares (no churn from noise), in [0, 1).
+  double deadband = 0.03;
+};
+// Checks the options for `workers` workers; throws weft::InvalidArgument
+// naming the field otherwise.
+void check_planner_options(const PlannerOptions& options, int workers);
+
+struct Plan {
+  std::vector<int64_t> shares;  // sums to global_batch
+  bool changed = false;         // differs from the current shares
+  std::string reason;           // why (for the log): the rates and targets, or why kept
+};
+// One re-plan from `current` shares (one per worker, summing to the global
+// batch, each >= min_share) toward proportional_shares(sanitize_rates(rates))
+// as PlannerOptions says.
+Plan replan(std::span<const int64_t> current, std::span<const double> rates,
+            const PlannerOptions& options);
+
+// Equal shares of global_batch over `workers` (the first global_batch %
+// workers get one more).
+std::vector<int64_t> equal_shares(int64_t global_batch, int workers);
+
+// ---------------------------------------------------------------------------
+// The balancer (one per rank, collective)
+// ---------------------------------------------------------------------------
+
+struct BalancerOptions {
+  Mode mode = Mode::Dynamic;
+  int64_t global_batch = 0;  // >= workers * planner.min_share
+  PlannerOptions planner;    // its global_batch is set from the field above
+  // Steps between exchanges of the workers' figures (and, in dynamic mode,
+  // re-plans), >= 1.
+  int64_t exchange_every = 5;
+  // The first re-plan waits for this many measured steps (warm-up steps are
+  // slower), >= 0.
+  int64_t warmup_steps = 5;
+  // A worker whose rate is below this fraction of the median rate is
+  // reported as a straggler, in [0, 1).
+  double straggler_floor = 0.1;
+};
+
+// One worker's figures, as every rank sees them after an exchange.
+struct WorkerFigures {
+  int rank = 0;
+  std::string host;
+  int64_t share = 0;  // samples per step now
+  double rate = 0;    // samples/s of compute (median of the last window)
+  double compute_seconds_per_sample = 0;
+  double wait_seconds_per_step = 0;  // blocked on communication (mean of the window)
+  double cpu_utilization = 0;        // process CPU time / wall time (1 = one core)
+  uint64_t rss_bytes = 0;
+  double throttled_fraction = 0;  // of the window spent throttled by a cgroup quota
+  double gpu_utilization = -1;    // 0..1, -1 where no GPU is seen
+  bool straggler = false;
+};
+
+// One re-plan decision, as logged.
+struct Decision {
+  int64_t step = 0;
+  std::vector<int64_t> old_shares, new_shares;
+  std::string reason;
+};
+
+struct StepTimes {
+  double compute_seconds = 0;  // forward + backward of this worker's samples
+  double wait_seconds = 0;     // blocked on communication in the step
+  int64_t samples = -1;        // samples this worker computed; -1: its share
+};
+
+class Balancer {
+ public:
+  // Collective: exchanges every worker's host facts. Throws
+  // weft::InvalidArgument for bad options (on every rank alike).
+  Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options);
+  ~Balancer();
+  Balancer(const Balancer&) = delete;
+  Balancer& operator=(const Balancer&) = delete;
+
+  // The capability probe, collective. Runs `step(batch)` (the user's
+  // forward and backward on `batch` samples; no collective inside) once to
+  // warm up, then `repeats` times, timed; the median gives this worker's
+  // rate. In Static and Dynamic modes the shares become proportional to the
+  // rates. A worker whose probe throws or measures an absurd rate (zero,
+  // negative, NaN) is reported and given the median rate of the others; if
+  // no worker measured a rate, the shares stay equal. Logged either way.
+  void probe(const std::function<void(int64_t batch)>& step, int64_t batch, int repeats = 3);
+
+  // The shares of the next step, one per worker (the same on every rank).
+  const std::vector<int64_t>& shares() const { return shares_; }
+  int64_t share() const { return shares_[static_cast<size_t>(rank_)]; }
+
+  // Every rank, after every step: records the step's times; every
+  // exchange_every steps exchanges the figures (allgather), reports
+  // stragglers and, in Dynamic mode after the warm-up, re-plans. Returns
+  // true when the shares changed. Collective on exchange steps.
+  bool end_step(const StepTimes& times);
+
+  // The figures of every worker as of the last exchange (empty before it).
+  const std::vector<WorkerFigures>& workers() const { return workers_; }
+  // Every worker's host facts (exchanged at construction).
+  const std::vector<HostFacts>& hosts() const { return hosts_; }
+  const std::vector<Decision>& decisions() const { return decisions_; }
+  const BalancerOptions& options() const { return options_; }
+  int64_t steps() const { return steps_; }
+
+ private:
+  struct Window;
+  void exchange();
+
+  std::shared_ptr<Communicator> comm_;
+  BalancerOptions options_;
+  int rank_ = 0;
+  int size_ = 1;
+  std::vector<int64_t> shares_;
+  std::vector<HostFacts> hosts_;
+  std::vector<WorkerFigures> workers_;
+  std::vector<Decision> decisions_;
+  std::unique_ptr<Window> window_;
+  int64_t steps_ = 0;
+  int64_t measured_steps_ = 0;
+};
+
+}  // namespace weft::balance

@@ -1,0 +1,214 @@
+// The share arithmetic and the planner of weft/balance.h, on recorded rate
+// traces: shares sum to the global batch, respect the minimum, converge to
+// the proportional target, are damped (no oscillation) and bounded.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+
+#include "weft/balance.h"
+#include "weft/errors.h"
+
+namespace weft::balance {
+namespace {
+
+int64_t sum(const std::vector<int64_t>& s) {
+  return std::accumulate(s.begin(), s.end(), int64_t{0});
+}
+
+TEST(GradientWeight, WeightsMakeTheAverageTheGlobalMean) {
+  // Worker i's mean gradient over s_i samples, weighted and averaged over W
+  // workers, equals the mean over all samples.
+  const std::vector<int64_t> shares{10, 30, 5, 19};
+  std::vector<double> samples;
+  std::mt19937 rng(7);
+  std::normal_distribution<double> g(0, 1);
+  double avg = 0;
+  size_t k = 0;
+  for (int64_t s : shares) {
+    double mean = 0;
+    for (int64_t j = 0; j < s; ++j) {
+      samples.push_back(g(rng));
+      mean += samples.back();
+    }
+    mean /= static_cast<double>(s);
+    avg += gradient_weight(s, sum(shares), 4) * mean / 4;
+    ++k;
+  }
+  const double global =
+      std::accumulate(samples.begin(), samples.end(), 0.0) / static_cast<double>(samples.size());
+  EXPECT_NEAR(avg, global, 1e-12);
+  EXPECT_DOUBLE_EQ(gradient_weight(0, 10, 2), 0.0);
+  EXPECT_DOUBLE_EQ(gradient_weight(5, 10, 2), 1.0);
+  EXPECT_THROW(gradient_weight(11, 10, 2), InvalidArgument);
+  EXPECT_THROW(gradient_weight(1, 0, 2), InvalidArgument);
+  EXPECT_THROW(gradient_weight(-1, 10, 2), InvalidArgument);
+  EXPECT_THROW(gradient_weight(1, 10, 0), InvalidArgument);
+}
+
+TEST(ProportionalShares, SumAndProportion) {
+  const std::vector<double> rates{100, 100, 100, 25};
+  const auto s = proportional_shares(rates, 256, 1);
+  EXPECT_EQ(sum(s), 256);
+  EXPECT_NEAR(static_cast<double>(s[3]), 256 * 25.0 / 325, 1.0);
+  EXPECT_NEAR(static_cast<double>(s[0]), 256 * 100.0 / 325, 1.0);
+}
+
+TEST(ProportionalShares, MinimumShareIsKeptAndTheRestProportional) {
+  const std::vector<double> rates{1000, 1000, 1};
+  const auto s = proportional_shares(rates, 100, 8);
+  EXPECT_EQ(sum(s), 100);
+  EXPECT_EQ(s[2], 8);
+  EXPECT_EQ(s[0], 46);
+  EXPECT_EQ(s[1], 46);
+}
+
+TEST(ProportionalShares, RefusesWhatCannotBeShared) {
+  const std::vector<double> rates{1, 1, 1};
+  EXPECT_THROW(proportional_shares(rates, 2, 1), InvalidArgument);  // batch < workers
+  EXPECT_THROW(proportional_shares(rates, 10, 0), InvalidArgument);
+  const std::vector<double> bad{1, std::nan(""), 1};
+  EXPECT_THROW(proportional_shares(bad, 10, 1), InvalidArgument);
+  EXPECT_THROW(proportional_shares(std::vector<double>{}, 10, 1), InvalidArgument);
+}
+
+TEST(SanitizeRates, AbsurdRatesBecomeTheMedian) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const std::vector<double> rates{100, 0, -5, std::nan(""), inf, 300};
+  std::vector<size_t> replaced;
+  const auto r = sanitize_rates(rates, &replaced);
+  EXPECT_EQ(replaced, (std::vector<size_t>{1, 2, 3, 4}));
+  for (size_t i : replaced) EXPECT_DOUBLE_EQ(r[i], 200.0);
+  const auto none = sanitize_rates(std::vector<double>{0, std::nan("")});
+  EXPECT_DOUBLE_EQ(none[0], 1.0);
+  EXPECT_DOUBLE_EQ(none[1], 1.0);
+}
+
+TEST(Replan, AbsurdRatesNeverDivideByZero) {
+  PlannerOptions o{.global_batch = 64};
+  const std::vector<int64_t> cur = equal_shares(64, 4);
+  for (double bad : {0.0, -1.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    const std::vector<double> rates{bad, bad, bad, bad};
+    const Plan p = replan(cur, rates, o);
+    EXPECT_EQ(sum(p.shares), 64);
+    EXPECT_FALSE(p.changed) << p.reason;  // all equal: the target is the current shares
+  }
+}
+
+TEST(Replan, ChecksItsInputs) {
+  PlannerOptions o{.global_batch = 64};
+  const std::vector<double> rates{1, 1};
+  EXPECT_THROW(replan(std::vector<int64_t>{32, 31}, rates, o), InvalidArgument);  // sum
+  EXPECT_THROW(replan(std::vector<int64_t>{64, 0}, rates, o), InvalidArgument);   // below min
+  EXPECT_THROW(replan(std::vector<int64_t>{32, 32}, std::vector<double>{1}, o), InvalidArgument);
+  for (auto bad :
+       {PlannerOptions{.global_batch = 64, .damping = 0},
+        PlannerOptions{.global_batch = 64, .damping = 1.5},
+        PlannerOptions{.global_batch = 64, .max_change = 0},
+        PlannerOptions{.global_batch = 64, .deadband = 1}, PlannerOptions{.global_batch = 1},
+        PlannerOptions{.global_batch = 64, .min_share = 0}}) {
+    EXPECT_THROW(replan(std::vector<int64_t>{32, 32}, rates, bad), InvalidArgument);
+  }
+}
+
+// A worker simulated from its true speed: compute time = overhead + s / speed,
+// with multiplicative noise; its measured rate is s / time.
+struct SimWorker {
+  double speed;  // samples/s
+  double overhead = 0.002;
+  double measured_rate(int64_t s, double noise) const {
+    return static_cast<double>(s) / ((overhead + static_cast<double>(s) / speed) * noise);
+  }
+};
+
+TEST(Replan, ConvergesToEqualComputeTimesOnAThrottledWorker) {
+  const std::vector<SimWorker> w{{4000}, {4000}, {4000}, {1000}};
+  PlannerOptions o{.global_batch = 256};
+  std::vector<int64_t> s = equal_shares(256, 4);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<double> noise(0.95, 1.05);
+  for (int it = 0; it < 30; ++it) {
+    std::vector<double> rates;
+    for (size_t i = 0; i < w.size(); ++i) rates.push_back(w[i].measured_rate(s[i], noise(rng)));
+    const Plan p = replan(s, rates, o);
+    EXPECT_EQ(sum(p.shares), 256);
+    for (size_t i = 0; i < s.size(); ++i) {
+      EXPECT_LE(std::abs(p.shares[i] - s[i]), static_cast<int64_t>(0.25 * 64) + 1) << p.reason;
+    }
+    s = p.shares;
+  }
+  // Equal compute time: the slow worker's share near a quarter of the others'.
+  std::vector<double> t;
+  for (size_t i = 0; i < w.size(); ++i) t.push_back(w[i].overhead + s[i] / w[i].speed);
+  const double tmax = *std::max_element(t.begin(), t.end());
+  const double tmin = *std::min_element(t.begin(), t.end());
+  EXPECT_LT(tmax / tmin, 1.15) << s[0] << " " << s[1] << " " << s[2] << " " << s[3];
+  EXPECT_LT(s[3], s[0] / 2);
+}
+
+TEST(Replan, DampedChangesDieOutInsteadOfOscillating) {
+  // A quota change mid-run (full speed, a quarter, full again): after each
+  // change the moves shrink and stop; the shares never swing back and forth
+  // across the target.
+  PlannerOptions o{.global_batch = 256};
+  std::vector<int64_t> s = equal_shares(256, 4);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> noise(0.97, 1.03);
+  auto run_phase = [&](double slow_speed, int iters) {
+    const std::vector<SimWorker> w{{4000}, {4000}, {4000}, {slow_speed}};
+    std::vector<int64_t> moves;
+    int sign_changes = 0, last_sign = 0;
+    for (int it = 0; it < iters; ++it) {
+      std::vector<double> rates;
+      for (size_t i = 0; i < w.size(); ++i) rates.push_back(w[i].measured_rate(s[i], noise(rng)));
+      const Plan p = replan(s, rates, o);
+      const int64_t move = p.shares[3] - s[3];
+      moves.push_back(std::abs(move));
+      const int sign = (move > 0) - (move < 0);
+      if (sign != 0 && last_sign != 0 && sign != last_sign && std::abs(move) > 2) ++sign_changes;
+      if (sign != 0) last_sign = sign;
+      s = p.shares;
+    }
+    EXPECT_EQ(sign_changes, 0);
+    // Settled: the last five re-plans move the slow worker's share by at most 2.
+    for (size_t i = moves.size() - 5; i < moves.size(); ++i) EXPECT_LE(moves[i], 2);
+    return s[3];
+  };
+  const int64_t slow = run_phase(1000, 20);
+  const int64_t back = run_phase(4000, 20);
+  EXPECT_LT(slow, 40);
+  EXPECT_GT(back, 55);
+}
+
+TEST(Replan, NoiseInsideTheDeadBandChangesNothing) {
+  PlannerOptions o{.global_batch = 256};
+  const std::vector<int64_t> s = equal_shares(256, 4);
+  const std::vector<double> rates{1000, 1010, 995, 1005};
+  const Plan p = replan(s, rates, o);
+  EXPECT_FALSE(p.changed);
+  EXPECT_EQ(p.shares, s);
+  EXPECT_NE(p.reason.find("kept"), std::string::npos);
+}
+
+TEST(Modes, ParseAndName) {
+  EXPECT_EQ(parse_mode("none"), Mode::None);
+  EXPECT_EQ(parse_mode("static"), Mode::Static);
+  EXPECT_EQ(parse_mode("dynamic"), Mode::Dynamic);
+  EXPECT_EQ(mode_name(Mode::Dynamic), "dynamic");
+  try {
+    parse_mode("fast");
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("'fast'"), std::string::npos);
+  }
+}
+
+TEST(EqualShares, SpreadTheRemainder) {
+  EXPECT_EQ(equal_shares(10, 4), (std::vector<int64_t>{3, 3, 2, 2}));
+  EXPECT_THROW(equal_shares(3, 4), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace weft::balance

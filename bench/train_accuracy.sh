@@ -46,7 +46,7 @@ out, epochs, workers, h = sys.argv[1:]
 acc = {}
 for path in sorted(glob.glob(os.path.join(out, "*.txt"))):
     sync, seed = os.path.basename(path)[:-4].rsplit("-", 1)
-    rows = [json.loads(l[l.index("{"):]) for l in open(path) if "{" in l]
+    rows = [json.loads(l[l.index("{"):]) for l in open(path) if "{" in l and "test_accuracy" in l]
     acc.setdefault(sync, {})[int(seed)] = [r["test_accuracy"] for r in rows]
 print(f"test accuracy (10k test set) per epoch, {workers} workers x batch 64, {epochs} epochs")
 print()

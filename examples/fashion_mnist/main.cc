@@ -11,10 +11,20 @@
 // slice of the test set) and a summary; --json prints one JSON object per
 // epoch instead.
 //
+// Load balancing (--balance, weft/balance.h): the global batch (--batch-size
+// x workers) is shared among the workers in proportion to their measured
+// speed: `static` from a probe of this model at start, `dynamic` (the
+// default) re-planned from the live rates every --balance-every steps,
+// `none` in equal parts. Each step's samples come from a shard queue
+// (weft/shard_queue.h), so every sample is trained exactly once per epoch
+// whatever the shares, and each worker's gradient is weighted by its share
+// so that the averaged gradient is that of the global batch.
+//
 // Throughput follows ../shared/guide/MEASURING.md: samples/s over the epoch
 // after its first 20 steps (samples_per_s; samples_per_s_all counts the
 // whole epoch, as the DDP script does).
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <sched.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -28,7 +38,9 @@
 #include <string>
 
 #include "dataset.h"
+#include "weft/balance.h"
 #include "weft/data.h"
+#include "weft/shard_queue.h"
 #include "weft/torch.h"
 #include "weft/train.h"
 #include "weft/weft.h"
@@ -87,6 +99,10 @@ struct Args {
   double bucket_mb = 25;
   double first_bucket_mb = 1;
   int64_t max_steps = 0;  // per epoch, 0: all (benchmarks)
+  std::string balance = "dynamic";
+  int64_t balance_every = 5;
+  int64_t min_share = 0;  // 0: batch_size / 8, at least 1
+  int64_t shard_samples = 64;
 };
 
 // ---- Checks of the command line ----------------------------------------
@@ -187,6 +203,38 @@ std::pair<double, double> evaluate(CnnImpl& model, const weft::data::Dataset& te
   return {sums[0] / sums[1], sums[2] / sums[1]};
 }
 
+// Each worker's compute rate (samples/s) as last exchanged, for JSON and text.
+std::string rates_json(const weft::balance::Balancer& b) {
+  std::string out;
+  for (const auto& w : b.workers()) {
+    out += fmt::format("{}{:.1f}", out.empty() ? "" : ", ", std::isfinite(w.rate) ? w.rate : 0.0);
+  }
+  return out;
+}
+std::string rates_text(const weft::balance::Balancer& b) {
+  std::string out;
+  for (const auto& w : b.workers()) {
+    out += fmt::format("{}{:.0f}", out.empty() ? "" : " ", std::isfinite(w.rate) ? w.rate : 0.0);
+  }
+  return out;
+}
+// Every worker's monitor figures, as a JSON array.
+std::string figures_json(const weft::balance::Balancer& b) {
+  auto num = [](double v) { return std::isfinite(v) ? v : -1.0; };
+  std::string out = "[";
+  for (const auto& w : b.workers()) {
+    out += fmt::format(
+        "{}{{\"rank\": {}, \"host\": \"{}\", \"share\": {}, \"rate\": {:.1f}, \"wait_s_per_step\": "
+        "{:.4f}, \"cpu_utilization\": {:.3f}, \"rss_mb\": {:.1f}, \"throttled_fraction\": {:.3f}, "
+        "\"gpu_utilization\": {:.3f}, \"straggler\": {}}}",
+        out.size() > 1 ? ", " : "", w.rank, w.host, w.share, num(w.rate),
+        num(w.wait_seconds_per_step), num(w.cpu_utilization),
+        static_cast<double>(w.rss_bytes) / 1e6, num(w.throttled_fraction), num(w.gpu_utilization),
+        w.straggler ? "true" : "false");
+  }
+  return out + "]";
+}
+
 int run(const Args& a) {
   auto comm = weft::init();
   const int rank = comm->rank(), world = comm->size();
@@ -200,14 +248,27 @@ int run(const Args& a) {
       a.train_samples > 0 ? std::min(a.train_samples, train->size()) : train->size();
   const int64_t test_n = a.test_samples > 0 ? std::min(a.test_samples, test->size()) : test->size();
 
-  weft::data::DistributedSampler sampler(train_n, world, rank, {.seed = a.seed});
-  int64_t steps = sampler.common_steps_per_epoch(a.batch_size, /*drop_last_batch=*/true);
-  if (a.max_steps > 0) steps = std::min(steps, a.max_steps);
-  if (steps < 1) {
+  // The global batch is the same whatever the balance mode: --batch-size
+  // per worker on average. The queue hands each step's samples out by the
+  // shares; an epoch has ceil(samples / global batch) steps, the last one
+  // shorter.
+  const int64_t global_batch = a.batch_size * world;
+  if (train_n < global_batch) {
     throw weft::InvalidArgument(
         fmt::format("{} training samples over {} workers make no full batch of {}", train_n, world,
                     a.batch_size));
   }
+  const int64_t min_share = a.min_share > 0 ? a.min_share : std::max<int64_t>(1, a.batch_size / 8);
+  weft::data::ShardQueue queue(train_n, world,
+                               {.shard_samples = a.shard_samples, .seed = a.seed, .shuffle = true});
+  int64_t steps = (train_n + global_batch - 1) / global_batch;
+  if (a.max_steps > 0) steps = std::min(steps, a.max_steps);
+  weft::balance::BalancerOptions bopts;
+  bopts.mode = weft::balance::parse_mode(a.balance);
+  bopts.global_batch = global_batch;
+  bopts.planner.min_share = min_share;
+  bopts.exchange_every = a.balance_every;
+  weft::balance::Balancer balancer(comm, bopts);
 
   auto model = std::make_shared<CnnImpl>();
   weft::train::DataParallelOptions opts;
@@ -217,6 +278,27 @@ int run(const Args& a) {
   opts.buckets.bucket_bytes = mib_to_bytes(a.bucket_mb);
   opts.buckets.first_bucket_bytes = mib_to_bytes(a.first_bucket_mb);
   weft::torch::DataParallel dp(model, comm, opts);
+
+  // The capability probe: forward and backward of this model on one batch,
+  // timed, on a replica of its own (the engine's gradient hooks are on
+  // `model`). Static and dynamic start from the measured rates.
+  if (bopts.mode != weft::balance::Mode::None) {
+    CnnImpl probe_model;
+    auto px = torch::empty({a.batch_size, 1, train->height(), train->width()});
+    auto py = torch::empty({a.batch_size}, torch::kLong);
+    std::vector<int64_t> first(static_cast<size_t>(a.batch_size));
+    for (int64_t i = 0; i < a.batch_size; ++i) first[static_cast<size_t>(i)] = i;
+    train->fill_batch(first, {px.data_ptr<float>(), static_cast<size_t>(px.numel())},
+                      {py.data_ptr<int64_t>(), static_cast<size_t>(a.batch_size)});
+    balancer.probe(
+        [&](int64_t n) {
+          probe_model.zero_grad();
+          torch::nn::functional::cross_entropy(probe_model.forward(px.narrow(0, 0, n)),
+                                               py.narrow(0, 0, n))
+              .backward();
+        },
+        a.batch_size);
+  }
 
   torch::optim::SGD opt(
       model->parameters(),
@@ -242,7 +324,8 @@ int run(const Args& a) {
         "CNN, {} parameters in {} bucket(s) ({}); {} worker(s) x batch {} (global {}), {} "
         "steps/epoch, {} epoch(s)\n"
         "sync {}, SGD lr {} ({}, warm-up {} steps) momentum {}, {} intra-op thread(s) per worker, "
-        "seed {}\n",
+        "seed {}\n"
+        "balance {}: shares [{}] of the global batch\n",
         train_n, test_n, a.data_dir,
         [&] {
           int64_t n = 0;
@@ -251,48 +334,86 @@ int run(const Args& a) {
         }(),
         dp.engine().buckets().size(), buckets, world, a.batch_size, a.batch_size * world, steps,
         a.epochs, dp.engine().policy().name(), a.lr, a.lr_schedule, schedule.warmup_steps,
-        a.momentum, a.threads, a.seed);
+        a.momentum, a.threads, a.seed, a.balance, fmt::join(balancer.shares(), " "));
     std::fflush(stdout);
   }
 
-  auto x = torch::empty({a.batch_size, 1, train->height(), train->width()});
-  auto y = torch::empty({a.batch_size}, torch::kLong);
-  const std::span<float> xs(x.data_ptr<float>(), static_cast<size_t>(x.numel()));
-  const std::span<int64_t> ys(y.data_ptr<int64_t>(), static_cast<size_t>(a.batch_size));
+  // A worker's share is at most the global batch less the others' minimum.
+  const int64_t max_share = global_batch - (world - 1) * min_share;
+  auto x = torch::empty({max_share, 1, train->height(), train->width()});
+  auto y = torch::empty({max_share}, torch::kLong);
+  const int64_t pixels = train->height() * train->width();
 
   const auto start = Clock::now();
   double train_seconds = 0, best_acc = 0, last_acc = 0, rate_sum = 0;
   int best_epoch = 0;
   int64_t global_step = 0;
+  auto& engine = dp.engine();
   for (int epoch = 0; epoch < a.epochs; ++epoch) {
-    const std::vector<int64_t> shard = sampler.shard(epoch);
+    queue.start_epoch(epoch);
     comm->barrier();
     const auto t0 = Clock::now();
     auto t_warm = t0;
     auto last_print = t0;
     double loss_sum = 0, shown_loss = 0;
+    int64_t samples = 0, samples_warm = 0, loss_steps = 0;
     for (int64_t k = 0; k < steps; ++k, ++global_step) {
-      if (k == 20) t_warm = Clock::now();
-      train->fill_batch(weft::data::batch_indices(shard, a.batch_size, k), xs, ys);
+      if (k == 20) t_warm = Clock::now(), samples_warm = samples;
+      // This step's samples of every worker (the same on every rank).
+      const auto takes = queue.take_step(balancer.shares());
+      int64_t total = 0;
+      for (const auto& t : takes) total += static_cast<int64_t>(t.size());
+      if (total == 0) break;  // the epoch is done (only with --max-steps past its end)
+      const auto& mine = takes[static_cast<size_t>(rank)];
+      const auto n = static_cast<int64_t>(mine.size());
+      engine.set_gradient_weight(weft::balance::gradient_weight(n, total, world));
       static_cast<torch::optim::SGDOptions&>(opt.param_groups()[0].options())
           .lr(schedule.at(global_step));
+      const auto c0 = Clock::now();
+      const double wait0 = engine.stats().wait_seconds;
       dp.zero_grad();
-      auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
-      loss.backward();
+      double l = 0;
+      if (n > 0) {
+        train->fill_batch(mine, {x.data_ptr<float>(), static_cast<size_t>(n * pixels)},
+                          {y.data_ptr<int64_t>(), static_cast<size_t>(n)});
+        auto loss = torch::nn::functional::cross_entropy(model->forward(x.narrow(0, 0, n)),
+                                                         y.narrow(0, 0, n));
+        loss.backward();
+        l = loss.item<double>();
+      }
+      const double compute = since(c0);
       dp.step(opt);
-      const double l = loss.item<double>();
-      loss_sum += l;
-      shown_loss = k == 0 ? l : 0.95 * shown_loss + 0.05 * l;
+      queue.complete_step();
+      const double wait = engine.stats().wait_seconds - wait0;
+      samples += total;
+      if (balancer.end_step({.compute_seconds = compute, .wait_seconds = wait, .samples = n}) &&
+          lead) {
+        const auto& d = balancer.decisions().back();
+        if (a.json) {
+          fmt::print("{{\"event\": \"replan\", \"step\": {}, \"shares\": [{}], \"rates\": [{}]}}\n",
+                     global_step + 1, fmt::join(d.new_shares, ", "), rates_json(balancer));
+        } else if (!tty) {
+          fmt::print("step {}: shares [{}] -> [{}]\n", global_step + 1,
+                     fmt::join(d.old_shares, " "), fmt::join(d.new_shares, " "));
+        }
+        std::fflush(stdout);
+      }
+      if (n > 0) {
+        loss_sum += l;
+        ++loss_steps;
+        shown_loss = loss_steps == 1 ? l : 0.95 * shown_loss + 0.05 * l;
+      }
       if (lead && (tty || !a.json) &&
           (since(last_print) >= (tty ? 0.25 : 15.0) || k + 1 == steps)) {
         last_print = Clock::now();
         const double el = since(t0);
-        const double rate = static_cast<double>((k + 1) * a.batch_size * world) / el;
+        const double rate = static_cast<double>(samples) / el;
         const double per_step = (train_seconds + el) / static_cast<double>(global_step + 1);
         const double eta = per_step * static_cast<double>(steps * a.epochs - global_step - 1);
         const std::string line =
-            fmt::format("epoch {}/{}  step {}/{}  loss {:.4f}  {:.0f} samples/s  ETA {}", epoch + 1,
-                        a.epochs, k + 1, steps, shown_loss, rate, duration(eta));
+            fmt::format("epoch {}/{}  step {}/{}  loss {:.4f}  {:.0f} samples/s  shares {}  ETA {}",
+                        epoch + 1, a.epochs, k + 1, steps, shown_loss, rate,
+                        fmt::join(balancer.shares(), "/"), duration(eta));
         if (tty) {
           fmt::print(progress, "\r{}\033[K", line);
         } else {
@@ -304,13 +425,13 @@ int run(const Args& a) {
     comm->barrier();
     const double seconds = since(t0);
     const double measured = steps > 20 ? since(t_warm) : seconds;
-    const int64_t measured_steps = steps > 20 ? steps - 20 : steps;
-    const double rate = static_cast<double>(measured_steps * a.batch_size * world) / measured;
-    const double rate_all = static_cast<double>(steps * a.batch_size * world) / seconds;
+    const int64_t measured_samples = steps > 20 ? samples - samples_warm : samples;
+    const double rate = static_cast<double>(measured_samples) / measured;
+    const double rate_all = static_cast<double>(samples) / seconds;
     train_seconds += seconds;
     rate_sum += rate;
 
-    std::vector<double> loss_total{loss_sum, static_cast<double>(steps)};
+    std::vector<double> loss_total{loss_sum, static_cast<double>(loss_steps)};
     comm->allreduce(loss_total, weft::ReduceOp::Sum);
     const double train_loss = loss_total[0] / loss_total[1];
     dp.synchronize();  // local SGD: evaluate the average of the replicas
@@ -325,14 +446,18 @@ int run(const Args& a) {
             "{{\"epoch\": {}, \"samples_per_s\": {:.1f}, \"samples_per_s_all\": {:.1f}, "
             "\"test_accuracy\": {:.4f}, \"loss\": {:.4f}, \"test_loss\": {:.4f}, \"seconds\": "
             "{:.2f}, \"workers\": {}, \"batch_size\": {}, \"sync\": \"{}\", \"seed\": {}, "
-            "\"comm_wait_s\": {:.3f}}}\n",
+            "\"comm_wait_s\": {:.3f}, \"samples\": {}, \"balance\": \"{}\", \"global_batch\": {}, "
+            "\"shares\": [{}], \"rates\": [{}], \"rebalances\": {}, \"worker_figures\": {}}}\n",
             epoch + 1, rate, rate_all, acc, train_loss, test_loss, seconds, world, a.batch_size,
-            a.sync, a.seed, dp.engine().stats().wait_seconds);
+            a.sync, a.seed, dp.engine().stats().wait_seconds, samples, a.balance, global_batch,
+            fmt::join(balancer.shares(), ", "), rates_json(balancer), balancer.decisions().size(),
+            figures_json(balancer));
       } else {
         fmt::print(
             "epoch {}/{}: train loss {:.4f}, test accuracy {:.4f} (loss {:.4f}), {:.0f} "
-            "samples/s, {:.1f} s\n",
-            epoch + 1, a.epochs, train_loss, acc, test_loss, rate, seconds);
+            "samples/s, {:.1f} s; shares [{}], compute rates [{}] samples/s\n",
+            epoch + 1, a.epochs, train_loss, acc, test_loss, rate, seconds,
+            fmt::join(balancer.shares(), " "), rates_text(balancer));
       }
       std::fflush(stdout);
     }
@@ -417,12 +542,34 @@ int main(int argc, char** argv) {
   app.add_option("--max-steps", a.max_steps, "Stop each epoch after N steps (0: whole epoch)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+  app.add_option("--balance", a.balance,
+                 "Shares of the global batch: none (equal), static (from a probe at start) or "
+                 "dynamic (re-planned from the measured rates)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "static", "dynamic"}));
+  app.add_option("--balance-every", a.balance_every,
+                 "Exchange the workers' figures (and re-plan, dynamic) every N steps")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--min-share", a.min_share,
+                 "Smallest share of a worker, samples (0: --batch-size / 8, at least 1)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--shard-samples", a.shard_samples, "Samples per shard of the shard queue")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     // --help exits 0; every refused command line exits 2, as `weft run` does.
     const int code = app.exit(e);
     return code == 0 ? 0 : 2;
+  }
+  if (a.min_share > a.batch_size) {
+    fmt::print(stderr,
+               "--min-share: {} is larger than --batch-size {} (the mean share of a worker)\n",
+               a.min_share, a.batch_size);
+    return 2;
   }
   try {
     return run(a);

@@ -38,7 +38,8 @@ std::vector<nlohmann::json> epochs_of(const std::string& output) {
   while (std::getline(in, line)) {
     const auto brace = line.find('{');
     if (line.rfind("[0]", 0) != 0 || brace == std::string::npos) continue;
-    out.push_back(nlohmann::json::parse(line.substr(brace)));
+    auto j = nlohmann::json::parse(line.substr(brace));
+    if (j.contains("epoch")) out.push_back(std::move(j));  // not the re-plan events
   }
   return out;
 }
@@ -76,6 +77,35 @@ TEST(FashionMnist, ShortBspRunLearns) {
   EXPECT_GT(epochs[1]["samples_per_s"].get<double>(), 0.0);
   EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.75);
   EXPECT_LT(epochs[1]["loss"].get<double>(), epochs[0]["loss"].get<double>() + 0.05);
+}
+
+// Load balancing in the main job: 3 workers, dynamic shares. Every sample of
+// the epoch is trained exactly once (the queue; "samples" is the count
+// trained), the shares always sum to the global batch, and the job learns
+// as well as the equal-share run.
+TEST(FashionMnist, BalancedRunTrainsEverySampleOnceAndLearns) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  auto epochs = train(3, {"--batch-size", "32", "--balance", "dynamic", "--balance-every", "2",
+                          "--seed", "3"});
+  ASSERT_EQ(epochs.size(), 2u);
+  for (const auto& e : epochs) {
+    EXPECT_EQ(e["balance"], "dynamic");
+    EXPECT_EQ(e["global_batch"], 96);
+    EXPECT_EQ(e["samples"], 12000);  // every training sample, once
+    int64_t total = 0;
+    for (const auto& s : e["shares"]) {
+      EXPECT_GE(s.get<int64_t>(), 4);  // the default minimum: batch / 8
+      total += s.get<int64_t>();
+    }
+    EXPECT_EQ(total, 96);
+    ASSERT_EQ(e["rates"].size(), 3u);
+    ASSERT_EQ(e["worker_figures"].size(), 3u);
+    for (const auto& w : e["worker_figures"]) {
+      EXPECT_GT(w["rate"].get<double>(), 0.0);
+      EXPECT_GT(w["rss_mb"].get<double>(), 0.0);
+    }
+  }
+  EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.75);
 }
 
 TEST(FashionMnist, ShortLocalSgdRunLearns) {
@@ -159,6 +189,11 @@ TEST(FashionMnist, BadFlagsAreRefusedAtStartNamingTheFlag) {
       {"--threads", "0"},
       {"--epochs", "many"},
       {"--batch-size", "0"},
+      {"--balance", "fast"},
+      {"--balance-every", "0"},
+      {"--min-share", "-1"},
+      {"--shard-samples", "0"},
+      {"--min-share", "65"},  // above --batch-size 64
   };
   const std::string nowhere = "/nonexistent/weft-fashion-mnist";
   for (const auto& c : cases) {

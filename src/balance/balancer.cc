@@ -1,0 +1,361 @@
+// The balancer of weft/balance.h: the capability probe, the per-step
+// measurements, the exchange of every worker's figures and the re-plans.
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <exception>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "core/log.h"
+#include "weft/balance.h"
+#include "weft/errors.h"
+
+namespace weft::balance {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The figures one worker contributes to an exchange, as doubles.
+enum Field : size_t {
+  kShare,
+  kRate,
+  kWait,
+  kCpu,
+  kRss,
+  kThrottled,
+  kGpu,
+  kMemoryPressure,
+  kFields
+};
+
+// Host facts travel as JSON of at most this many bytes per worker (the
+// strings in them are cut to kMaxText characters).
+constexpr size_t kMaxHostBytes = 16 << 10;
+constexpr size_t kMaxText = 200;
+
+// A worker whose resident memory is this close to its cgroup limit sheds
+// work: the planner sees its rate halved (smaller batches need less
+// activation memory).
+constexpr double kMemoryPressureShed = 0.9;
+
+std::string cut(std::string s) {
+  if (s.size() > kMaxText) s.resize(kMaxText);
+  return s;
+}
+
+std::string host_to_json(const HostFacts& h) {
+  nlohmann::json gpus = nlohmann::json::array();
+  for (const GpuFacts& g : h.gpus) {
+    if (gpus.size() >= 16) break;
+    gpus.push_back({{"index", g.index}, {"name", cut(g.name)}, {"memory", g.memory_total_bytes}});
+  }
+  nlohmann::json j = {{"hostname", cut(h.hostname)},
+                      {"cpu_model", cut(h.cpu_model)},
+                      {"cpus_online", h.cpus_online},
+                      {"cpus_usable", h.cpus_usable},
+                      {"cpu_quota_cores", h.cpu_quota_cores},
+                      {"memory_total", h.memory_total_bytes},
+                      {"memory_available", h.memory_available_bytes},
+                      {"memory_limit", h.memory_limit_bytes},
+                      {"gpus", gpus},
+                      {"gpu_note", cut(h.gpu_note)}};
+  return j.dump();
+}
+
+HostFacts host_from_json(const std::string& text) {
+  HostFacts h;
+  const auto j = nlohmann::json::parse(text);
+  h.hostname = j.at("hostname").get<std::string>();
+  h.cpu_model = j.at("cpu_model").get<std::string>();
+  h.cpus_online = j.at("cpus_online").get<int>();
+  h.cpus_usable = j.at("cpus_usable").get<int>();
+  h.cpu_quota_cores = j.at("cpu_quota_cores").get<double>();
+  h.memory_total_bytes = j.at("memory_total").get<uint64_t>();
+  h.memory_available_bytes = j.at("memory_available").get<uint64_t>();
+  h.memory_limit_bytes = j.at("memory_limit").get<uint64_t>();
+  for (const auto& g : j.at("gpus")) {
+    h.gpus.push_back(GpuFacts{.index = g.at("index").get<int>(),
+                              .name = g.at("name").get<std::string>(),
+                              .memory_total_bytes = g.at("memory").get<uint64_t>()});
+  }
+  h.gpu_note = j.at("gpu_note").get<std::string>();
+  return h;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return std::nan("");
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 != 0 ? v[m] : (v[m - 1] + v[m]) / 2;
+}
+
+std::string shares_text(std::span<const int64_t> s) { return fmt::format("{}", fmt::join(s, " ")); }
+
+void check_options(const BalancerOptions& o, int workers) {
+  PlannerOptions p = o.planner;
+  p.global_batch = o.global_batch;
+  check_planner_options(p, workers);
+  if (o.exchange_every < 1) {
+    throw InvalidArgument(fmt::format("exchange_every {} is not >= 1", o.exchange_every));
+  }
+  if (o.warmup_steps < 0) {
+    throw InvalidArgument(fmt::format("warmup_steps {} is negative", o.warmup_steps));
+  }
+  if (!(o.straggler_floor >= 0 && o.straggler_floor < 1)) {
+    throw InvalidArgument(fmt::format("straggler_floor {} is not in [0, 1)", o.straggler_floor));
+  }
+}
+
+}  // namespace
+
+// The measurements of the steps since the last exchange.
+struct Balancer::Window {
+  std::vector<double> rates;  // samples/s of each measured step
+  double wait_sum = 0;
+  int64_t steps = 0;
+  ProcessSample since = sample_process();
+};
+
+Balancer::Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options)
+    : comm_(std::move(comm)), options_(std::move(options)) {
+  if (!comm_) throw InvalidArgument("Balancer: null communicator");
+  rank_ = comm_->rank();
+  size_ = comm_->size();
+  options_.planner.global_batch = options_.global_batch;
+  // Every rank checks its own options; then all agree that the options are
+  // the same (a mismatch would make the ranks plan different shares).
+  std::string problem;
+  try {
+    check_options(options_, size_);
+  } catch (const InvalidArgument& e) {
+    problem = e.what();
+  }
+  const double mine[4] = {problem.empty() ? 0.0 : 1.0, static_cast<double>(options_.global_batch),
+                          static_cast<double>(options_.mode),
+                          static_cast<double>(options_.exchange_every)};
+  std::vector<double> all(static_cast<size_t>(4 * size_));
+  comm_->allgather(ConstBuffer(mine, 4, DType::Float64),
+                   Buffer(all.data(), all.size(), DType::Float64));
+  if (!problem.empty()) throw InvalidArgument("Balancer: " + problem);
+  for (int r = 0; r < size_; ++r) {
+    const double* o = &all[static_cast<size_t>(4 * r)];
+    if (o[0] != 0) throw InvalidArgument(fmt::format("Balancer: rank {} has bad options", r));
+    if (o[1] != mine[1] || o[2] != mine[2] || o[3] != mine[3]) {
+      throw InvalidArgument(fmt::format(
+          "Balancer: rank {} has other options than rank {} (global batch {} vs {}, mode {} vs "
+          "{}, exchange every {} vs {} steps): every rank must pass the same",
+          r, rank_, o[1], mine[1], mode_name(static_cast<Mode>(o[2])), mode_name(options_.mode),
+          o[3], mine[3]));
+    }
+  }
+  shares_ = equal_shares(options_.global_batch, size_);
+
+  // Host facts, exchanged as JSON of bounded size.
+  std::string text = host_to_json(probe_host());
+  if (text.size() > kMaxHostBytes) text = host_to_json(HostFacts{.hostname = "(facts too long)"});
+  const int64_t len = static_cast<int64_t>(text.size());
+  std::vector<int64_t> lens(static_cast<size_t>(size_));
+  comm_->allgather(ConstBuffer(&len, 1, DType::Int64),
+                   Buffer(lens.data(), lens.size(), DType::Int64));
+  std::vector<size_t> counts;
+  size_t total = 0;
+  for (int64_t l : lens) {
+    if (l < 0 || static_cast<size_t>(l) > kMaxHostBytes) {
+      throw CommError(fmt::format("Balancer: a worker announced {} bytes of host facts", l));
+    }
+    counts.push_back(static_cast<size_t>(l));
+    total += static_cast<size_t>(l);
+  }
+  std::string all_text(total, '\0');
+  comm_->allgatherv(ConstBuffer(text.data(), text.size(), DType::UInt8),
+                    Buffer(all_text.data(), all_text.size(), DType::UInt8), counts);
+  size_t at = 0;
+  for (int r = 0; r < size_; ++r) {
+    try {
+      hosts_.push_back(host_from_json(all_text.substr(at, counts[static_cast<size_t>(r)])));
+    } catch (const std::exception& e) {
+      WEFT_WARN("balance: host facts of rank {} unreadable ({})", r, e.what());
+      hosts_.push_back(HostFacts{.hostname = "?"});
+    }
+    at += counts[static_cast<size_t>(r)];
+  }
+  if (rank_ == 0) {
+    for (int r = 0; r < size_; ++r) {
+      WEFT_INFO("balance: rank {}: {}", r, hosts_[static_cast<size_t>(r)].describe());
+    }
+  }
+  window_ = std::make_unique<Window>();
+}
+
+Balancer::~Balancer() = default;
+
+void Balancer::probe(const std::function<void(int64_t)>& step, int64_t batch, int repeats) {
+  if (batch < 1 || repeats < 1) {
+    throw InvalidArgument(
+        fmt::format("Balancer::probe: batch {} and repeats {} must both be >= 1", batch, repeats));
+  }
+  double rate = std::nan("");
+  std::string failure;
+  try {
+    step(batch);  // warm-up: first-touch allocations, caches
+    std::vector<double> times;
+    for (int i = 0; i < repeats; ++i) {
+      const auto t0 = Clock::now();
+      step(batch);
+      times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    rate = static_cast<double>(batch) / median(times);
+  } catch (const std::exception& e) {
+    failure = e.what();
+  }
+  if (!failure.empty()) {
+    WEFT_ERROR("balance: the capability probe failed on this worker: {}", failure);
+  }
+  std::vector<double> rates(static_cast<size_t>(size_));
+  comm_->allgather(ConstBuffer(&rate, 1, DType::Float64),
+                   Buffer(rates.data(), rates.size(), DType::Float64));
+  std::vector<size_t> replaced;
+  const std::vector<double> safe = sanitize_rates(rates, &replaced);
+  workers_.assign(static_cast<size_t>(size_), WorkerFigures{});
+  for (int r = 0; r < size_; ++r) {
+    auto& w = workers_[static_cast<size_t>(r)];
+    w.rank = r;
+    w.host = hosts_[static_cast<size_t>(r)].hostname;
+    w.rate = rates[static_cast<size_t>(r)];
+    w.compute_seconds_per_sample = 1.0 / safe[static_cast<size_t>(r)];
+  }
+  std::string why;
+  if (replaced.size() == static_cast<size_t>(size_)) {
+    why = "no worker gave a usable rate: shares stay equal";
+  } else if (options_.mode == Mode::None) {
+    why = fmt::format("probe rates [{:.1f}] samples/s; --balance none keeps equal shares",
+                      fmt::join(rates, " "));
+  } else {
+    const std::vector<int64_t> old = shares_;
+    shares_ = proportional_shares(safe, options_.global_batch, options_.planner.min_share);
+    why = fmt::format("probe rates [{:.1f}] samples/s give shares in proportion",
+                      fmt::join(rates, " "));
+    if (!replaced.empty()) {
+      why += fmt::format("; worker(s) {} gave no usable rate and were taken at the median",
+                         fmt::join(replaced, ","));
+    }
+    decisions_.push_back(Decision{steps_, old, shares_, why});
+  }
+  for (int r = 0; r < size_; ++r)
+    workers_[static_cast<size_t>(r)].share = shares_[static_cast<size_t>(r)];
+  if (rank_ == 0) WEFT_INFO("balance: initial shares [{}]: {}", shares_text(shares_), why);
+}
+
+bool Balancer::end_step(const StepTimes& t) {
+  ++steps_;
+  const int64_t samples = t.samples >= 0 ? t.samples : share();
+  if (steps_ > options_.warmup_steps && samples > 0 && t.compute_seconds > 0 &&
+      std::isfinite(t.compute_seconds)) {
+    window_->rates.push_back(static_cast<double>(samples) / t.compute_seconds);
+    ++measured_steps_;
+  }
+  if (std::isfinite(t.wait_seconds) && t.wait_seconds > 0) window_->wait_sum += t.wait_seconds;
+  window_->steps += 1;
+  if (steps_ % options_.exchange_every != 0) return false;
+  const std::vector<int64_t> before = shares_;
+  exchange();
+  return shares_ != before;
+}
+
+void Balancer::exchange() {
+  const ProcessSample now = sample_process();
+  const Usage use = usage_between(window_->since, now);
+  std::vector<double> mine(kFields, 0.0);
+  mine[kShare] = static_cast<double>(share());
+  mine[kRate] = median(window_->rates);  // NaN when nothing was measured
+  mine[kWait] = window_->steps > 0 ? window_->wait_sum / static_cast<double>(window_->steps) : 0;
+  mine[kCpu] = use.cpu_utilization;
+  mine[kRss] = static_cast<double>(use.rss_bytes);
+  mine[kThrottled] = use.throttled_fraction;
+  mine[kGpu] = use.gpu_utilization;
+  mine[kMemoryPressure] = use.memory_pressure;
+  std::vector<double> all(kFields * static_cast<size_t>(size_));
+  comm_->allgather(ConstBuffer(mine.data(), mine.size(), DType::Float64),
+                   Buffer(all.data(), all.size(), DType::Float64));
+  window_ = std::make_unique<Window>();
+  window_->since = now;
+
+  std::vector<double> rates(static_cast<size_t>(size_));
+  std::vector<double> plan_rates(static_cast<size_t>(size_));
+  std::vector<WorkerFigures> figures(static_cast<size_t>(size_));
+  std::vector<int> shedding;
+  for (int r = 0; r < size_; ++r) {
+    const double* f = &all[kFields * static_cast<size_t>(r)];
+    auto& w = figures[static_cast<size_t>(r)];
+    w.rank = r;
+    w.host = hosts_[static_cast<size_t>(r)].hostname;
+    w.share = static_cast<int64_t>(f[kShare]);
+    w.rate = f[kRate];
+    w.compute_seconds_per_sample = std::isfinite(f[kRate]) && f[kRate] > 0 ? 1.0 / f[kRate] : 0;
+    w.wait_seconds_per_step = f[kWait];
+    w.cpu_utilization = f[kCpu];
+    w.rss_bytes = std::isfinite(f[kRss]) && f[kRss] > 0 ? static_cast<uint64_t>(f[kRss]) : 0;
+    w.throttled_fraction = f[kThrottled];
+    w.gpu_utilization = f[kGpu];
+    rates[static_cast<size_t>(r)] = f[kRate];
+    plan_rates[static_cast<size_t>(r)] = f[kRate];
+    if (f[kMemoryPressure] >= kMemoryPressureShed) {
+      plan_rates[static_cast<size_t>(r)] = f[kRate] / 2;
+      shedding.push_back(r);
+    }
+  }
+  // Stragglers: below the floor of the median rate.
+  const double med = median([&] {
+    std::vector<double> v;
+    for (double r : rates) {
+      if (std::isfinite(r) && r > 0) v.push_back(r);
+    }
+    return v;
+  }());
+  for (auto& w : figures) {
+    w.straggler = std::isfinite(med) && std::isfinite(w.rate) && w.rate > 0 &&
+                  w.rate < options_.straggler_floor * med;
+    const bool was = !workers_.empty() && workers_[static_cast<size_t>(w.rank)].straggler;
+    if (rank_ == 0 && w.straggler != was) {
+      if (w.straggler) {
+        WEFT_WARN(
+            "balance: rank {} ({}) is a straggler: {:.1f} samples/s, below {:.0f}% of the median "
+            "{:.1f} (CPU {:.0f}%, throttled {:.0f}% of the time)",
+            w.rank, w.host, w.rate, options_.straggler_floor * 100, med, w.cpu_utilization * 100,
+            w.throttled_fraction * 100);
+      } else {
+        WEFT_INFO("balance: rank {} ({}) is no longer a straggler ({:.1f} samples/s)", w.rank,
+                  w.host, w.rate);
+      }
+    }
+  }
+  workers_ = std::move(figures);
+
+  if (options_.mode != Mode::Dynamic || measured_steps_ == 0) return;
+  // Every rank plans from the same exchanged figures, so all get the same
+  // shares. A worker that measured nothing in the window (NaN) is taken at
+  // the median (sanitize_rates inside replan).
+  const Plan plan = replan(shares_, plan_rates, options_.planner);
+  if (!plan.changed) {
+    WEFT_DEBUG("balance: step {}: {}", steps_, plan.reason);
+    return;
+  }
+  std::string why = plan.reason;
+  if (!shedding.empty()) {
+    why += fmt::format("; rank(s) {} shed work: resident memory at {:.0f}%+ of the cgroup limit",
+                       fmt::join(shedding, ","), kMemoryPressureShed * 100);
+  }
+  decisions_.push_back(Decision{steps_, shares_, plan.shares, why});
+  if (rank_ == 0) {
+    WEFT_INFO("balance: step {}: shares [{}] -> [{}]: {}", steps_, shares_text(shares_),
+              shares_text(plan.shares), why);
+  }
+  shares_ = plan.shares;
+  for (auto& w : workers_) w.share = shares_[static_cast<size_t>(w.rank)];
+}
+
+}  // namespace weft::balance

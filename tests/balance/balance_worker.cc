@@ -1,0 +1,108 @@
+// A worker of the balance tests, started under `weft run`: a BSP training
+// loop whose "model" is real CPU work proportional to the worker's share
+// (no sleeping: a throttled CPU makes it slower, as it does a real model),
+// driven by the balancer. Each step: compute share * --work-per-sample
+// rounds of arithmetic, timed; an allreduce (the gradient exchange); then
+// Balancer::end_step. Rank 0 prints one JSON line at the end:
+//   {"shares": [...], "rates": [...], "decisions": N, "throttled": [...]}
+//
+//   balance_worker [--steps N] [--global-batch B] [--work-per-sample K]
+//                  [--slow-rank R --cgroup DIR]
+// With --cgroup, rank R first moves itself into the cgroup DIR (writes its
+// pid to DIR/cgroup.procs or DIR/tasks), so that only it is throttled.
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "weft/balance.h"
+#include "weft/weft.h"
+
+namespace {
+
+// Work that the compiler cannot remove: a chain of dependent multiply-adds.
+double spin(int64_t rounds) {
+  volatile double sink = 0;
+  double x = 1.000001;
+  for (int64_t i = 0; i < rounds; ++i) x = x * 1.0000001 + 1e-9;
+  sink = x;
+  return sink;
+}
+
+bool join_cgroup(const std::string& dir) {
+  for (const char* file : {"/cgroup.procs", "/tasks"}) {
+    std::ofstream f(dir + file);
+    if (!f) continue;
+    f << getpid() << std::flush;
+    if (f) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t steps = 80, global_batch = 64, work = 20000;
+  int slow_rank = -1;
+  std::string cgroup;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--steps") {
+      steps = std::stoll(v);
+    } else if (k == "--global-batch") {
+      global_batch = std::stoll(v);
+    } else if (k == "--work-per-sample") {
+      work = std::stoll(v);
+    } else if (k == "--slow-rank") {
+      slow_rank = std::stoi(v);
+    } else if (k == "--cgroup") {
+      cgroup = v;
+    } else {
+      std::fprintf(stderr, "balance_worker: unknown option %s\n", k.c_str());
+      return 2;
+    }
+  }
+  try {
+    auto comm = weft::init();
+    if (!cgroup.empty() && comm->rank() == slow_rank && !join_cgroup(cgroup)) {
+      std::fprintf(stderr, "balance_worker: cannot join cgroup %s\n", cgroup.c_str());
+      return 3;
+    }
+    weft::balance::Balancer b(comm, {.mode = weft::balance::Mode::Dynamic,
+                                     .global_batch = global_batch,
+                                     .exchange_every = 2,
+                                     .warmup_steps = 2});
+    double grad = 0;
+    for (int64_t s = 0; s < steps; ++s) {
+      const auto t0 = std::chrono::steady_clock::now();
+      grad = spin(b.share() * work);
+      const auto t1 = std::chrono::steady_clock::now();
+      comm->allreduce(weft::Buffer(&grad, 1, weft::DType::Float64), weft::ReduceOp::Sum);
+      const auto t2 = std::chrono::steady_clock::now();
+      b.end_step({.compute_seconds = std::chrono::duration<double>(t1 - t0).count(),
+                  .wait_seconds = std::chrono::duration<double>(t2 - t1).count()});
+    }
+    if (comm->rank() == 0) {
+      std::vector<double> rates, throttled;
+      for (const auto& w : b.workers()) {
+        rates.push_back(w.rate);
+        throttled.push_back(w.throttled_fraction);
+      }
+      fmt::print(
+          "{{\"shares\": [{}], \"rates\": [{:.1f}], \"decisions\": {}, \"throttled\": [{:.3f}]}}\n",
+          fmt::join(b.shares(), ", "), fmt::join(rates, ", "), b.decisions().size(),
+          fmt::join(throttled, ", "));
+      std::fflush(stdout);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "balance_worker: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,212 @@
+// The balancer in in-process worlds (ranks are threads with a MemoryStore):
+// the probe (including one that fails on one worker), the exchange of every
+// worker's figures, re-plans from reported step times (the same on every
+// rank), stragglers, and options that are bad or differ between ranks.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <mutex>
+#include <numeric>
+#include <thread>
+
+#include "testing/testing.h"
+#include "weft/balance.h"
+#include "weft/weft.h"
+
+namespace weft::balance {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::run_ranks;
+using testing::run_ranks_ok;
+
+std::shared_ptr<Communicator> make_comm(int rank, int size, const std::shared_ptr<Store>& store) {
+  CommOptions o;
+  o.timeout = 60s;
+  o.job_token = "balance-test";
+  return Communicator::create(rank, size, store, o);
+}
+
+int64_t sum(const std::vector<int64_t>& s) {
+  return std::accumulate(s.begin(), s.end(), int64_t{0});
+}
+
+TEST(Balancer, ExchangesHostFactsAndStartsEqual) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(3, [&](int r) {
+    Balancer b(make_comm(r, 3, store), {.mode = Mode::Dynamic, .global_batch = 30});
+    EXPECT_EQ(b.shares(), (std::vector<int64_t>{10, 10, 10}));
+    ASSERT_EQ(b.hosts().size(), 3u);
+    for (const HostFacts& h : b.hosts()) {
+      EXPECT_FALSE(h.hostname.empty());
+      EXPECT_GE(h.cpus_usable, 1);
+    }
+    EXPECT_TRUE(b.workers().empty());  // no exchange yet
+  });
+}
+
+TEST(Balancer, ProbeSharesFollowTheMeasuredSpeed) {
+  // Rank 1's "model" takes four times as long per sample (sleeping, so that
+  // the threads do not compete for the CPUs).
+  auto store = std::make_shared<MemoryStore>();
+  std::vector<std::vector<int64_t>> seen(2);
+  run_ranks_ok(2, [&](int r) {
+    Balancer b(make_comm(r, 2, store), {.mode = Mode::Static, .global_batch = 64});
+    const auto per_sample = r == 1 ? 400us : 100us;
+    b.probe([&](int64_t n) { std::this_thread::sleep_for(per_sample * n); }, 32);
+    seen[static_cast<size_t>(r)] = b.shares();
+    EXPECT_EQ(sum(b.shares()), 64);
+    EXPECT_LT(b.shares()[1], b.shares()[0]);
+    ASSERT_EQ(b.decisions().size(), 1u);
+    EXPECT_NE(b.decisions()[0].reason.find("probe"), std::string::npos);
+  });
+  EXPECT_EQ(seen[0], seen[1]);  // every rank plans the same
+}
+
+TEST(Balancer, ProbeThatFailsOnOneWorkerFallsBackWithoutHanging) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(3, [&](int r) {
+    Balancer b(make_comm(r, 3, store), {.mode = Mode::Dynamic, .global_batch = 30});
+    b.probe(
+        [&](int64_t) {
+          if (r == 2) throw std::runtime_error("out of device memory");
+        },
+        8);
+    EXPECT_EQ(sum(b.shares()), 30);
+    EXPECT_GE(b.shares()[2], 1);
+    EXPECT_FALSE(std::isfinite(b.workers()[2].rate));  // reported as unmeasured
+    ASSERT_FALSE(b.decisions().empty());
+    EXPECT_NE(b.decisions().back().reason.find("no usable rate"), std::string::npos)
+        << b.decisions().back().reason;
+  });
+}
+
+TEST(Balancer, ProbeWithNoUsableRateKeepsEqualShares) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(2, [&](int r) {
+    Balancer b(make_comm(r, 2, store), {.mode = Mode::Dynamic, .global_batch = 10});
+    b.probe([&](int64_t) { throw std::runtime_error("no model"); }, 4);
+    EXPECT_EQ(b.shares(), (std::vector<int64_t>{5, 5}));
+  });
+}
+
+// Steps whose compute time is reported (not measured): rank 2 is four times
+// slower per sample. The shares converge so that compute times even out,
+// every rank sees the same figures and shares, and each change is a
+// recorded decision.
+TEST(Balancer, DynamicSharesFollowReportedRatesOnEveryRankAlike) {
+  const int n = 3;
+  auto store = std::make_shared<MemoryStore>();
+  std::vector<std::vector<int64_t>> final_shares(n);
+  std::vector<size_t> decisions(n);
+  run_ranks_ok(n, [&](int r) {
+    Balancer b(make_comm(r, n, store),
+               {.mode = Mode::Dynamic, .global_batch = 96, .exchange_every = 2, .warmup_steps = 1});
+    const double per_sample = r == 2 ? 4e-3 : 1e-3;
+    for (int s = 0; s < 60; ++s) {
+      const double t = 0.002 + per_sample * static_cast<double>(b.share());
+      b.end_step({.compute_seconds = t, .wait_seconds = 0.001});
+    }
+    final_shares[static_cast<size_t>(r)] = b.shares();
+    decisions[static_cast<size_t>(r)] = b.decisions().size();
+    ASSERT_EQ(b.workers().size(), 3u);
+    for (const auto& w : b.workers()) {
+      EXPECT_EQ(w.share, b.shares()[static_cast<size_t>(w.rank)]);
+      EXPECT_GT(w.rate, 0);
+      EXPECT_NEAR(w.wait_seconds_per_step, 0.001, 1e-9);
+    }
+    const auto& d = b.decisions().front();
+    EXPECT_EQ(sum(d.old_shares), 96);
+    EXPECT_EQ(sum(d.new_shares), 96);
+    EXPECT_FALSE(d.reason.empty());
+  });
+  for (int r = 1; r < n; ++r) {
+    EXPECT_EQ(final_shares[r], final_shares[0]);
+    EXPECT_EQ(decisions[r], decisions[0]);
+  }
+  const auto& s = final_shares[0];
+  EXPECT_EQ(sum(s), 96);
+  // Equal compute time: rank 2's share near a quarter of the others'.
+  const double t0 = 0.002 + 1e-3 * static_cast<double>(s[0]);
+  const double t2 = 0.002 + 4e-3 * static_cast<double>(s[2]);
+  EXPECT_LT(std::max(t0, t2) / std::min(t0, t2), 1.2) << s[0] << " " << s[1] << " " << s[2];
+}
+
+TEST(Balancer, NoneAndStaticNeverReplan) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(2, [&](int r) {
+    for (Mode m : {Mode::None, Mode::Static}) {
+      Balancer b(make_comm(r, 2, store),
+                 {.mode = m, .global_batch = 20, .exchange_every = 1, .warmup_steps = 0});
+      const auto before = b.shares();
+      for (int s = 0; s < 10; ++s) {
+        EXPECT_FALSE(b.end_step({.compute_seconds = r == 0 ? 0.001 : 0.1}));
+      }
+      EXPECT_EQ(b.shares(), before);
+      EXPECT_EQ(b.workers().size(), 2u);  // still monitored
+    }
+  });
+}
+
+TEST(Balancer, AbsurdStepTimesAreNotRates) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(2, [&](int r) {
+    Balancer b(make_comm(r, 2, store),
+               {.mode = Mode::Dynamic, .global_batch = 20, .exchange_every = 1, .warmup_steps = 0});
+    for (double t : {0.0, -1.0, std::nan(""), INFINITY, 0.01}) {
+      b.end_step({.compute_seconds = r == 1 ? t : 0.01, .wait_seconds = std::nan("")});
+      EXPECT_EQ(sum(b.shares()), 20);
+      for (int64_t s : b.shares()) EXPECT_GE(s, 1);
+    }
+  });
+}
+
+TEST(Balancer, StragglerIsReported) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(3, [&](int r) {
+    Balancer b(make_comm(r, 3, store), {.mode = Mode::None,
+                                        .global_batch = 30,
+                                        .exchange_every = 1,
+                                        .warmup_steps = 0,
+                                        .straggler_floor = 0.1});
+    b.end_step({.compute_seconds = r == 1 ? 10.0 : 0.01});
+    ASSERT_EQ(b.workers().size(), 3u);
+    EXPECT_FALSE(b.workers()[0].straggler);
+    EXPECT_TRUE(b.workers()[1].straggler);
+    EXPECT_FALSE(b.workers()[2].straggler);
+  });
+}
+
+TEST(Balancer, BadOptionsAreRefusedOnEveryRank) {
+  auto store = std::make_shared<MemoryStore>();
+  for (BalancerOptions bad : {BalancerOptions{.global_batch = 2},  // smaller than 3 workers
+                              BalancerOptions{.global_batch = 30, .exchange_every = 0},
+                              BalancerOptions{.global_batch = 30, .warmup_steps = -1},
+                              BalancerOptions{.global_batch = 30, .straggler_floor = 1},
+                              BalancerOptions{.global_batch = 30, .planner = {.min_share = 11}}}) {
+    auto errors = run_ranks(3, [&](int r) { Balancer b(make_comm(r, 3, store), bad); });
+    for (auto& e : errors) {
+      ASSERT_TRUE(e);
+      EXPECT_THROW(std::rethrow_exception(e), InvalidArgument);
+    }
+    store = std::make_shared<MemoryStore>();
+  }
+}
+
+TEST(Balancer, OptionsThatDifferBetweenRanksAreRefused) {
+  auto store = std::make_shared<MemoryStore>();
+  auto errors = run_ranks(
+      2, [&](int r) { Balancer b(make_comm(r, 2, store), {.global_batch = r == 0 ? 64 : 32}); });
+  for (auto& e : errors) {
+    ASSERT_TRUE(e);
+    try {
+      std::rethrow_exception(e);
+    } catch (const InvalidArgument& x) {
+      EXPECT_NE(std::string(x.what()).find("global batch"), std::string::npos) << x.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace weft::balance

@@ -64,7 +64,7 @@ void init_nvml(Nvml& n) {
   void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
     const char* err = dlerror();
-    n.note = fmt::format("libnvidia-ml.so.1 not loaded ({})", err ? err : "not found");
+    n.note = fmt::format("NVML not loaded: {}", err ? err : "libnvidia-ml.so.1 not found");
     return;
   }
   nvmlReturn_t (*init)() = nullptr;

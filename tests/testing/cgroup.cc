@@ -31,11 +31,14 @@ std::vector<std::string> split(const std::string& s, char sep) {
   return out;
 }
 
-std::string slurp(const std::string& path) {
+// The blank-separated words of a file ("" where it cannot be read).
+bool file_has_word(const std::string& path, const std::string& word) {
   std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  std::string w;
+  while (in >> w) {
+    if (w == word) return true;
+  }
+  return false;
 }
 
 // The cpu hierarchy as this process sees it mounted: v1 with the "cpu"
@@ -55,9 +58,7 @@ Hierarchy find_hierarchy() {
         if (o == "cpu") return {f[4], 1};
       }
     } else if (fstype == "cgroup2" && v2.version == 0) {
-      for (const auto& c : split(slurp(f[4] + "/cgroup.controllers"), ' ')) {
-        if (c == "cpu" || c == "cpu\n") v2 = {f[4], 2};
-      }
+      if (file_has_word(f[4] + "/cgroup.controllers", "cpu")) v2 = {f[4], 2};
     }
   }
   return v2;
@@ -83,6 +84,26 @@ std::string quota_text(int version, int64_t quota_us, int64_t period_us) {
 
 }  // namespace
 
+namespace {
+
+// On v2 the cpu controller must be on in the root's subtree for a new
+// group to have cpu.max: switched on when off (and left on). Where the root
+// is a container's, whose own processes live in it, the kernel refuses
+// (EBUSY, the rule of no processes in inner groups). "" when done.
+std::string enable_cpu_controller(const Hierarchy& h) {
+  if (h.version != 2) return "";
+  const std::string file = h.mount_point + "/cgroup.subtree_control";
+  if (file_has_word(file, "cpu")) return "";
+  try {
+    write_file(file, "+cpu");
+  } catch (const std::exception& e) {
+    return std::string("cannot switch on the cpu controller: ") + e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
 std::string CpuQuotaGroup::unavailable() {
   if (geteuid() != 0) {
     return "not root (euid " + std::to_string(geteuid()) + "): making a cgroup needs root";
@@ -92,12 +113,16 @@ std::string CpuQuotaGroup::unavailable() {
     return "no cgroup v1 'cpu' hierarchy and no cgroup2 hierarchy offering 'cpu' is mounted "
            "(/proc/self/mountinfo)";
   }
-  // The real question: can a group be made there?
+  if (std::string why = enable_cpu_controller(h); !why.empty()) return why;
+  // The real question: can a group with a quota file be made there?
   const std::string probe = h.mount_point + "/weft-probe-" + std::to_string(getpid());
   if (::mkdir(probe.c_str(), 0755) != 0) {
     return "cannot make a cgroup under " + h.mount_point + ": " + std::strerror(errno);
   }
+  const std::string quota = probe + (h.version == 1 ? "/cpu.cfs_quota_us" : "/cpu.max");
+  const bool has_quota = ::access(quota.c_str(), W_OK) == 0;
   ::rmdir(probe.c_str());
+  if (!has_quota) return "a new cgroup under " + h.mount_point + " has no writable " + quota;
   return "";
 }
 
@@ -108,12 +133,8 @@ std::unique_ptr<CpuQuotaGroup> CpuQuotaGroup::create(const std::string& name, in
   }
   const Hierarchy h = find_hierarchy();
   if (h.version == 0) throw std::runtime_error("CpuQuotaGroup: " + unavailable());
-  if (h.version == 2) {
-    // The cpu controller must be on in the root's subtree for cpu.max to exist.
-    const std::string ctl = slurp(h.mount_point + "/cgroup.subtree_control");
-    bool on = false;
-    for (const auto& c : split(ctl, ' ')) on = on || c == "cpu" || c == "cpu\n";
-    if (!on) write_file(h.mount_point + "/cgroup.subtree_control", "+cpu");
+  if (std::string why = enable_cpu_controller(h); !why.empty()) {
+    throw std::runtime_error("CpuQuotaGroup: " + why);
   }
   const std::string path = h.mount_point + "/" + name;
   if (::mkdir(path.c_str(), 0755) != 0) {

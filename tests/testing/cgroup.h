@@ -1,8 +1,9 @@
 // A CPU cgroup with a quota, for tests that need a process held to a fraction
 // of a core (the host probe, a throttled worker under `weft run`). Needs root
 // and a writable cpu hierarchy: cgroup v1 (controller "cpu") or else v2
-// (cgroup2 with the cpu controller). Made at the root of that hierarchy as
-// it is mounted, e.g. /sys/fs/cgroup/cpu/weft-test-<pid>.
+// (cgroup2 with the cpu controller, which is switched on in the root's
+// cgroup.subtree_control when off, and left on). Made at the root of that
+// hierarchy as it is mounted, e.g. /sys/fs/cgroup/cpu/weft-test-<pid>.
 #pragma once
 
 #include <sys/types.h>

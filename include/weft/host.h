@@ -30,7 +30,9 @@ struct HostFacts {
   uint64_t memory_available_bytes = 0;  // MemAvailable when probed
   uint64_t memory_limit_bytes = 0;      // cgroup memory limit of this process, 0: no limit
   std::vector<GpuFacts> gpus;           // through NVML; empty where none is seen
-  std::string gpu_note;                 // why there are no GPUs ("libnvidia-ml.so.1 not found")
+  // Why there are no GPUs ("NVML not loaded: libnvidia-ml.so.1: cannot open shared object
+  // file..."), or, beside GPUs, why a GPU that NVML lists was left out; "" otherwise.
+  std::string gpu_note;
 
   // CPUs this process can use: cpus_usable, lowered to the quota if any.
   double cpu_capacity() const;
@@ -44,10 +46,14 @@ HostFacts probe_host();
 // The process's use at one instant (sample_process()); two samples give the
 // use over the time between them (usage_between()).
 struct ProcessSample {
-  double wall_seconds = 0;              // steady clock
-  double cpu_seconds = 0;               // user + system time of every thread of this process
-  uint64_t rss_bytes = 0;               // resident set size now
-  uint64_t throttled_ns = 0;            // cgroup CPU throttled time of this process's group, total
+  double wall_seconds = 0;  // steady clock
+  double cpu_seconds = 0;   // user + system time of every thread of this process
+  uint64_t rss_bytes = 0;   // resident set size now
+  // Cgroup CPU throttled time, total, of the group whose quota binds this
+  // process (the smallest quota from its own group up; its own group where
+  // none has one). The group is resolved on the first sample and again by
+  // every probe_host() (a process moved to another group is seen there).
+  uint64_t throttled_ns = 0;
   uint64_t memory_limit_bytes = 0;      // cgroup memory limit now, 0: none
   std::vector<double> gpu_utilization;  // per GPU, 0..1 (NVML), empty where none
 };

@@ -140,6 +140,12 @@ struct BalancerOptions {
   // The first re-plan waits for this many measured steps (warm-up steps are
   // slower), >= 0.
   int64_t warmup_steps = 5;
+  // Each worker's rate is its samples over its compute time in its most
+  // recent steps that add up to at least this much compute (and at least
+  // exchange_every steps): long enough to see the duty cycle of a cgroup CPU
+  // quota (periods of 100 ms), short enough to follow a change within about
+  // that time. In (0, 3600].
+  double rate_window_seconds = 1.0;
   // A worker whose rate is below this fraction of the median rate is
   // reported as a straggler, in [0, 1).
   double straggler_floor = 0.1;
@@ -150,7 +156,7 @@ struct WorkerFigures {
   int rank = 0;
   std::string host;
   int64_t share = 0;  // samples per step now
-  double rate = 0;    // samples/s of compute (median of the last window)
+  double rate = 0;    // samples/s of compute over the last window
   double compute_seconds_per_sample = 0;
   double wait_seconds_per_step = 0;  // blocked on communication (mean of the window)
   double cpu_utilization = 0;        // process CPU time / wall time (1 = one core)

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <exception>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -105,6 +106,10 @@ void check_options(const BalancerOptions& o, int workers) {
   if (o.warmup_steps < 0) {
     throw InvalidArgument(fmt::format("warmup_steps {} is negative", o.warmup_steps));
   }
+  if (!(o.rate_window_seconds > 0 && o.rate_window_seconds <= 3600)) {
+    throw InvalidArgument(
+        fmt::format("rate_window_seconds {} is not in (0, 3600]", o.rate_window_seconds));
+  }
   if (!(o.straggler_floor >= 0 && o.straggler_floor < 1)) {
     throw InvalidArgument(fmt::format("straggler_floor {} is not in [0, 1)", o.straggler_floor));
   }
@@ -112,9 +117,25 @@ void check_options(const BalancerOptions& o, int workers) {
 
 }  // namespace
 
-// The measurements of the steps since the last exchange.
+// The measurements since the last exchange (wait, process use), and the
+// recent measured steps the rate is computed from.
+//
+// The rate is samples over compute time summed over the recent steps that
+// make up at least rate_window_seconds of compute, not a median of per-step
+// rates nor the last few steps alone: a CPU quota (CFS) lets a process run
+// at full speed for its quota and then stops it for the rest of the period
+// (100 ms by default), so with steps shorter than that most steps look
+// fast and a few very slow; only sums over several periods see the duty
+// cycle. The window slides, so a change of speed shows within about
+// rate_window_seconds.
 struct Balancer::Window {
-  std::vector<double> rates;  // samples/s of each measured step
+  struct Step {
+    int64_t samples;
+    double compute;
+  };
+  std::deque<Step> recent;  // measured steps, oldest first
+  int64_t samples = 0;      // sums over `recent`
+  double compute_sum = 0;   // seconds
   double wait_sum = 0;
   int64_t steps = 0;
   ProcessSample since = sample_process();
@@ -255,7 +276,18 @@ bool Balancer::end_step(const StepTimes& t) {
   const int64_t samples = t.samples >= 0 ? t.samples : share();
   if (steps_ > options_.warmup_steps && samples > 0 && t.compute_seconds > 0 &&
       std::isfinite(t.compute_seconds)) {
-    window_->rates.push_back(static_cast<double>(samples) / t.compute_seconds);
+    Window& w = *window_;
+    w.recent.push_back({samples, t.compute_seconds});
+    w.samples += samples;
+    w.compute_sum += t.compute_seconds;
+    // Drop the oldest steps while the rest still cover the rate window and
+    // at least one exchange interval.
+    while (w.recent.size() > static_cast<size_t>(options_.exchange_every) &&
+           w.compute_sum - w.recent.front().compute >= options_.rate_window_seconds) {
+      w.samples -= w.recent.front().samples;
+      w.compute_sum -= w.recent.front().compute;
+      w.recent.pop_front();
+    }
     ++measured_steps_;
   }
   if (std::isfinite(t.wait_seconds) && t.wait_seconds > 0) window_->wait_sum += t.wait_seconds;
@@ -271,7 +303,9 @@ void Balancer::exchange() {
   const Usage use = usage_between(window_->since, now);
   std::vector<double> mine(kFields, 0.0);
   mine[kShare] = static_cast<double>(share());
-  mine[kRate] = median(window_->rates);  // NaN when nothing was measured
+  mine[kRate] = window_->compute_sum > 0
+                    ? static_cast<double>(window_->samples) / window_->compute_sum
+                    : std::nan("");  // nothing measured in this window
   mine[kWait] = window_->steps > 0 ? window_->wait_sum / static_cast<double>(window_->steps) : 0;
   mine[kCpu] = use.cpu_utilization;
   mine[kRss] = static_cast<double>(use.rss_bytes);
@@ -281,7 +315,8 @@ void Balancer::exchange() {
   std::vector<double> all(kFields * static_cast<size_t>(size_));
   comm_->allgather(ConstBuffer(mine.data(), mine.size(), DType::Float64),
                    Buffer(all.data(), all.size(), DType::Float64));
-  window_ = std::make_unique<Window>();
+  window_->wait_sum = 0;
+  window_->steps = 0;
   window_->since = now;
 
   std::vector<double> rates(static_cast<size_t>(size_));

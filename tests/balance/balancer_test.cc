@@ -154,7 +154,7 @@ TEST(Balancer, AbsurdStepTimesAreNotRates) {
   run_ranks_ok(2, [&](int r) {
     Balancer b(make_comm(r, 2, store),
                {.mode = Mode::Dynamic, .global_batch = 20, .exchange_every = 1, .warmup_steps = 0});
-    for (double t : {0.0, -1.0, std::nan(""), INFINITY, 0.01}) {
+    for (double t : {0.0, -1.0, std::nan(""), HUGE_VAL, 0.01}) {
       b.end_step({.compute_seconds = r == 1 ? t : 0.01, .wait_seconds = std::nan("")});
       EXPECT_EQ(sum(b.shares()), 20);
       for (int64_t s : b.shares()) EXPECT_GE(s, 1);

@@ -126,11 +126,12 @@ int64_t total(const HandOut& out) {
 }
 
 // Runs steps until the epoch is done (wants from `next_want`), checking the
-// ledger after each; fails after max_steps.
+// ledger after each; fails at the first inconsistency, or when 50 steps in a
+// row that want samples get none (a stalled queue).
 void run_to_end(ShardQueue& q, Ledger& ledger,
-                const std::function<std::vector<int64_t>()>& next_want, int max_steps = 100000) {
-  for (int step = 0; !q.epoch_done(); ++step) {
-    ASSERT_LT(step, max_steps) << "the epoch does not end";
+                const std::function<std::vector<int64_t>()>& next_want) {
+  int idle = 0;
+  while (!q.epoch_done()) {
     const auto want = next_want();
     const HandOut out = q.take_step(want);
     ASSERT_EQ(out.size(), want.size());
@@ -141,6 +142,14 @@ void run_to_end(ShardQueue& q, Ledger& ledger,
     ledger.trained(out);
     ASSERT_TRUE(ledger.never_twice());
     ledger.expect_consistent(q);
+    ASSERT_FALSE(::testing::Test::HasFailure());
+    const bool wanted = std::any_of(want.begin(), want.end(), [](int64_t x) { return x > 0; });
+    if (total(out) > 0) {
+      idle = 0;
+    } else if (wanted) {
+      ++idle;
+    }
+    ASSERT_LT(idle, 50) << "the queue stalls with " << q.remaining() << " samples left";
   }
   ledger.expect_each_once();
 }
@@ -278,7 +287,10 @@ TEST(ShardQueue, RandomReleasesKeepExactlyOnce) {
     std::vector<bool> gone(static_cast<size_t>(w), false);
     int live = w;
     for (int step = 0; !q.epoch_done(); ++step) {
-      ASSERT_LT(step, 100000);
+      // Every live worker wants >= 1 and released pools are empty: each step
+      // trains at least one sample.
+      ASSERT_LT(step, 5000);
+      ASSERT_FALSE(::testing::Test::HasFailure());
       if (live > 1 && rng() % 8 == 0) {
         const int victim = static_cast<int>(rng() % static_cast<uint64_t>(w));
         if (!gone[static_cast<size_t>(victim)]) {
@@ -319,6 +331,7 @@ TEST(ShardQueue, AbandonedStepIsRetakenIdentically) {
   std::mt19937_64 rng(3);
   for (int step = 0; !q.epoch_done(); ++step) {
     ASSERT_LT(step, 10000);
+    ASSERT_FALSE(::testing::Test::HasFailure());
     std::vector<int64_t> want(3);
     for (auto& x : want) x = static_cast<int64_t>(rng() % 40);
     const HandOut first = q.take_step(want);
@@ -484,7 +497,8 @@ TEST(ShardQueue, Deterministic) {
   for (int64_t epoch = 0; epoch < 2; ++epoch) {
     a.start_epoch(epoch);
     b.start_epoch(epoch);
-    while (!a.epoch_done()) {
+    for (int step = 0; !a.epoch_done(); ++step) {
+      ASSERT_LT(step, 2000);  // every want >= 1: at least 5 samples a step
       std::vector<int64_t> want(5);
       for (auto& x : want) x = 1 + static_cast<int64_t>(rng() % 30);
       ASSERT_EQ(a.take_step(want), b.take_step(want));
@@ -555,7 +569,8 @@ TEST(ShardQueueState, RoundTripGivesIdenticalHandOuts) {
   // Side by side to the end of this epoch and through the next, with a
   // round trip of b every few steps.
   for (int epoch = 0; epoch < 2; ++epoch) {
-    while (!a.epoch_done()) {
+    for (int step = 0; !a.epoch_done(); ++step) {
+      ASSERT_LT(step, 10000);
       const std::vector<int64_t> want{static_cast<int64_t>(rng() % 25), 0,
                                       static_cast<int64_t>(rng() % 25)};
       ASSERT_EQ(a.take_step(want), b.take_step(want));

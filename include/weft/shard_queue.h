@@ -167,7 +167,8 @@ class ShardQueue {
   // ledger itself (pieces disjoint, every sample of a shard todo, in a pool
   // or done exactly once, released workers with empty pools). Any problem
   // throws weft::DataError naming it, e.g. "shard queue state: truncated at
-  // byte 120 (reading the pieces of worker 2)".
+  // byte 120 (reading 3 pieces of the pool of worker 2)", "shard queue state:
+  // checksum mismatch (...)".
   static ShardQueue deserialize(std::string_view bytes);
 
  private:

@@ -19,6 +19,7 @@ set(WEFT_PUBLIC_HEADERS
   init.h=api
   weft.h=api
   data.h=data
+  shard_queue.h=data
   train.h=train
   balance.h=balance
   host.h=balance

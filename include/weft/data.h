@@ -260,13 +260,12 @@ std::span<const int64_t> batch_indices(std::span<const int64_t> shard, int64_t b
 // well, every step is a full batch of the same size on every rank (with
 // false, the last batch is short, equally on every rank).
 //
-// Room for later (not built yet): a "shard queue" for dynamic assignment.
-// Instead of a fixed block per rank, the epoch's permutation(epoch) is cut
-// into fixed-size chunks and a coordinator hands chunk numbers to whichever
-// worker asks first (load balancing for heterogeneous or straggling
-// workers). A worker turns a chunk into index spans with batch_indices() and
-// samples with Dataset::fill_batch(), exactly as with a static shard, so the
-// batch path needs no change. It will be a separate class next to this one.
+// For dynamic assignment (load balancing, elastic training) see
+// weft::data::ShardQueue in weft/shard_queue.h: the epoch's permutation cut
+// into small shards, handed to each worker as its share of each step asks,
+// every sample trained exactly once per epoch across re-plans, failures and
+// resizes. A worker trains the indices it is handed with
+// Dataset::fill_batch(), exactly as with a static shard.
 class DistributedSampler {
  public:
   // num_samples >= 0, world_size >= 1, 0 <= rank < world_size, else

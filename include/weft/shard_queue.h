@@ -17,10 +17,15 @@
 // pieces of shards it has been handed and not yet trained ("doing"). A step
 // gives worker w want[w] samples: w's pool is topped up with whole pieces from
 // the front of the todo list, then w takes the first want[w] samples of its
-// pool. A step's samples count as done once complete_step() says they were
-// trained on every rank (the step's allreduce succeeded); abandon_step() puts
-// them back, untrained. A worker that leaves (release()) gives its untrained
-// samples back to the front of the todo list, where the next takers find them.
+// pool. At the tail of an epoch, once todo is empty, a worker still short
+// takes samples from the back of other workers' pools, from what those will
+// not train in this step (tail sharing), so that a slow worker with a small
+// share does not drain its last pieces alone while the others idle: every
+// step but an epoch's last gives every worker its whole want. A step's
+// samples count as done once complete_step() says they were trained on every
+// rank (the step's allreduce succeeded); abandon_step() puts them back,
+// untrained. A worker that leaves (release()) gives its untrained samples
+// back to the front of the todo list, where the next takers find them.
 //
 //   weft::data::ShardQueue queue(train->size(), world, {.shard_samples = 64, .seed = 42});
 //   for (int64_t epoch = 0; epoch < epochs; ++epoch) {
@@ -88,11 +93,20 @@ class ShardQueue {
   // weft::InvalidArgument naming the problem, and nothing changes.
   // For w = 0..W-1 in order: while w's pool holds fewer than want[w] samples
   // and a piece is todo, the front todo piece moves whole to the back of w's
-  // pool; then w takes min(want[w], pool size) samples from the front of its
-  // pool. Returns, per worker, the dataset indices (values of the
-  // permutation) it trains in this step, in order: fewer than wanted, or
-  // none, when the epoch runs out. The step stays open until complete_step()
-  // or abandon_step(). O(workers + samples taken + pieces moved).
+  // pool. Then, tail sharing: while w's pool still holds fewer than want[w]
+  // samples (so todo is empty) and another worker has a surplus, the last
+  // min(surplus, want[w] - pool size) samples of the pool of the worker v
+  // with the largest surplus (ties: the lowest v) move, in their order, to
+  // the back of w's pool; the surplus of v is its pool size for v < w
+  // (served already) and its pool size less want[v] for v > w (what it will
+  // not take). Moved samples stay doing; they change pools only. Then w
+  // takes min(want[w], pool size) samples from the front of its pool.
+  // Returns, per worker, the dataset indices (values of the permutation) it
+  // trains in this step, in order. A worker gets fewer than it wants only
+  // when nothing is left for it: after such a step, every untrained sample
+  // of the epoch is in the step. The step stays open until complete_step() or
+  // abandon_step(). O(workers + samples taken + pieces moved), plus
+  // O(workers log workers) in a step that shares the tail.
   std::vector<std::vector<int64_t>> take_step(std::span<const int64_t> want);
   std::vector<std::vector<int64_t>> take_step(std::initializer_list<int64_t> want) {
     return take_step(std::span<const int64_t>(want.begin(), want.size()));
@@ -102,9 +116,10 @@ class ShardQueue {
   // Throws weft::InvalidArgument when no step is open.
   void complete_step();
   // The open step failed (e.g. a peer died in its allreduce): its samples go
-  // back, untrained, to the front of their workers' pools, in their order, as
-  // if the step had not been taken. Throws weft::InvalidArgument when no
-  // step is open.
+  // back, untrained, to the front of the pools of the workers that took
+  // them, in their order, as if the step had not been taken; samples that
+  // tail sharing moved stay in their new pool (the same wants again give the
+  // same hand-out). Throws weft::InvalidArgument when no step is open.
   void abandon_step();
 
   // Worker w is gone (failed or removed): the untrained samples of its pool
@@ -191,6 +206,9 @@ class ShardQueue {
   // within one shard; push_back_merged likewise at the back.
   void push_front_merged(std::deque<Piece>& d, Piece p) const;
   void push_back_merged(std::deque<Piece>& d, Piece p) const;
+  // Moves the last k <= pool_samples_[from] samples of pool `from`, in their
+  // order, to the back of pool `to` (merged). The shards stay doing.
+  void move_back(size_t from, size_t to, int64_t k);
 
   int64_t num_samples_;
   ShardQueueOptions options_;

@@ -92,6 +92,12 @@ std::vector<int64_t> permutation(int64_t n, const ShardQueueOptions& o, int64_t 
   return p;
 }
 
+// The heap order of tail sharing: larger surplus first, then lower worker.
+bool larger_surplus_first(const std::pair<int64_t, size_t>& a,
+                          const std::pair<int64_t, size_t>& b) {
+  return a.first != b.first ? a.first < b.first : a.second > b.second;
+}
+
 }  // namespace
 
 // Reading a state: the private members, checked one by one.
@@ -317,6 +323,27 @@ void ShardQueue::push_back_merged(std::deque<Piece>& d, Piece p) const {
   }
 }
 
+void ShardQueue::move_back(size_t from, size_t to, int64_t k) {
+  auto& src = pools_[from];
+  // The last k samples of src, collected back to front, then appended in
+  // their order.
+  std::vector<Piece> moved;
+  for (int64_t left = k; left > 0;) {
+    Piece& back = src.back();
+    const int64_t n = std::min(left, back.size());
+    moved.push_back({back.end - n, back.end});
+    if (n == back.size()) {
+      src.pop_back();
+    } else {
+      back.end -= n;
+    }
+    left -= n;
+  }
+  for (auto it = moved.rbegin(); it != moved.rend(); ++it) push_back_merged(pools_[to], *it);
+  pool_samples_[from] -= k;
+  pool_samples_[to] += k;
+}
+
 void ShardQueue::start_epoch(int64_t epoch) {
   check_no_step("start_epoch");
   if (epoch < 0) {
@@ -357,6 +384,9 @@ std::vector<std::vector<int64_t>> ShardQueue::take_step(std::span<const int64_t>
     }
   }
   std::vector<std::vector<int64_t>> out(pools_.size());
+  // Tail sharing's surpluses: (samples, worker), a heap once built.
+  std::vector<std::pair<int64_t, size_t>> surplus;
+  bool heap_built = false;
   for (size_t w = 0; w < pools_.size(); ++w) {
     auto& pool = pools_[w];
     while (pool_samples_[w] < want[w] && !todo_.empty()) {
@@ -366,6 +396,34 @@ std::vector<std::vector<int64_t>> ShardQueue::take_step(std::span<const int64_t>
       pool_samples_[w] += p.size();
       account(shard_of(p.begin), p.size(), 0);
       push_back_merged(pool, p);
+    }
+    if (pool_samples_[w] < want[w] && todo_.empty()) {
+      // Tail sharing. A worker's surplus (the samples of its pool it does not
+      // take this step: its pool after its take once served, its pool less
+      // its want before) only shrinks when it is stolen from, and a short
+      // worker never has one, so the surpluses are computed once, when the
+      // first short worker finds todo empty, and kept in a heap: largest
+      // first, ties to the lowest index.
+      if (!heap_built) {
+        heap_built = true;
+        for (size_t v = 0; v < pools_.size(); ++v) {
+          const int64_t s = v < w ? pool_samples_[v] : pool_samples_[v] - want[v];
+          if (v != w && s > 0) surplus.emplace_back(s, v);
+        }
+        std::make_heap(surplus.begin(), surplus.end(), larger_surplus_first);
+      }
+      while (pool_samples_[w] < want[w] && !surplus.empty()) {
+        std::pop_heap(surplus.begin(), surplus.end(), larger_surplus_first);
+        auto& [s, v] = surplus.back();
+        const int64_t k = std::min(s, want[w] - pool_samples_[w]);
+        move_back(v, w, k);
+        s -= k;
+        if (s == 0) {
+          surplus.pop_back();
+        } else {
+          std::push_heap(surplus.begin(), surplus.end(), larger_surplus_first);
+        }
+      }
     }
     int64_t left = std::min(want[w], pool_samples_[w]);
     out[w].reserve(static_cast<size_t>(left));

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -135,10 +136,17 @@ void run_to_end(ShardQueue& q, Ledger& ledger,
     const auto want = next_want();
     const HandOut out = q.take_step(want);
     ASSERT_EQ(out.size(), want.size());
+    bool short_take = false;
     for (size_t w = 0; w < want.size(); ++w) {
       ASSERT_LE(static_cast<int64_t>(out[w].size()), want[w]);
+      short_take = short_take || static_cast<int64_t>(out[w].size()) < want[w];
     }
     q.complete_step();
+    // Tail sharing: a worker gets less than it wants only when nothing is
+    // left, so a short take ends the epoch.
+    if (short_take) {
+      ASSERT_TRUE(q.epoch_done()) << "a short take with " << q.remaining() << " samples left";
+    }
     ledger.trained(out);
     ASSERT_TRUE(ledger.never_twice());
     ledger.expect_consistent(q);
@@ -201,13 +209,76 @@ TEST(ShardQueue, PinnedHandOut) {
   EXPECT_EQ(q.pool_size(0), 1);
   EXPECT_EQ(q.pool_size(1), 2);
   EXPECT_EQ(q.counts(), (ShardQueue::Counts{1, 2, 1}));
-  // Worker 0's pool (0) is short: the last shard joins it.
-  EXPECT_EQ(q.take_step({5, 1}), (HandOut{{0, 2}, {1}}));
-  q.complete_step();
-  EXPECT_EQ(q.take_step({0, 7}), (HandOut{{}, {7}}));
+  // Worker 0's pool (position 2, sample 0) is short: the last shard
+  // (position 9, sample 2) joins it; todo is then empty and worker 0 is still
+  // short, so it takes worker 1's surplus (pool 2 less want 1): the back of
+  // worker 1's pool, position 8 (sample 7). Worker 1 takes position 7.
+  EXPECT_EQ(q.take_step({5, 1}), (HandOut{{0, 2, 7}, {1}}));
+  EXPECT_EQ(q.pool_size(0), 0);
+  EXPECT_EQ(q.pool_size(1), 0);
   q.complete_step();
   EXPECT_TRUE(q.epoch_done());
   EXPECT_EQ(q.counts(), (ShardQueue::Counts{0, 0, 4}));
+  EXPECT_EQ(q.take_step({0, 7}), (HandOut{{}, {}}));
+  q.complete_step();
+}
+
+// Tail sharing: a worker with a small share holds a whole shard it would
+// drain for 16 steps; once todo is empty the others take its surplus, so no
+// worker that wants samples gets fewer while another holds a surplus, and
+// the epoch takes ceil(N / sum of wants) steps, not a slow tail more.
+TEST(ShardQueue, TailIsSharedWithTheFastWorkers) {
+  const ShardQueueOptions o{.shard_samples = 64, .seed = 17};
+  for (int64_t n : {5000, 4999, 2560, 130, 3}) {
+    ShardQueue q(n, 3, o);
+    for (int64_t epoch : {0, 1}) {
+      SCOPED_TRACE(::testing::Message() << "n=" << n << " epoch=" << epoch);
+      q.start_epoch(epoch);
+      Ledger ledger(n, o, epoch);
+      const std::vector<int64_t> want{60, 60, 4};
+      int64_t steps = 0;
+      while (!q.epoch_done()) {
+        ASSERT_LT(steps, n);
+        const HandOut out = q.take_step(want);
+        ++steps;
+        for (size_t w = 0; w < want.size(); ++w) {
+          if (static_cast<int64_t>(out[w].size()) == want[w]) continue;
+          // Short: nothing is left anywhere (the pools hold what their
+          // workers do not take in this step, their surplus).
+          EXPECT_EQ(q.todo_size(), 0) << "worker " << w;
+          for (int v = 0; v < 3; ++v) {
+            EXPECT_EQ(q.pool_size(v), 0) << "worker " << w << " got " << out[w].size()
+                                         << " while worker " << v << " holds a surplus";
+          }
+        }
+        q.complete_step();
+        ledger.trained(out);
+        ASSERT_TRUE(ledger.never_twice());
+        ledger.expect_consistent(q);
+        ASSERT_FALSE(::testing::Test::HasFailure());
+      }
+      EXPECT_EQ(steps, (n + 123) / 124);
+      ledger.expect_each_once();
+    }
+  }
+
+  // A worker whose share drops to 0 with a pool: once todo is empty the
+  // others train its pool.
+  ShardQueue q(1000, 3, o);
+  q.start_epoch(0);
+  Ledger ledger(1000, o, 0);
+  for (int step = 0; step < 5; ++step) {
+    const HandOut out = q.take_step({60, 60, 4});
+    q.complete_step();
+    ledger.trained(out);
+  }
+  EXPECT_EQ(q.pool_size(2), 44);
+  int64_t steps = 0;
+  run_to_end(q, ledger, [&] {
+    ++steps;
+    return std::vector<int64_t>{60, 60, 0};
+  });
+  EXPECT_EQ(steps, 4);  // ceil((1000 - 5 * 124) / 120)
 }
 
 TEST(ShardQueue, EmptyDatasetAndBeforeTheFirstEpoch) {
@@ -748,6 +819,26 @@ class Model {
       while (static_cast<int64_t>(pools_[w].size()) < want[w] && !todo_.empty()) {
         for (int64_t p : todo_.front()) pools_[w].push_back(p);
         todo_.pop_front();
+      }
+      // Tail sharing: the largest surplus among the others, recomputed from
+      // its definition for every move.
+      while (static_cast<int64_t>(pools_[w].size()) < want[w] && todo_.empty()) {
+        size_t from = w;
+        int64_t best = 0;
+        for (size_t v = 0; v < pools_.size(); ++v) {
+          const auto size = static_cast<int64_t>(pools_[v].size());
+          const int64_t surplus = v < w ? size : size - want[v];
+          if (v != w && surplus > best) {
+            best = surplus;
+            from = v;
+          }
+        }
+        if (from == w) break;
+        const int64_t k = std::min(best, want[w] - static_cast<int64_t>(pools_[w].size()));
+        auto& src = pools_[from];
+        const auto first = src.end() - static_cast<std::ptrdiff_t>(k);
+        pools_[w].insert(pools_[w].end(), first, src.end());
+        src.erase(first, src.end());
       }
       for (int64_t k = 0; k < want[w] && !pools_[w].empty(); ++k) {
         open_[w].push_back(pools_[w].front());

@@ -357,7 +357,11 @@ int run(const Args& a) {
     auto last_print = t0;
     double loss_sum = 0, shown_loss = 0;
     int64_t samples = 0, samples_warm = 0, loss_steps = 0;
-    for (int64_t k = 0; k < steps; ++k, ++global_step) {
+    // ceil(samples / global batch) steps train the whole epoch (the shares
+    // always sum to the global batch, and the queue shares the tail); a
+    // whole epoch also goes on until the queue says every sample is done.
+    const bool whole_epoch = a.max_steps == 0;
+    for (int64_t k = 0; k < steps || (whole_epoch && !queue.epoch_done()); ++k, ++global_step) {
       if (k == 20) t_warm = Clock::now(), samples_warm = samples;
       // This step's samples of every worker (the same on every rank).
       const auto takes = queue.take_step(balancer.shares());

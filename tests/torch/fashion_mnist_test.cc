@@ -85,8 +85,8 @@ TEST(FashionMnist, ShortBspRunLearns) {
 // as well as the equal-share run.
 TEST(FashionMnist, BalancedRunTrainsEverySampleOnceAndLearns) {
   if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
-  auto epochs = train(3, {"--batch-size", "32", "--balance", "dynamic", "--balance-every", "2",
-                          "--seed", "3"});
+  auto epochs = train(
+      3, {"--batch-size", "32", "--balance", "dynamic", "--balance-every", "2", "--seed", "3"});
   ASSERT_EQ(epochs.size(), 2u);
   for (const auto& e : epochs) {
     EXPECT_EQ(e["balance"], "dynamic");

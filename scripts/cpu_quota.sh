@@ -200,14 +200,14 @@ cmd_stat() {
 }
 
 cmd_remove() {
-  local name=$1 dir parent pid pids try
+  local name=$1 dir parent pid pids
   need_root
   dir=$(group_dir "$name")
   [ -d "$dir" ] || die "no cgroup '$name' ($dir)"
   parent=$(dirname "$dir")
   # Processes may fork or exit meanwhile: move what is there, a few times.
   # (cgroup files show size 0: read them, do not test -s.)
-  for try in 1 2 3 4 5; do
+  for _ in 1 2 3 4 5; do
     pids=$(cat "$dir/cgroup.procs")
     [ -n "$pids" ] || break
     for pid in $pids; do

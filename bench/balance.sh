@@ -192,11 +192,15 @@ measure_end() {
   wall=$(python3 -c "print('%.2f' % ($t1 - $t0))")
   foreign=$(python3 -c "w = $t1 - $t0; f = ($b1 - $b0) / $hz - $ours; print('%.3f' % max(0.0, f / (w * $cores)))")
 }
+# Commands run in the background and are waited for, so that a signal to the
+# script runs its trap (cleanup) at once rather than after the command.
 timed() {  # timed RUSAGE_FILE OUTPUT_FILE CMD...
   local ru=$1 log=$2
   shift 2
-  /usr/bin/time -f "%U %S" -o "$ru" "$@" >"$log" 2>&1
+  /usr/bin/time -f "%U %S" -o "$ru" "$@" >"$log" 2>&1 &
+  wait $!
 }
+waited() { "$@" & wait $!; }
 fail() {  # fail LOG WHAT
   echo "balance.sh: $2 failed; its output:" >&2
   tail -n 30 "$1" >&2
@@ -286,7 +290,7 @@ changing() {  # changing ROUND
   "$cq" set "$slow" max
   wait_quiet
   # shellcheck disable=SC2046
-  python3 "$drive" "$log" "$cq" "$slow" "$t1" 25 "$t2" max "$t3" -- \
+  waited python3 "$drive" "$log" "$cq" "$slow" "$t1" 25 "$t2" max "$t3" -- \
     "$weft" run --no-prefix -n 4 -- "$cq" exec "$slow" --if-rank 3 -- "$job" \
     --epochs 1000 --batch-size 64 --lr 0.05 --lr-schedule constant --warmup-epochs 0 \
     --momentum 0.9 --threads 1 --test-samples 1000 --json $(bal dynamic) ||
@@ -348,8 +352,8 @@ if [ "$accuracy" = 1 ]; then
       log="$out/acc-$setting-$seed.txt"
       echo "== accuracy: $setting, seed $seed ($(($(date +%s) - start_s)) s)" >&2
       # shellcheck disable=SC2046
-      "$weft" run -n 4 -- "${wrap[@]}" "$job" --json --epochs "$acc_epochs" --seed "$seed" \
-        --threads 1 $(bal dynamic) >"$log" 2>&1 || fail "$log" "accuracy run ($setting, seed $seed)"
+      timed "$out/ru" "$log" "$weft" run -n 4 -- "${wrap[@]}" "$job" --json --epochs "$acc_epochs" \
+        --seed "$seed" --threads 1 $(bal dynamic) || fail "$log" "accuracy run ($setting, seed $seed)"
       record "acc_$setting $seed 0 $(python3 -c '
 import json, sys
 rows = [json.loads(l[l.index("{"):]) for l in open(sys.argv[1]) if "{" in l and "test_accuracy" in l]

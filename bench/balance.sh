@@ -116,6 +116,11 @@ drive="$root/bench/balance_drive.py"
 for f in "$weft" "$job"; do
   [ -x "$f" ] || { echo "balance.sh: $f is missing (build fashion_mnist with libtorch)" >&2; exit 1; }
 done
+if [ "$legacy" = 0 ] && ! "$job" --help 2>/dev/null | grep -q -- --balance; then
+  echo "balance.sh: $job has no --balance flag (a build from before issue 12?);" \
+    "--legacy runs the script with equal shares everywhere, to test it" >&2
+  exit 1
+fi
 if want a; then
   [ -x "$anchors/run_anchors.sh" ] || { echo "balance.sh: $anchors/run_anchors.sh is missing" >&2; exit 1; }
 fi

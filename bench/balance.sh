@@ -226,6 +226,15 @@ rows = [json.loads(l[l.index("{"):]) for l in open(sys.argv[1]) if "{" in l and 
 print("/".join(str(s) for s in rows[-1].get("shares", [])) or "-")' "$1"
 }
 hog_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# thr_start; run; thr_end: sets $thr, the share of the quota periods of the
+# group $slow in which it was throttled (did the quota bind, or was the
+# machine so busy that worker 3 got less than its quota anyway?).
+thr_start() { read -r _ thr_p0 thr_n0 _ < <("$cq" stat "$slow"); }
+thr_end() {
+  local p1 n1
+  read -r _ p1 n1 _ < <("$cq" stat "$slow")
+  thr=$(awk -v p=$((p1 - thr_p0)) -v n=$((n1 - thr_n0)) 'BEGIN { printf "%.3f", p > 0 ? n / p : 0 }')
+}
 
 results="$out/results.txt"  # KEY ROUND FOREIGN RATE RATE_ALL [EXTRA...]
 record() { echo "$*" >>"$results"; echo "  $*" >&2; }
@@ -234,18 +243,19 @@ record() { echo "$*" >>"$results"; echo "  $*" >&2; }
 weft4() {  # weft4 KEY MODE GROUP ROUND
   local key=$1 mode=$2 group=$3 r=$4 log="$out/$1-$4.txt" wrap=()
   [ -n "$group" ] && wrap=("$cq" exec "$group" --if-rank 3 --)
-  wait_quiet; measure_start
+  wait_quiet; measure_start; thr_start
   # shellcheck disable=SC2046
   timed "$out/ru" "$log" "$weft" run -n 4 -- "${wrap[@]}" "$job" "${common[@]}" $(bal "$mode") ||
     fail "$log" "$key (round $r)"
-  measure_end "$out/ru"
-  record "$key $r $foreign $(weft_rate "$log") $(weft_shares "$log")"
+  measure_end "$out/ru"; thr_end
+  [ -n "$group" ] || thr=-
+  record "$key $r $foreign $(weft_rate "$log") $(weft_shares "$log") $thr"
 }
 
 # (a) the ideal: 4 single-worker processes at once, the 4th throttled.
 ideal() {  # ideal ROUND
   local r=$1 i ps=() wrap
-  wait_quiet; measure_start
+  wait_quiet; measure_start; thr_start
   for i in 0 1 2 3; do
     wrap=()
     [ "$i" = 3 ] && wrap=("$cq" exec "$slow" --)
@@ -257,20 +267,20 @@ ideal() {  # ideal ROUND
   for i in 0 1 2 3; do
     wait "${ps[$i]}" || fail "$out/ideal$i-$r.txt" "ideal process $i (round $r)"
   done
-  measure_end "$out/ru0" "$out/ru1" "$out/ru2" "$out/ru3"
+  measure_end "$out/ru0" "$out/ru1" "$out/ru2" "$out/ru3"; thr_end
   local rates=()
   for i in 0 1 2 3; do rates+=("$(weft_rate "$out/ideal$i-$r.txt")"); done
   record "a_ideal $r $foreign $(python3 -c '
 import sys
 v = [tuple(map(float, s.split())) for s in sys.argv[1:]]
-print("%.1f %.1f %s" % (sum(a for a, _ in v), sum(b for _, b in v), "/".join("%.0f" % a for a, _ in v)))' "${rates[@]}")"
+print("%.1f %.1f %s" % (sum(a for a, _ in v), sum(b for _, b in v), "/".join("%.0f" % a for a, _ in v)))' "${rates[@]}") $thr"
 }
 
 # (a) PyTorch DDP, 4 processes, rank 3 throttled.
 ddp() {  # ddp ROUND
   local r=$1 i ps=() wrap port
   port=$((20000 + ($$ * 7 + r * 13) % 20000))
-  wait_quiet; measure_start
+  wait_quiet; measure_start; thr_start
   for i in 0 1 2 3; do
     wrap=()
     [ "$i" = 3 ] && wrap=("$cq" exec "$slow" --)
@@ -282,11 +292,11 @@ ddp() {  # ddp ROUND
   for i in 0 1 2 3; do
     wait "${ps[$i]}" || fail "$out/ddp$i-$r.txt" "DDP rank $i (round $r)"
   done
-  measure_end "$out/ru0" "$out/ru1" "$out/ru2" "$out/ru3"
+  measure_end "$out/ru0" "$out/ru1" "$out/ru2" "$out/ru3"; thr_end
   local rate
   rate=$(awk '/samples\/s/ { for (i = 1; i < NF; ++i) if ($i == "samples/s") v = $(i + 1) } END { print v }' "$out/ddp0-$r.txt")
   [ -n "$rate" ] || fail "$out/ddp0-$r.txt" "DDP (round $r): no samples/s"
-  record "a_ddp $r $foreign $rate $rate -"
+  record "a_ddp $r $foreign $rate $rate - $thr"
 }
 
 # (b) dynamic job, the quota of worker 3 changed while it trains.

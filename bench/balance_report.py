@@ -11,7 +11,8 @@ out = sys.argv[1]
 results = os.path.join(out, "results.txt")
 meta = json.load(open(os.path.join(out, "meta.json")))
 rounds, steps, cores, cpu = int(meta["rounds"]), int(meta["steps"]), int(meta["cores"]), meta["cpu"]
-legacy, total_s, t1, t2, t3 = meta["legacy"], int(meta["total_s"]), meta["t1"], meta["t2"], meta["t3"]
+legacy, total_s = meta["legacy"], int(meta["total_s"])
+t1, t2, t3 = ("%g" % meta[k] for k in ("t1", "t2", "t3"))
 acc_epochs = int(meta["acc_epochs"])
 rows = {}
 for line in open(results):
@@ -42,8 +43,8 @@ if "a_ideal" in rows:
     print()
     print("#### a) Worker 3 of 4 throttled to 25% of a core (cgroup CPU quota)")
     print()
-    print("| setting | samples/s, median | whole run | / ideal | runs (foreign) | shares at the end (last round) |")
-    print("| --- | ---: | ---: | ---: | --- | --- |")
+    print("| setting | samples/s, median | whole run | / ideal | runs (foreign) | worker 3 throttled | shares at the end (last round) |")
+    print("| --- | ---: | ---: | ---: | --- | --- | --- |")
     ideal = med("a_ideal")
     names = [("a_dynamic", "weft --balance dynamic"), ("a_static", "weft --balance static"),
              ("a_none", "weft --balance none (equal shares, BSP)"),
@@ -58,8 +59,12 @@ if "a_ideal" in rows:
         # DDP's figure is over all its steps: compared with the ideal's whole-run figure.
         ratio = med(k, 3) / med("a_ideal", 3) if k == "a_ddp" else med(k) / ideal
         rate = "-" if k == "a_ddp" else "%.0f" % med(k)
-        print(f"| {name} | {rate} | {med(k, 3):.0f} | {pct(ratio)} | {fmt_runs(k)} | {last} |")
+        thr = ", ".join("%.0f%%" % (100 * float(r[5])) for r in rows[k] if len(r) > 5)
+        print(f"| {name} | {rate} | {med(k, 3):.0f} | {pct(ratio)} | {fmt_runs(k)} | {thr or '-'} | {last} |")
     print()
+    print("Worker 3 throttled: the share of its cgroup's quota periods in which the quota stopped it, "
+          "per run (low figures mean the machine was so busy that worker 3 got less than its quota "
+          "anyway, and the run says little about balancing).")
     print("DDP reports samples/s over all its steps: its ratio is to the ideal's whole-run figure "
           f"({med('a_ideal', 3):.0f}). Targets: dynamic >= 90% of the ideal.")
     for k in ("a_dynamic", "a_static", "a_ddp"):

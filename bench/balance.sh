@@ -233,7 +233,7 @@ thr_start() { read -r _ thr_p0 thr_n0 _ < <("$cq" stat "$slow"); }
 thr_end() {
   local p1 n1
   read -r _ p1 n1 _ < <("$cq" stat "$slow")
-  thr=$(awk -v p=$((p1 - thr_p0)) -v n=$((n1 - thr_n0)) 'BEGIN { printf "%.3f", p > 0 ? n / p : 0 }')
+  thr=$(awk -v p=$((p1 - thr_p0)) -v n=$((n1 - thr_n0)) 'BEGIN { printf "%.3f", (p > 0 ? n / p : 0) }')
 }
 
 results="$out/results.txt"  # KEY ROUND FOREIGN RATE RATE_ALL [EXTRA...]

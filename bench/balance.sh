@@ -128,7 +128,6 @@ why=$("$cq" check) || { echo "balance.sh: cannot set CPU quotas here: $why" >&2;
 
 cores=$(nproc)
 cpu_model=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
-export WEFT_ALLOW_UNAUTHENTICATED=1  # (single-node jobs make their own token anyway)
 common=(--epochs 1 --batch-size 64 --lr 0.05 --lr-schedule constant --warmup-epochs 0
         --momentum 0.9 --threads 1 --max-steps "$steps" --test-samples 1000 --json)
 bal() { [ "$legacy" = 1 ] || echo "--balance $1"; }  # word-split on purpose

@@ -101,7 +101,8 @@ struct PlannerOptions {
   // re-plan, in (0, 1]: 1 jumps at once, smaller values damp noise.
   double damping = 0.5;
   // A share changes by at most this fraction of the mean share
-  // (global_batch / workers) per re-plan, in (0, 1].
+  // (global_batch / workers), at least 1 sample, per re-plan (plus one
+  // sample from rounding to whole samples), in (0, 1].
   double max_change = 0.25;
   // A re-plan whose largest change is below this fraction of the mean share
   // keeps the current shares (no churn from noise), in [0, 1).

@@ -206,13 +206,13 @@ Plan replan(std::span<const int64_t> current, std::span<const double> rates,
   const std::vector<int64_t> target = proportional_shares(r, o.global_batch, o.min_share);
   const double mean = static_cast<double>(o.global_batch) / n;
   const double bound = std::max(1.0, o.max_change * mean);
-  std::vector<double> want(current.size());
+  std::vector<double> want(current.size()), lo(current.size()), hi(current.size());
   double largest = 0;
   for (size_t i = 0; i < current.size(); ++i) {
     const double c = static_cast<double>(current[i]);
-    double step = o.damping * (static_cast<double>(target[i]) - c);
-    step = std::clamp(step, -bound, bound);
-    want[i] = c + step;
+    lo[i] = std::max(static_cast<double>(o.min_share), c - bound);
+    hi[i] = c + bound;
+    want[i] = std::clamp(c + o.damping * (static_cast<double>(target[i]) - c), lo[i], hi[i]);
     largest = std::max(largest, std::abs(static_cast<double>(target[i]) - c));
   }
   Plan plan;
@@ -234,12 +234,26 @@ Plan replan(std::span<const int64_t> current, std::span<const double> rates,
     return plan;
   }
   // The damped, bounded moves no longer sum to the global batch: spread the
-  // difference in proportion to the target, then round.
-  double total = 0;
-  for (double w : want) total += w;
-  const double fix = static_cast<double>(o.global_batch) - total;
-  for (size_t i = 0; i < want.size(); ++i) {
-    want[i] += fix * static_cast<double>(target[i]) / static_cast<double>(o.global_batch);
+  // difference over the workers still inside their bounds, in proportion to
+  // their targets, until it is gone (the current shares are inside the
+  // bounds and sum to it, so it always can be), then round. Rounding to
+  // whole samples moves a share by at most one more.
+  for (int round = 0; round < 64; ++round) {
+    double total = 0;
+    for (double w : want) total += w;
+    const double diff = static_cast<double>(o.global_batch) - total;
+    if (std::abs(diff) < 1e-9) break;
+    double weight = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      if (diff > 0 ? want[i] < hi[i] : want[i] > lo[i]) weight += static_cast<double>(target[i]);
+    }
+    if (weight <= 0) break;
+    for (size_t i = 0; i < want.size(); ++i) {
+      if (diff > 0 ? want[i] < hi[i] : want[i] > lo[i]) {
+        want[i] =
+            std::clamp(want[i] + diff * static_cast<double>(target[i]) / weight, lo[i], hi[i]);
+      }
+    }
   }
   plan.shares = round_shares(want, o.global_batch, o.min_share);
   plan.changed = !std::equal(plan.shares.begin(), plan.shares.end(), current.begin());

@@ -69,7 +69,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -365,7 +364,7 @@ class DataParallel {
   std::shared_ptr<void> storage_owner() const { return grad_storage_; }
 
   // Completed steps (end_step() calls).
-  int64_t step() const { return step_; }
+  int64_t step() const;
   // Whether a step is open: from begin_step() (or the first grad_ready(),
   // or finish_gradients()) to end_step().
   bool step_open() const;
@@ -393,19 +392,21 @@ class DataParallel {
   // Flat copies of a set of tensors for collectives over the whole model.
   struct Flat;
 
+  // The state that steps change, and its lock (data_parallel.cc).
+  struct State;
+
   void check_model();
-  void check_idle(const char* what) const;
-  void open_step_locked();
-  void mark_ready_locked(size_t index, void* grad);
-  void launch_in_order_locked();
+  // Throws unless the step is idle; returns the completed steps.
+  int64_t check_idle(const char* what) const;
   void* slot_data(size_t index) const;
   // Collectives over a Flat: start() copies in and issues them (average, or
-  // broadcast from root), finish() waits and copies out.
-  std::vector<WorkPtr> start_flat(Flat& flat, bool average, int root);
-  void finish_flat(Flat& flat, std::vector<WorkPtr>& works, bool average, int root);
-  std::vector<WorkPtr> start_buffer_sync(bool average, int root);
-  void finish_buffer_sync(std::vector<WorkPtr>& works, bool average, int root);
-  void wait_all(std::vector<WorkPtr>& works);
+  // broadcast from root; adds the bytes averaged to *bytes), finish() waits
+  // and copies out (returns the seconds it waited).
+  std::vector<WorkPtr> start_flat(Flat& flat, bool average, int root, uint64_t* bytes);
+  double finish_flat(Flat& flat, std::vector<WorkPtr>& works, bool average, int root);
+  std::vector<WorkPtr> start_buffer_sync(bool average, int root, uint64_t* bytes);
+  double finish_buffer_sync(std::vector<WorkPtr>& works, bool average, int root);
+  double wait_all(std::vector<WorkPtr>& works);
   void drain() noexcept;
 
   std::shared_ptr<Communicator> comm_;
@@ -422,23 +423,11 @@ class DataParallel {
   std::unique_ptr<Flat> param_flat_;   // all parameters, for averaging/broadcast
   std::unique_ptr<Flat> buffer_flat_;  // floating-point buffers
 
-  // Guards the per-step state below (grad_ready may be concurrent). A plain
-  // std::mutex, not checked by clang's thread-safety analysis: weft::Mutex
-  // and the annotations live in src/core/, which this installed header
-  // cannot include; checking this state would mean moving it behind a
-  // pointer to a struct defined in data_parallel.cc.
-  mutable std::mutex mu_;
-  Phase phase_ = Phase::Idle;
-  bool averaging_ = false;  // this step's gradients are averaged
-  int64_t step_ = 0;
-  double weight_ = 1.0;           // set_gradient_weight()
-  int64_t synced_at_ = 0;         // step_ when the model was last averaged or broadcast
-  std::vector<uint8_t> ready_;    // per parameter
-  std::vector<void*> step_grad_;  // per parameter: where its gradient is this step
-  std::vector<size_t> pending_;   // per bucket: parameters not reported yet
-  size_t next_launch_ = 0;        // first bucket not launched
-  std::vector<WorkPtr> works_;    // per bucket, this step
-  DataParallelStats stats_;
+  // The per-step state (grad_ready may be concurrent) and the lock that
+  // guards it, behind a pointer: its lock is a weft::Mutex whose use clang's
+  // thread-safety analysis checks (src/core/, which this installed header
+  // cannot include).
+  std::unique_ptr<State> state_;
 };
 
 // ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@
 #include <mutex>
 
 #include "balance/host_parse.h"
+#include "core/mutex.h"
 
 namespace weft::balance {
 
@@ -140,9 +141,10 @@ double utilization_of(const Nvml& n, nvmlDevice_t d) {
 // ---- The cgroup paths of this process, resolved once --------------------------
 
 struct CgroupCache {
-  std::mutex mu;
-  pid_t pid = -1;  // the process they were resolved for (a forked child resolves anew)
-  hd::CgroupPaths paths;
+  Mutex mu;
+  pid_t pid GUARDED_BY(mu) =
+      -1;  // the process they were resolved for (a forked child resolves anew)
+  hd::CgroupPaths paths GUARDED_BY(mu);
 };
 
 CgroupCache& cgroup_cache() {
@@ -151,7 +153,7 @@ CgroupCache& cgroup_cache() {
 }
 
 // Resolves the paths when this process has none yet. Needs c.mu held.
-void ensure_resolved(CgroupCache& c) {
+void ensure_resolved(CgroupCache& c) REQUIRES(c.mu) {
   const pid_t pid = getpid();
   if (c.pid == pid) return;
   const auto cg = hd::read_text("/proc/self/cgroup", 64 << 10);
@@ -231,7 +233,7 @@ HostFacts probe_host() {
     // What sample_process() reads from now on: resolved afresh here, as
     // the process may have moved to another group since.
     auto& c = cgroup_cache();
-    std::lock_guard<std::mutex> lock(c.mu);
+    MutexLock lock(&c.mu);
     c.paths = files.cgroups;
     c.pid = getpid();
   }
@@ -280,7 +282,7 @@ ProcessSample sample_process() {
   }
   {
     auto& c = cgroup_cache();
-    std::lock_guard<std::mutex> lock(c.mu);
+    MutexLock lock(&c.mu);
     ensure_resolved(c);
     s.throttled_ns = hd::read_throttled_ns(c.paths);
     s.memory_limit_bytes = hd::read_memory_limit(c.paths);

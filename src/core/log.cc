@@ -86,18 +86,19 @@ namespace {
 // Every live limiter, reported when the process exits (leaked: limiters
 // created by WEFT_LOG_LIMITED live until then, and threads may log while
 // the process exits).
-std::mutex& limiters_mu() {
-  static auto* mu = new std::mutex;
-  return *mu;
-}
-std::set<RateLimiter*>& limiters() {
-  static auto* s = new std::set<RateLimiter*>;
-  return *s;
+struct Limiters {
+  Mutex mu;
+  std::set<RateLimiter*> live GUARDED_BY(mu);
+};
+Limiters& limiters() {
+  static auto* l = new Limiters;
+  return *l;
 }
 
 void report_all_at_exit() {
-  std::lock_guard lock(limiters_mu());
-  for (RateLimiter* l : limiters()) l->report();
+  Limiters& l = limiters();
+  MutexLock lock(&l.mu);
+  for (RateLimiter* r : l.live) r->report();
 }
 
 }  // namespace
@@ -107,20 +108,22 @@ RateLimiter::RateLimiter(std::string what, int burst, std::chrono::seconds perio
   logger();  // constructed first, so destroyed after report_all_at_exit ran
   static std::once_flag once;
   std::call_once(once, [] { std::atexit(report_all_at_exit); });
-  std::lock_guard lock(limiters_mu());
-  limiters().insert(this);
+  Limiters& l = limiters();
+  MutexLock lock(&l.mu);
+  l.live.insert(this);
 }
 
 RateLimiter::~RateLimiter() {
   {
-    std::lock_guard lock(limiters_mu());
-    limiters().erase(this);
+    Limiters& l = limiters();
+    MutexLock lock(&l.mu);
+    l.live.erase(this);
   }
   report();
 }
 
 RateLimiter::Decision RateLimiter::admit(Clock::time_point now) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   ++events_;
   if (in_window_ == 0 || now - window_start_ >= period_) {
     window_start_ = now;
@@ -143,7 +146,7 @@ void RateLimiter::write(Level level, std::string_view message) {
   const Decision d = admit();
   if (!d.write) return;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(&mu_);
     level_ = level;
   }
   std::string line(message);
@@ -160,7 +163,7 @@ void RateLimiter::report() {
   uint64_t n = 0;
   Level level = Level::Warn;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(&mu_);
     n = std::exchange(held_back_, 0);
     level = level_;
   }
@@ -171,12 +174,12 @@ void RateLimiter::report() {
 }
 
 uint64_t RateLimiter::events() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   return events_;
 }
 
 uint64_t RateLimiter::suppressed() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   return suppressed_;
 }
 

@@ -10,9 +10,11 @@
 
 #include <chrono>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <string_view>
+
+#include "core/mutex.h"
+#include "core/thread_annotations.h"
 
 namespace weft::log {
 
@@ -60,13 +62,13 @@ class RateLimiter {
   const std::string what_;
   const int burst_;
   const std::chrono::seconds period_;
-  mutable std::mutex mu_;
-  Clock::time_point window_start_{};  // GUARDED_BY(mu_)
-  int in_window_ = 0;                 // GUARDED_BY(mu_)
-  uint64_t held_back_ = 0;            // GUARDED_BY(mu_)
-  uint64_t events_ = 0;               // GUARDED_BY(mu_)
-  uint64_t suppressed_ = 0;           // GUARDED_BY(mu_)
-  Level level_ = Level::Warn;         // GUARDED_BY(mu_): of the last line, for report()
+  mutable Mutex mu_;
+  Clock::time_point window_start_ GUARDED_BY(mu_){};
+  int in_window_ GUARDED_BY(mu_) = 0;
+  uint64_t held_back_ GUARDED_BY(mu_) = 0;
+  uint64_t events_ GUARDED_BY(mu_) = 0;
+  uint64_t suppressed_ GUARDED_BY(mu_) = 0;
+  Level level_ GUARDED_BY(mu_) = Level::Warn;  // of the last line, for report()
 };
 
 }  // namespace weft::log

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "core/log.h"
+#include "core/mutex.h"
 #include "core/socket.h"
 #include "weft/errors.h"
 
@@ -368,12 +369,16 @@ std::vector<std::string> unknown_variables() {
 
 void validate_environment() {
   for (const Setting* s : kAll) checked(*s);
-  static std::mutex mu;
-  static std::set<std::string> warned;
+  // The names already warned about, once per process.
+  struct Warned {
+    Mutex mu;
+    std::set<std::string> names GUARDED_BY(mu);
+  };
+  static Warned warned;
   for (const auto& name : unknown_variables()) {
     {
-      std::lock_guard lock(mu);
-      if (!warned.insert(name).second) continue;
+      MutexLock lock(&warned.mu);
+      if (!warned.names.insert(name).second) continue;
     }
     const Setting* best = nullptr;
     size_t best_d = 3;  // suggest only close names

@@ -12,6 +12,8 @@
 #include <set>
 
 #include "core/log.h"
+#include "core/mutex.h"
+#include "core/thread_annotations.h"
 #include "weft/errors.h"
 #include "weft/train.h"
 
@@ -168,12 +170,44 @@ struct DataParallel::Flat {
   }
 };
 
+// What a step changes. grad_ready() may run on several threads at once (the
+// autograd engine's), so all of it is guarded by `mu`; the functions that
+// need it held say REQUIRES(mu), and clang's analysis checks every use
+// (make ci-thread-safety).
+struct DataParallel::State {
+  explicit State(DataParallel& owner) : dp(owner) {}
+  DataParallel& dp;  // the immutable parts: parameters, buckets, slots, policy, communicator
+
+  // Asks the policy whether this step's gradients are averaged and resets
+  // the per-step bookkeeping.
+  void open_step() REQUIRES(mu);
+  // Records parameter index's gradient as final (copying it into its slot
+  // when it lives elsewhere) and launches the buckets it completes.
+  void mark_ready(size_t index, void* grad) REQUIRES(mu);
+  // Launches, in bucket order, every complete bucket not launched yet.
+  void launch_in_order() REQUIRES(mu);
+
+  mutable Mutex mu;
+  Phase phase GUARDED_BY(mu) = Phase::Idle;
+  bool averaging GUARDED_BY(mu) = false;  // this step's gradients are averaged
+  int64_t step GUARDED_BY(mu) = 0;        // completed steps
+  double weight GUARDED_BY(mu) = 1.0;     // set_gradient_weight()
+  int64_t synced_at GUARDED_BY(mu) = 0;   // `step` when the model was last averaged or broadcast
+  std::vector<uint8_t> ready GUARDED_BY(mu);    // per parameter
+  std::vector<void*> step_grad GUARDED_BY(mu);  // per parameter: where its gradient is this step
+  std::vector<size_t> pending GUARDED_BY(mu);   // per bucket: parameters not reported yet
+  size_t next_launch GUARDED_BY(mu) = 0;        // first bucket not launched
+  std::vector<WorkPtr> works GUARDED_BY(mu);    // per bucket, this step
+  DataParallelStats stats GUARDED_BY(mu);
+};
+
 DataParallel::DataParallel(std::shared_ptr<Communicator> comm, std::vector<Parameter> params,
                            std::vector<StateBuffer> buffers, DataParallelOptions options)
     : comm_(std::move(comm)),
       params_(std::move(params)),
       buffers_(std::move(buffers)),
-      options_(std::move(options)) {
+      options_(std::move(options)),
+      state_(std::make_unique<State>(*this)) {
   if (!comm_) throw InvalidArgument("DataParallel: the communicator is null");
   std::set<std::string> names;
   for (const Parameter& p : params_) {
@@ -217,10 +251,13 @@ DataParallel::DataParallel(std::shared_ptr<Communicator> comm, std::vector<Param
     }
   }
   grad_storage_ = allocate_zeroed(total);
-  ready_.assign(params_.size(), 0);
-  step_grad_.assign(params_.size(), nullptr);
-  pending_.assign(buckets_.size(), 0);
-  works_.resize(buckets_.size());
+  {
+    MutexLock lock(&state_->mu);
+    state_->ready.assign(params_.size(), 0);
+    state_->step_grad.assign(params_.size(), nullptr);
+    state_->pending.assign(buckets_.size(), 0);
+    state_->works.resize(buckets_.size());
+  }
 
   param_flat_ = Flat::make(params_, options_.buckets.bucket_bytes);
   std::vector<Parameter> floating;
@@ -241,14 +278,16 @@ DataParallel::~DataParallel() { drain(); }
 // communicator is aborted (they fail at once, naming this rank, instead of
 // hanging until their deadline) before the bucket memory is released.
 void DataParallel::drain() noexcept {
+  MutexLock lock(&state_->mu);
   bool in_flight = false;
-  for (WorkPtr& w : works_) in_flight = in_flight || (w && !w->test());
+  for (WorkPtr& w : state_->works) in_flight = in_flight || (w && !w->test());
   if (in_flight) {
-    WEFT_WARN("DataParallel destroyed in the middle of step {}: aborting the communicator", step_);
+    const int64_t step = state_->step;
+    WEFT_WARN("DataParallel destroyed in the middle of step {}: aborting the communicator", step);
     comm_->abort(
-        fmt::format("DataParallel destroyed with gradient allreduces of step {} in flight", step_));
+        fmt::format("DataParallel destroyed with gradient allreduces of step {} in flight", step));
   }
-  for (WorkPtr& w : works_) {
+  for (WorkPtr& w : state_->works) {
     if (!w) continue;
     try {
       w->wait(options_.timeout);
@@ -321,14 +360,14 @@ Buffer DataParallel::grad_slot(size_t index) const {
   return Buffer(slot_data(index), params_[index].numel(), params_[index].dtype);
 }
 
-void DataParallel::open_step_locked() {
-  averaging_ = policy_->average_gradients(step_) && comm_->size() > 1;
-  phase_ = Phase::Open;
-  if (!averaging_) return;
-  std::fill(ready_.begin(), ready_.end(), 0);
-  std::fill(step_grad_.begin(), step_grad_.end(), nullptr);
-  for (size_t b = 0; b < buckets_.size(); ++b) pending_[b] = buckets_[b].params.size();
-  next_launch_ = 0;
+void DataParallel::State::open_step() {
+  averaging = dp.policy_->average_gradients(step) && dp.comm_->size() > 1;
+  phase = Phase::Open;
+  if (!averaging) return;
+  std::fill(ready.begin(), ready.end(), 0);
+  std::fill(step_grad.begin(), step_grad.end(), nullptr);
+  for (size_t b = 0; b < dp.buckets_.size(); ++b) pending[b] = dp.buckets_[b].params.size();
+  next_launch = 0;
 }
 
 void DataParallel::grad_ready(size_t index) {
@@ -337,44 +376,45 @@ void DataParallel::grad_ready(size_t index) {
 }
 
 void DataParallel::grad_ready(size_t index, void* grad) {
-  std::lock_guard lock(mu_);
   if (index >= params_.size() || slots_[index].bucket == SIZE_MAX) (void)grad_slot(index);
-  if (phase_ == Phase::Idle) open_step_locked();
-  if (!averaging_) return;
-  if (phase_ == Phase::Finished) {
+  State& st = *state_;
+  MutexLock lock(&st.mu);
+  if (st.phase == Phase::Idle) st.open_step();
+  if (!st.averaging) return;
+  if (st.phase == Phase::Finished) {
     throw InvalidArgument(fmt::format(
         "DataParallel: gradient of '{}' reported after finish_gradients() in step {}: call "
         "end_step() after the optimizer update, before the next backward pass",
-        params_[index].name, step_));
+        params_[index].name, st.step));
   }
-  mark_ready_locked(index, grad);
+  st.mark_ready(index, grad);
 }
 
-void DataParallel::mark_ready_locked(size_t index, void* grad) {
-  if (ready_[index]) {
+void DataParallel::State::mark_ready(size_t index, void* grad) {
+  if (ready[index]) {
     throw InvalidArgument(fmt::format(
         "DataParallel: gradient of '{}' reported twice in step {} (is backward run twice per "
         "step? accumulating gradients over several backward passes needs finish_gradients() "
         "and end_step() in between)",
-        params_[index].name, step_));
+        dp.params_[index].name, step));
   }
-  ready_[index] = 1;
-  step_grad_[index] = grad;
-  void* slot = slot_data(index);
-  if (grad != nullptr && grad != slot) std::memcpy(slot, grad, params_[index].bytes());
-  if (--pending_[slots_[index].bucket] == 0) launch_in_order_locked();
+  ready[index] = 1;
+  step_grad[index] = grad;
+  void* slot = dp.slot_data(index);
+  if (grad != nullptr && grad != slot) std::memcpy(slot, grad, dp.params_[index].bytes());
+  if (--pending[dp.slots_[index].bucket] == 0) launch_in_order();
 }
 
-void DataParallel::launch_in_order_locked() {
-  const AllreduceOptions opts{ReduceOp::Avg, options_.timeout};
-  while (next_launch_ < buckets_.size() && pending_[next_launch_] == 0) {
-    const Bucket& b = buckets_[next_launch_];
-    void* data = static_cast<std::byte*>(grad_storage_.get()) + bucket_offset_[next_launch_];
-    if (weight_ != 1.0) scale_in_place(data, b.numel, b.dtype, weight_);
-    works_[next_launch_] = comm_->allreduce_async(Buffer(data, b.numel, b.dtype), opts);
-    stats_.bucket_allreduces += 1;
-    stats_.bytes_allreduced += b.bytes();
-    ++next_launch_;
+void DataParallel::State::launch_in_order() {
+  const AllreduceOptions opts{ReduceOp::Avg, dp.options_.timeout};
+  while (next_launch < dp.buckets_.size() && pending[next_launch] == 0) {
+    const Bucket& b = dp.buckets_[next_launch];
+    void* data = static_cast<std::byte*>(dp.grad_storage_.get()) + dp.bucket_offset_[next_launch];
+    if (weight != 1.0) scale_in_place(data, b.numel, b.dtype, weight);
+    works[next_launch] = dp.comm_->allreduce_async(Buffer(data, b.numel, b.dtype), opts);
+    stats.bucket_allreduces += 1;
+    stats.bytes_allreduced += b.bytes();
+    ++next_launch;
   }
 }
 
@@ -383,129 +423,171 @@ void DataParallel::set_gradient_weight(double weight) {
     throw InvalidArgument(
         fmt::format("DataParallel::set_gradient_weight: {} is not a finite number >= 0", weight));
   }
-  check_idle("set_gradient_weight");
-  std::lock_guard lock(mu_);
-  weight_ = weight;
+  MutexLock lock(&state_->mu);
+  if (state_->phase != Phase::Idle) {
+    throw InvalidArgument(fmt::format(
+        "DataParallel::set_gradient_weight called inside step {} (the step is open): call it "
+        "between end_step() and the next step",
+        state_->step));
+  }
+  state_->weight = weight;
 }
 
 double DataParallel::gradient_weight() const {
-  std::lock_guard lock(mu_);
-  return weight_;
+  MutexLock lock(&state_->mu);
+  return state_->weight;
 }
 
 void DataParallel::begin_step() {
-  std::lock_guard lock(mu_);
-  if (phase_ == Phase::Idle) open_step_locked();
+  MutexLock lock(&state_->mu);
+  if (state_->phase == Phase::Idle) state_->open_step();
 }
 
 bool DataParallel::step_open() const {
-  std::lock_guard lock(mu_);
-  return phase_ != Phase::Idle;
+  MutexLock lock(&state_->mu);
+  return state_->phase != Phase::Idle;
+}
+
+int64_t DataParallel::step() const {
+  MutexLock lock(&state_->mu);
+  return state_->step;
 }
 
 bool DataParallel::step_averages_gradients() const {
-  std::lock_guard lock(mu_);
-  if (phase_ == Phase::Idle) {
+  MutexLock lock(&state_->mu);
+  if (state_->phase == Phase::Idle) {
     throw InvalidArgument(fmt::format(
         "DataParallel::step_averages_gradients: step {} is not open yet (the policy decides when "
         "it opens): call begin_step() first, or ask after the first grad_ready()",
-        step_));
+        state_->step));
   }
-  return averaging_;
+  return state_->averaging;
 }
 
+// Holds the lock while it waits: grad_ready() may not run any more in this
+// step (the contract), and the buckets in flight are this step's.
 void DataParallel::finish_gradients() {
-  std::lock_guard lock(mu_);
-  if (phase_ == Phase::Idle) open_step_locked();
-  if (phase_ == Phase::Finished) return;
-  phase_ = Phase::Finished;
-  if (!averaging_) return;
+  State& st = *state_;
+  MutexLock lock(&st.mu);
+  if (st.phase == Phase::Idle) st.open_step();
+  if (st.phase == Phase::Finished) return;
+  st.phase = Phase::Finished;
+  if (!st.averaging) return;
   // Parameters never reported contribute their gradient buffer as it is.
-  for (size_t b = next_launch_; b < buckets_.size(); ++b) {
-    if (pending_[b] == 0) continue;
+  for (size_t b = st.next_launch; b < buckets_.size(); ++b) {
+    if (st.pending[b] == 0) continue;
     for (size_t i : buckets_[b].params) {
-      if (!ready_[i]) mark_ready_locked(i, params_[i].grad);
+      if (!st.ready[i]) st.mark_ready(i, params_[i].grad);
     }
   }
-  launch_in_order_locked();
+  st.launch_in_order();
   std::vector<WorkPtr> buffer_works;
   DrainGuard guard(buffer_works);
-  if (options_.sync_buffers) buffer_works = start_buffer_sync(true, 0);
-  wait_all(works_);
+  if (options_.sync_buffers) {
+    buffer_works = start_buffer_sync(true, 0, &st.stats.bytes_allreduced);
+  }
+  st.stats.wait_seconds += wait_all(st.works);
   for (size_t i = 0; i < params_.size(); ++i) {
-    void* g = step_grad_[i];
+    void* g = st.step_grad[i];
     if (g != nullptr && slots_[i].bucket != SIZE_MAX && g != slot_data(i)) {
       std::memcpy(g, slot_data(i), params_[i].bytes());
     }
   }
-  if (options_.sync_buffers) finish_buffer_sync(buffer_works, true, 0);
-  stats_.averaged_steps += 1;
+  if (options_.sync_buffers) st.stats.wait_seconds += finish_buffer_sync(buffer_works, true, 0);
+  st.stats.averaged_steps += 1;
 }
 
 void DataParallel::end_step() {
   finish_gradients();
+  int64_t step = 0;
   {
-    std::lock_guard lock(mu_);
-    phase_ = Phase::Idle;
+    MutexLock lock(&state_->mu);
+    state_->phase = Phase::Idle;
+    step = state_->step;
   }
-  policy_->after_update(step_, *this);
-  ++step_;
-  stats_.steps += 1;
+  // Not under the lock: the policy may average the parameters.
+  policy_->after_update(step, *this);
+  MutexLock lock(&state_->mu);
+  state_->step = step + 1;
+  state_->stats.steps += 1;
 }
 
-void DataParallel::check_idle(const char* what) const {
-  std::lock_guard lock(mu_);
-  if (phase_ != Phase::Idle) {
+int64_t DataParallel::check_idle(const char* what) const {
+  MutexLock lock(&state_->mu);
+  if (state_->phase != Phase::Idle) {
     throw InvalidArgument(fmt::format(
         "DataParallel::{} called inside step {} (the step is open: begin_step() was called or a "
         "gradient was reported): call it between end_step() and the next step",
-        what, step_));
+        what, state_->step));
   }
+  return state_->step;
 }
 
 void DataParallel::synchronize() {
-  check_idle("synchronize");
-  if (synced_at_ != step_ && policy_->parameters_may_differ(step_)) average_parameters();
+  const int64_t step = check_idle("synchronize");
+  int64_t synced_at = 0;
+  {
+    MutexLock lock(&state_->mu);
+    synced_at = state_->synced_at;
+  }
+  if (synced_at != step && policy_->parameters_may_differ(step)) average_parameters();
 }
 
 void DataParallel::average_parameters() {
-  check_idle("average_parameters");
-  stats_.parameter_averages += 1;
-  synced_at_ = step_;
+  const int64_t step = check_idle("average_parameters");
+  {
+    MutexLock lock(&state_->mu);
+    state_->stats.parameter_averages += 1;
+    state_->synced_at = step;
+  }
   if (comm_->size() == 1) return;
-  auto works = start_flat(*param_flat_, true, 0);
+  uint64_t bytes = 0;
+  double waited = 0;
+  auto works = start_flat(*param_flat_, true, 0, &bytes);
   DrainGuard guard(works);
   std::vector<WorkPtr> buffer_works;
   DrainGuard buffer_guard(buffer_works);
-  if (options_.sync_buffers) buffer_works = start_buffer_sync(true, 0);
-  finish_flat(*param_flat_, works, true, 0);
-  if (options_.sync_buffers) finish_buffer_sync(buffer_works, true, 0);
+  if (options_.sync_buffers) buffer_works = start_buffer_sync(true, 0, &bytes);
+  waited += finish_flat(*param_flat_, works, true, 0);
+  if (options_.sync_buffers) waited += finish_buffer_sync(buffer_works, true, 0);
+  MutexLock lock(&state_->mu);
+  state_->stats.bytes_allreduced += bytes;
+  state_->stats.wait_seconds += waited;
 }
 
 void DataParallel::sync_buffers() {
   check_idle("sync_buffers");
   if (comm_->size() == 1) return;
-  auto works = start_buffer_sync(true, 0);
+  uint64_t bytes = 0;
+  auto works = start_buffer_sync(true, 0, &bytes);
   DrainGuard guard(works);
-  finish_buffer_sync(works, true, 0);
+  const double waited = finish_buffer_sync(works, true, 0);
+  MutexLock lock(&state_->mu);
+  state_->stats.bytes_allreduced += bytes;
+  state_->stats.wait_seconds += waited;
 }
 
 void DataParallel::broadcast_model(int root) {
-  check_idle("broadcast_model");
+  const int64_t step = check_idle("broadcast_model");
   if (root < 0 || root >= comm_->size()) {
     throw InvalidArgument(fmt::format("DataParallel::broadcast_model: root {} out of range", root));
   }
-  synced_at_ = step_;
+  {
+    MutexLock lock(&state_->mu);
+    state_->synced_at = step;
+  }
   if (comm_->size() == 1) return;
-  auto works = start_flat(*param_flat_, false, root);
+  auto works = start_flat(*param_flat_, false, root, nullptr);
   DrainGuard guard(works);
-  auto buffer_works = start_buffer_sync(false, root);
+  auto buffer_works = start_buffer_sync(false, root, nullptr);
   DrainGuard buffer_guard(buffer_works);
-  finish_flat(*param_flat_, works, false, root);
-  finish_buffer_sync(buffer_works, false, root);
+  double waited = finish_flat(*param_flat_, works, false, root);
+  waited += finish_buffer_sync(buffer_works, false, root);
+  MutexLock lock(&state_->mu);
+  state_->stats.wait_seconds += waited;
 }
 
-std::vector<WorkPtr> DataParallel::start_flat(Flat& flat, bool average, int root) {
+std::vector<WorkPtr> DataParallel::start_flat(Flat& flat, bool average, int root, uint64_t* bytes) {
   std::vector<WorkPtr> works;
   const bool is_root = comm_->rank() == root;
   for (const Flat::Group& g : flat.groups) {
@@ -513,7 +595,7 @@ std::vector<WorkPtr> DataParallel::start_flat(Flat& flat, bool average, int root
     Buffer buf(flat.at(g.offset), g.numel, g.dtype);
     if (average) {
       works.push_back(comm_->allreduce_async(buf, {ReduceOp::Avg, options_.timeout}));
-      stats_.bytes_allreduced += buf.bytes();
+      if (bytes != nullptr) *bytes += buf.bytes();
     } else {
       works.push_back(comm_->broadcast_async(buf, {root, options_.timeout}));
     }
@@ -521,22 +603,24 @@ std::vector<WorkPtr> DataParallel::start_flat(Flat& flat, bool average, int root
   return works;
 }
 
-void DataParallel::finish_flat(Flat& flat, std::vector<WorkPtr>& works, bool average, int root) {
+double DataParallel::finish_flat(Flat& flat, std::vector<WorkPtr>& works, bool average, int root) {
   DrainGuard guard(works);
   const bool is_root = comm_->rank() == root;
+  double waited = 0;
   for (size_t k = 0; k < works.size(); ++k) {
     const auto t0 = Clock::now();
     works[k]->wait(options_.timeout);
-    stats_.wait_seconds += seconds_since(t0);
+    waited += seconds_since(t0);
     works[k].reset();
     if (average || !is_root) flat.copy_out(flat.groups[k]);
   }
+  return waited;
 }
 
 // Floating-point buffers are averaged (or broadcast), the others broadcast
 // from rank 0 (or root), in place.
-std::vector<WorkPtr> DataParallel::start_buffer_sync(bool average, int root) {
-  std::vector<WorkPtr> works = start_flat(*buffer_flat_, average, root);
+std::vector<WorkPtr> DataParallel::start_buffer_sync(bool average, int root, uint64_t* bytes) {
+  std::vector<WorkPtr> works = start_flat(*buffer_flat_, average, root, bytes);
   for (const StateBuffer& b : buffers_) {
     if (dtype_is_floating(b.dtype) || b.numel() == 0) continue;
     works.push_back(comm_->broadcast_async(Buffer(b.data, b.numel(), b.dtype),
@@ -545,18 +629,18 @@ std::vector<WorkPtr> DataParallel::start_buffer_sync(bool average, int root) {
   return works;
 }
 
-void DataParallel::finish_buffer_sync(std::vector<WorkPtr>& works, bool average, int root) {
+double DataParallel::finish_buffer_sync(std::vector<WorkPtr>& works, bool average, int root) {
   const size_t groups = buffer_flat_->groups.size();
   std::vector<WorkPtr> flat_works(works.begin(), works.begin() + static_cast<ptrdiff_t>(groups));
   std::vector<WorkPtr> rest(works.begin() + static_cast<ptrdiff_t>(groups), works.end());
   works.clear();
   DrainGuard guard(flat_works);
   DrainGuard rest_guard(rest);
-  finish_flat(*buffer_flat_, flat_works, average, root);
-  wait_all(rest);
+  const double waited = finish_flat(*buffer_flat_, flat_works, average, root);
+  return waited + wait_all(rest);
 }
 
-void DataParallel::wait_all(std::vector<WorkPtr>& works) {
+double DataParallel::wait_all(std::vector<WorkPtr>& works) {
   DrainGuard guard(works);
   const auto t0 = Clock::now();
   for (WorkPtr& w : works) {
@@ -564,12 +648,12 @@ void DataParallel::wait_all(std::vector<WorkPtr>& works) {
     w->wait(options_.timeout);
     w.reset();
   }
-  stats_.wait_seconds += seconds_since(t0);
+  return seconds_since(t0);
 }
 
 DataParallelStats DataParallel::stats() const {
-  std::lock_guard lock(mu_);
-  return stats_;
+  MutexLock lock(&state_->mu);
+  return state_->stats;
 }
 
 }  // namespace weft::train

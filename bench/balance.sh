@@ -236,6 +236,7 @@ thr_end() {
 }
 
 results="$out/results.txt"  # KEY ROUND FOREIGN RATE RATE_ALL [EXTRA...]
+: >"$results"
 record() { echo "$*" >>"$results"; echo "  $*" >&2; }
 
 # One 4-worker weft job; rank 3 in cgroup $3 ("" for none).

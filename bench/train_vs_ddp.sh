@@ -62,21 +62,10 @@ rows = [json.loads(l[l.index("{"):]) for l in open(sys.argv[1]) if "{" in l and 
 print("%.1f %.1f" % (rows[-1]["samples_per_s_all"], rows[-1]["samples_per_s"]))' "$1"
 }
 
-# Busy CPU time of the whole machine so far, in clock ticks.
-hz=$(getconf CLK_TCK)
 cores=$(nproc)
-busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
-wait_quiet() {
-  local waited=0 a b
-  while [ "$waited" -lt "$quiet_wait" ]; do
-    a=$(busy); sleep 1; b=$(busy); waited=$((waited + 1))
-    [ $((b - a)) -le $((hz * cores / 10)) ] && return 0
-  done
-  echo "(the machine did not get quiet within ${quiet_wait}s: measuring anyway)" >&2
-}
+. "$(dirname "$0")/quiet.sh"  # busy, wait_quiet, measure_start
 # measure_start; run; measure_end RUSAGE_FILES...: sets $foreign, the share
 # of the machine's CPU time that other processes took meanwhile.
-measure_start() { b0=$(busy); t0=$(date +%s.%N); }
 measure_end() {
   local b1 t1 ours
   b1=$(busy); t1=$(date +%s.%N)

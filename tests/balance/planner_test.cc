@@ -136,7 +136,8 @@ TEST(Replan, ConvergesToEqualComputeTimesOnAThrottledWorker) {
     const Plan p = replan(s, rates, o);
     EXPECT_EQ(sum(p.shares), 256);
     for (size_t i = 0; i < s.size(); ++i) {
-      EXPECT_LE(std::abs(p.shares[i] - s[i]), static_cast<int64_t>(o.max_change * 64) + 1) << p.reason;
+      EXPECT_LE(std::abs(p.shares[i] - s[i]), static_cast<int64_t>(o.max_change * 64) + 1)
+          << p.reason;
     }
     s = p.shares;
   }
@@ -208,7 +209,8 @@ TEST(Replan, RecordedTraceOfAThrottledWorker) {
     EXPECT_EQ(sum(p.shares), 256);
     for (size_t i = 0; i < s.size(); ++i) {
       EXPECT_GE(p.shares[i], 8);
-      EXPECT_LE(std::abs(p.shares[i] - s[i]), static_cast<int64_t>(o.max_change * 64) + 1) << p.reason;
+      EXPECT_LE(std::abs(p.shares[i] - s[i]), static_cast<int64_t>(o.max_change * 64) + 1)
+          << p.reason;
     }
     changes += p.changed ? 1 : 0;
     s = p.shares;

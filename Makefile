@@ -15,6 +15,10 @@ SMALL_BUILD := -DWEFT_BUILD_BENCH=OFF -DWEFT_BUILD_EXAMPLES=OFF $(LAUNCHER)
 # tests/CMakeLists.txt), and under ASan the reduction kernels too (single-threaded: not for TSan).
 SAN_TARGETS := engine_test matching_test shm_transport_test shm_p2p_test shm_process_test shm_worker \
   collectives_test coll_worker comm_fault_test comm_worker weft_cli
+# Also the engine's, the balancer's and the shard queue's tests (threads with in-process worlds,
+# the queue's state parser fed every truncation and flipped byte), selected by suite name.
+SAN_UNIT_TARGETS := train_test planner_test balancer_test shard_queue_test
+SAN_UNIT_TESTS := '^(DataParallel|Replan|ProportionalShares|SanitizeRates|GradientWeight|Balancer|ShardQueue|ShardQueueState)\.'
 # The collective matrices run whole in the Release suite; under the sanitizers only the in-process
 # worlds of 1 and 2 ranks (the others take 4 to 6 minutes each there under ASan on 2 cores, and the
 # whole set far longer under TSan).
@@ -43,7 +47,8 @@ test-release: build
 # The checks CI adds to the test suite (each can be run on its own):
 # - format-check: every C++ file as .clang-format says (`make format` fixes);
 # - ci-thread-safety: clang with -Wthread-safety -Werror (core/thread_annotations.h), in build-clang/;
-# - ci-asan: AddressSanitizer + UBSan build of the transport, collective, fault and kernel tests, in build-asan/;
+# - ci-asan: AddressSanitizer + UBSan build of the transport, collective, fault and kernel tests and
+#   the engine, balancer and shard-queue suites, in build-asan/;
 # - ci-tsan: ThreadSanitizer build of the same, in build-tsan/ (suppressions: scripts/tsan.supp).
 ci-checks: format-check ci-thread-safety ci-asan ci-tsan
 
@@ -57,15 +62,19 @@ ci-thread-safety: deps
 
 ci-asan: deps
 	cmake --preset asan $(SMALL_BUILD)
-	cmake --build build-asan -j $(JOBS) --target $(SAN_TARGETS) reduce_kernels_test
+	cmake --build build-asan -j $(JOBS) --target $(SAN_TARGETS) $(SAN_UNIT_TARGETS) reduce_kernels_test
 	cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(SAN_CTEST) -L '^(transport|collectives|fault|kernels)$$'
+	cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(SAN_CTEST) -R $(SAN_UNIT_TESTS)
 
 ci-tsan: deps
 	cmake --preset tsan $(SMALL_BUILD)
-	cmake --build build-tsan -j $(JOBS) --target $(SAN_TARGETS)
+	cmake --build build-tsan -j $(JOBS) --target $(SAN_TARGETS) $(SAN_UNIT_TARGETS)
 	cd build-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$(CURDIR)/scripts/tsan.supp" \
 	  $(SAN_CTEST) -L '^(transport|collectives|fault)$$'
+	cd build-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$(CURDIR)/scripts/tsan.supp" \
+	  $(SAN_CTEST) -R $(SAN_UNIT_TESTS)
 
 demo: build
 	scripts/demo.sh $(DEMO_ARGS)

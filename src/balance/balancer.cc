@@ -9,8 +9,8 @@
 #include <deque>
 #include <exception>
 #include <nlohmann/json.hpp>
-#include <numeric>
 
+#include "balance/median.h"
 #include "core/log.h"
 #include "weft/balance.h"
 #include "weft/errors.h"
@@ -85,13 +85,6 @@ HostFacts host_from_json(const std::string& text) {
   }
   h.gpu_note = j.at("gpu_note").get<std::string>();
   return h;
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
-  const size_t m = v.size() / 2;
-  return v.size() % 2 != 0 ? v[m] : (v[m - 1] + v[m]) / 2;
 }
 
 std::string shares_text(std::span<const int64_t> s) { return fmt::format("{}", fmt::join(s, " ")); }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "balance/median.h"
 #include "weft/balance.h"
 #include "weft/errors.h"
 
@@ -100,17 +101,12 @@ std::vector<double> sanitize_rates(std::span<const double> rates, std::vector<si
   for (double r : rates) {
     if (valid_rate(r)) valid.push_back(r);
   }
-  double median = 1;
-  if (!valid.empty()) {
-    std::sort(valid.begin(), valid.end());
-    const size_t m = valid.size() / 2;
-    median = valid.size() % 2 != 0 ? valid[m] : (valid[m - 1] + valid[m]) / 2;
-  }
+  const double med = valid.empty() ? 1.0 : median(std::move(valid));
   std::vector<double> out(rates.begin(), rates.end());
   if (replaced != nullptr) replaced->clear();
   for (size_t i = 0; i < out.size(); ++i) {
     if (!valid_rate(out[i])) {
-      out[i] = median;
+      out[i] = med;
       if (replaced != nullptr) replaced->push_back(i);
     }
   }

@@ -17,10 +17,12 @@ set(WEFT_PUBLIC_HEADERS
   work.h=comm
   communicator.h=api
   init.h=api
+  elastic.h=api
   weft.h=api
   data.h=data
   shard_queue.h=data
   train.h=train
+  elastic_state.h=train
   balance.h=balance
   host.h=balance
   torch.h=torch)

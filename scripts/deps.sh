@@ -7,7 +7,7 @@
 set -euo pipefail
 packages=(
   cmake ninja-build g++ make pkg-config
-  libssl-dev libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev
+  libssl-dev libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libxxhash-dev
   libgtest-dev libgmock-dev
   clang clang-format
   libtorch-dev dataset-fashion-mnist

@@ -52,6 +52,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "weft/communicator.h"
 #include "weft/train.h"
@@ -108,6 +109,9 @@ class DataParallel {
   // Makes parameters and buffers equal on every rank (local SGD: averages
   // them if they may differ). Call before evaluating or saving. Collective.
   void synchronize();
+  // Elastic training: continues on a new communicator; a step a failure
+  // left open is abandoned (train::DataParallel::rebind).
+  void rebind(std::shared_ptr<Communicator> comm, std::optional<int64_t> step = std::nullopt);
 
   ::torch::nn::Module& module() const;
   train::DataParallel& engine() const;

@@ -69,6 +69,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -334,6 +335,15 @@ class DataParallel {
   // are not averaged (local SGD).
   void set_gradient_weight(double weight);
   double gradient_weight() const;
+
+  // Elastic training: continues on `comm` (a new generation, after a
+  // failure or a join) instead of the current communicator. A step left
+  // open by a failure is abandoned: its allreduces still in flight are
+  // failed (the old communicator is aborted when one still runs) and waited
+  // for, and the next step starts afresh. `step`, when given, becomes the
+  // count of completed steps (that of the state restored). The caller then
+  // restores the model, so that the replicas are equal again.
+  void rebind(std::shared_ptr<Communicator> comm, std::optional<int64_t> step = std::nullopt);
 
   // Makes the parameters and buffers equal on every rank now (averages them
   // when the policy says they may differ, e.g. before evaluating or saving a

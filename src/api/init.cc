@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "api/access.h"
+#include "api/launch_store.h"
 #include "comm/group.h"
 #include "comm/world.h"
 #include "core/auth.h"
@@ -308,48 +309,51 @@ LaunchEnvironment detect_launch_environment() {
   return env;
 }
 
+std::shared_ptr<Store> connect_launch_store(const LaunchEnvironment& env, CommOptions& options,
+                                            std::shared_ptr<TcpStoreServer>* server) {
+  if (env.launcher == "none") {
+    // One process on its own: nothing to rendezvous with.
+    if (options.job_token.empty()) options.job_token = auth::generate_token();
+    return std::make_shared<MemoryStore>();
+  }
+  if (env.launcher != "weft" && options.job_token.empty() && !options.allow_unauthenticated) {
+    throw InvalidArgument(token_advice(env.launcher));
+  }
+  TcpStoreOptions so;
+  so.timeout = settings::get(settings::kStoreTimeout);
+  so.job_token = options.job_token;
+  so.allow_unauthenticated = options.allow_unauthenticated;
+  const std::string where = net::join_host_port(env.store_host, env.store_port);
+  if (env.serve_store && env.rank == 0) {
+    *server = serve_store(env, so);
+    WEFT_INFO("serving the rendezvous store on port {} ({})", (*server)->port(), where);
+  }
+  auto tcp = std::make_shared<TcpStore>(env.store_host, env.store_port, so);
+  const std::string who = env.launcher == "weft" ? "served by weft run"
+                          : env.serve_store      ? "served by rank 0"
+                                                 : "served outside the job: WEFT_STORE_EXTERNAL=1";
+  WEFT_INFO("connecting to the rendezvous store at {} ({}, {})", where, env.store_variable, who);
+  try {
+    tcp->connect();
+  } catch (const StoreError& e) {
+    throw StoreError(
+        fmt::format("rank {}: cannot reach the rendezvous store at {} ({}, {}): {}{}", env.rank,
+                    where, env.store_variable, who, e.what(),
+                    env.serve_store ? "; is rank 0 running, on the host that address names?" : ""));
+  }
+  if (env.launcher != "weft") check_job(*tcp, env, where);
+  return tcp;
+}
+
 std::shared_ptr<Communicator> init(CommOptions options) {
   settings::validate_environment();
   LaunchEnvironment env = detect_launch_environment();
   log::set_rank(env.rank);
-  std::shared_ptr<Store> store;
   std::shared_ptr<TcpStoreServer> server;
   // While this rank waits at rendezvous it watches its launcher.
   std::optional<rendezvous::LauncherWatch> watch;
-  if (env.launcher == "none") {
-    // One process on its own: nothing to rendezvous with.
-    if (options.job_token.empty()) options.job_token = auth::generate_token();
-    store = std::make_shared<MemoryStore>();
-  } else {
-    if (env.launcher != "weft" && options.job_token.empty() && !options.allow_unauthenticated) {
-      throw InvalidArgument(token_advice(env.launcher));
-    }
-    watch.emplace(env.launcher);
-    TcpStoreOptions so;
-    so.timeout = settings::get(settings::kStoreTimeout);
-    so.job_token = options.job_token;
-    so.allow_unauthenticated = options.allow_unauthenticated;
-    const std::string where = net::join_host_port(env.store_host, env.store_port);
-    if (env.serve_store && env.rank == 0) {
-      server = serve_store(env, so);
-      WEFT_INFO("serving the rendezvous store on port {} ({})", server->port(), where);
-    }
-    auto tcp = std::make_shared<TcpStore>(env.store_host, env.store_port, so);
-    const std::string who = env.launcher == "weft" ? "served by weft run"
-                            : env.serve_store      ? "served by rank 0"
-                                              : "served outside the job: WEFT_STORE_EXTERNAL=1";
-    WEFT_INFO("connecting to the rendezvous store at {} ({}, {})", where, env.store_variable, who);
-    try {
-      tcp->connect();
-    } catch (const StoreError& e) {
-      throw StoreError(fmt::format(
-          "rank {}: cannot reach the rendezvous store at {} ({}, {}): {}{}", env.rank, where,
-          env.store_variable, who, e.what(),
-          env.serve_store ? "; is rank 0 running, on the host that address names?" : ""));
-    }
-    if (env.launcher != "weft") check_job(*tcp, env, where);
-    store = tcp;
-  }
+  if (env.launcher != "none") watch.emplace(env.launcher);
+  auto store = connect_launch_store(env, options, &server);
   auto world = comm::World::create(env.rank, env.size, store, std::move(options), env.store_host);
   watch.reset();
   if (server) world->keep_alive(server);

@@ -13,8 +13,11 @@ thread_local LauncherWatch* t_watch = nullptr;
 
 }  // namespace
 
-LauncherWatch::LauncherWatch(std::string launcher)
-    : launcher_(std::move(launcher)), parent_(::getppid()), outer_(t_watch) {
+LauncherWatch::LauncherWatch(std::string launcher, std::function<std::string()> also)
+    : launcher_(std::move(launcher)),
+      also_(std::move(also)),
+      parent_(::getppid()),
+      outer_(t_watch) {
   t_watch = this;
 }
 
@@ -22,6 +25,9 @@ LauncherWatch::~LauncherWatch() { t_watch = outer_; }
 
 void check_launcher(std::string_view waiting_for) {
   if (t_watch == nullptr) return;
+  if (std::string reason = t_watch->also(); !reason.empty()) {
+    throw AbortedError(fmt::format("stopped waiting for {}: {}", waiting_for, reason));
+  }
   const pid_t now = ::getppid();
   if (now == t_watch->parent()) return;
   throw AbortedError(fmt::format(

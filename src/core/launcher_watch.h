@@ -17,6 +17,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -26,23 +27,29 @@ namespace weft::rendezvous {
 // (thread-local; nests: the innermost one counts).
 class LauncherWatch {
  public:
-  explicit LauncherWatch(std::string launcher);
+  // `also` (optional) is asked too at every check: a non-empty answer is a
+  // reason to stop waiting (elastic: a member of the generation being
+  // formed died).
+  explicit LauncherWatch(std::string launcher, std::function<std::string()> also = {});
   ~LauncherWatch();
   LauncherWatch(const LauncherWatch&) = delete;
   LauncherWatch& operator=(const LauncherWatch&) = delete;
 
   const std::string& launcher() const { return launcher_; }
   pid_t parent() const { return parent_; }
+  std::string also() const { return also_ ? also_() : std::string(); }
 
  private:
   std::string launcher_;
+  std::function<std::string()> also_;
   pid_t parent_;
   LauncherWatch* outer_;
 };
 
 // Throws weft::AbortedError ("... the launcher (mpirun, pid P) is gone
 // while waiting for <waiting_for>") when a LauncherWatch of this thread sees
-// its parent gone; does nothing without a watch.
+// its parent gone, or "stopped waiting for <waiting_for>: <reason>" when
+// its `also` gives a reason; does nothing without a watch.
 void check_launcher(std::string_view waiting_for);
 
 // How often a start-up wait reports what it waits for

@@ -21,7 +21,7 @@ namespace weft::settings {
 namespace {
 
 // The table of every setting, in documentation order (`weft config`).
-constexpr std::array<const Setting*, 46> kAll = {
+constexpr std::array<const Setting*, 50> kAll = {
     &kRank,
     &kWorldSize,
     &kLocalRank,
@@ -31,6 +31,10 @@ constexpr std::array<const Setting*, 46> kAll = {
     &kStore,
     &kStoreExternal,
     &kStorePort,
+    &kElastic,
+    &kMember,
+    &kElasticSettle,
+    &kElasticMinWait,
     &kJobToken,
     &kAllowUnauthenticated,
     &kTimeout,

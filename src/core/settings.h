@@ -114,6 +114,18 @@ inline constexpr IntSetting kStorePort{
     "port rank 0 serves the store on under mpirun/srun/torchrun (with MASTER_ADDR, or Slurm's "
     "first node; default MASTER_PORT, +1 under torchrun)",
     kNoDefault};
+// --- Elastic membership (weft run --elastic MIN:MAX; weft/elastic.h).
+inline constexpr StringSetting kElastic{
+    "WEFT_ELASTIC", "MIN:MAX workers of an elastic job (set by weft run --elastic)", kNoDefault};
+inline constexpr StringSetting kMember{
+    "WEFT_MEMBER", "this worker's id, unique per process incarnation (set by weft run)",
+    kNoDefault};
+inline constexpr SecondsSetting kElasticSettle{
+    "WEFT_ELASTIC_SETTLE", 30,
+    "elastic: how long a new generation waits for a member of the last one not known to be dead"};
+inline constexpr SecondsSetting kElasticMinWait{
+    "WEFT_ELASTIC_MIN_WAIT", 120,
+    "elastic: how long the workers wait for joins when fewer than MIN are left, seconds"};
 // --- Security.
 inline constexpr StringSetting kJobToken{
     "WEFT_JOB_TOKEN", "shared secret every connection must prove it knows (at least 16 bytes)",

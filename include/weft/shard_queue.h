@@ -139,6 +139,15 @@ class ShardQueue {
   // caller maps its dense ranks onto them.
   void resize(int new_workers);
 
+  // Elastic: the set of workers changed (a new generation after a failure
+  // or a join; positions are the new dense ranks). The untrained samples of
+  // every pool go back to the front of the todo list, every worker is
+  // released, then the queue has `new_workers` workers, none released, all
+  // with empty pools. What is done stays done, so every sample is still
+  // trained exactly once in the epoch. Requires no open step (abandon it
+  // first) and 1 <= new_workers <= kMaxWorkers, else weft::InvalidArgument.
+  void regroup(int new_workers);
+
   // Samples of the current epoch trained (done); 0 before the first epoch.
   int64_t trained() const { return trained_; }
   // Samples of the current epoch not done: todo, in pools or in the open

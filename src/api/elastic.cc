@@ -427,11 +427,17 @@ std::shared_ptr<Communicator> ElasticGroup::form(const std::string& cause, Clock
     ch.seconds = seconds_since(since);
     members_ = list;
     generation_ = k;
-    WEFT_WARN("elastic: generation {} formed in {:.2f} s ({}): {} worker(s) [{}]{}{}; I am rank {}",
-              k, ch.seconds, ch.cause.substr(0, 300), size, fmt::join(list, " "),
-              ch.left.empty() ? "" : fmt::format(", left [{}]", fmt::join(ch.left, " ")),
-              ch.joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(ch.joined, " ")),
-              rank);
+    const std::string line = fmt::format(
+        "elastic: generation {} formed in {:.2f} s ({}): {} worker(s) [{}]{}{}; I am rank {}", k,
+        ch.seconds, ch.cause.substr(0, 300), size, fmt::join(list, " "),
+        ch.left.empty() ? "" : fmt::format(", left [{}]", fmt::join(ch.left, " ")),
+        ch.joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(ch.joined, " ")), rank);
+    // A membership change is news; the first generation of a job is not.
+    if (members_.empty() && cause == "start") {
+      WEFT_INFO("{}", line);
+    } else {
+      WEFT_WARN("{}", line);
+    }
     changes_.push_back(std::move(ch));
     return comm_;
   }

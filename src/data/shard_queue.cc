@@ -500,6 +500,21 @@ void ShardQueue::rejoin(int worker) {
   released_[w] = 0;
 }
 
+void ShardQueue::regroup(int new_workers) {
+  check_no_step("regroup");
+  if (new_workers < 1 || new_workers > kMaxWorkers) {
+    throw InvalidArgument(
+        fmt::format("ShardQueue::regroup: {} workers is not in [1, {}]", new_workers, kMaxWorkers));
+  }
+  for (int w = 0; w < workers(); ++w) {
+    if (!released(w)) release(w);
+  }
+  resize(new_workers);
+  for (int w = 0; w < workers(); ++w) {
+    if (released(w)) rejoin(w);
+  }
+}
+
 bool ShardQueue::released(int worker) const {
   check_worker(worker, "released");
   return released_[static_cast<size_t>(worker)] != 0;

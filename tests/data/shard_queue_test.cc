@@ -527,6 +527,38 @@ TEST(ShardQueue, ResizeAndRejoin) {
   expect_error<InvalidArgument>([&] { q.resize(0); }, {"0 workers out of range"});
 }
 
+// Elastic generations: 3 workers, then 2 (one died mid-step), then 4 (two
+// joined). Every pool goes back to todo at each change; the ledger sees
+// every sample trained exactly once.
+TEST(ShardQueue, RegroupAcrossGenerations) {
+  const ShardQueueOptions o{.shard_samples = 16, .seed = 5};
+  ShardQueue q(700, 3, o);
+  q.start_epoch(0);
+  Ledger ledger(700, o, 0);
+  auto step = [&](std::vector<int64_t> want) {
+    const HandOut out = q.take_step(want);
+    q.complete_step();
+    ledger.trained(out);
+    ledger.expect_consistent(q);
+  };
+  step({7, 7, 7});
+  step({7, 7, 7});
+  q.take_step({7, 7, 7});
+  expect_error<InvalidArgument>([&] { q.regroup(2); }, {"regroup", "step is open"});
+  q.abandon_step();
+  q.regroup(2);
+  EXPECT_EQ(q.workers(), 2);
+  EXPECT_EQ(q.pool_size(0), 0);
+  EXPECT_EQ(q.pool_size(1), 0);
+  EXPECT_EQ(q.todo_size(), 700 - 42);
+  step({10, 11});
+  q.regroup(4);
+  EXPECT_EQ(q.workers(), 4);
+  for (int w = 0; w < 4; ++w) EXPECT_FALSE(q.released(w));
+  run_to_end(q, ledger, [] { return std::vector<int64_t>{5, 5, 5, 6}; });
+  expect_error<InvalidArgument>([&] { q.regroup(0); }, {"0 workers"});
+}
+
 TEST(ShardQueue, BadArguments) {
   expect_error<InvalidArgument>([] { ShardQueue(-1, 1); }, {"num_samples -1"});
   expect_error<InvalidArgument>([] { ShardQueue(10, 0); }, {"workers 0"});

@@ -12,13 +12,14 @@
 // end {"done": true, ...} with the final weights and loss.
 //
 // Faults on request, for tests: --die-member M --die-at-step S makes the
-// worker whose WEFT_MEMBER is M kill itself (SIGKILL) at global step S;
-// --stop-member/--stop-at-step stops it (SIGSTOP) instead.
+// worker(s) whose WEFT_MEMBER is M (repeatable) kill themselves (SIGKILL) at
+// global step S; --stop-member/--stop-at-step stops one (SIGSTOP) instead.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <cstring>
@@ -41,7 +42,8 @@ struct Args {
   int64_t commit_every = 1;
   double lr = 0.05;
   double step_ms = 0;  // extra compute time per step (to make steps last)
-  std::string die_member, stop_member;
+  std::vector<std::string> die_members;
+  std::string stop_member;
   int64_t die_at = -1, stop_at = -1;
 };
 
@@ -124,7 +126,11 @@ int run(const Args& a) {
       while (epoch < a.epochs) {
         if (queue.epoch() != epoch) queue.start_epoch(epoch);
         while (!queue.epoch_done()) {
-          if (member == a.die_member && step == a.die_at) ::raise(SIGKILL);
+          if (step == a.die_at &&
+              std::find(a.die_members.begin(), a.die_members.end(), member) !=
+                  a.die_members.end()) {
+            ::raise(SIGKILL);
+          }
           if (member == a.stop_member && step == a.stop_at) ::raise(SIGSTOP);
           const int world = comm->size();
           std::vector<int64_t> want(static_cast<size_t>(world), a.global_batch / world);
@@ -218,7 +224,7 @@ int main(int argc, char** argv) {
   app.add_option("--commit-every", a.commit_every)->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   app.add_option("--lr", a.lr);
   app.add_option("--step-ms", a.step_ms)->check(CLI::Range(0.0, 60000.0));
-  app.add_option("--die-member", a.die_member);
+  app.add_option("--die-member", a.die_members, "Member(s) that kill themselves at --die-at-step");
   app.add_option("--die-at-step", a.die_at);
   app.add_option("--stop-member", a.stop_member);
   app.add_option("--stop-at-step", a.stop_at);

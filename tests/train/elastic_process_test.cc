@@ -7,7 +7,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
-#include <regex>
+#include <csignal>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -19,13 +20,13 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Process;
 
-struct Run {
+struct JobRun {
   int code = -1;
   std::string out;
 };
 
-Run run_job(std::vector<std::string> launcher_args, std::vector<std::string> worker_args,
-            std::map<std::string, std::string> env = {}) {
+JobRun run_job(std::vector<std::string> launcher_args, std::vector<std::string> worker_args,
+               std::map<std::string, std::string> env = {}) {
   std::vector<std::string> argv{testing::bin_dir() + "/weft", "run"};
   argv.insert(argv.end(), launcher_args.begin(), launcher_args.end());
   argv.push_back("--");
@@ -45,16 +46,16 @@ int count(const std::string& text, const std::string& what) {
 }
 
 // Every epoch's ledger line says exactly once, and the job finished.
-void expect_exactly_once(const Run& r, int epochs) {
+void expect_exactly_once(const JobRun& r, int epochs) {
   EXPECT_EQ(count(r.out, "\"exactly_once\": true"), epochs) << r.out;
   EXPECT_EQ(count(r.out, "\"exactly_once\": false"), 0) << r.out;
   EXPECT_EQ(count(r.out, "\"done\": true"), 1) << r.out;
 }
 
 TEST(ElasticProcessTest, KilledWorkerIsRestartedAndJoinsAgain) {
-  const Run r = run_job({"-n", "3", "--elastic", "2:3", "--max-restarts", "2"},
-                        {"--epochs", "4", "--step-ms", "25", "--die-member", "n0.s1.r0",
-                         "--die-at-step", "15"});
+  const JobRun r = run_job(
+      {"-n", "3", "--elastic", "2:3", "--max-restarts", "2"},
+      {"--epochs", "4", "--step-ms", "25", "--die-member", "n0.s1.r0", "--die-at-step", "15"});
   EXPECT_EQ(r.code, 0) << r.out;
   expect_exactly_once(r, 4);
   // The survivors formed generation 2 without the dead worker...
@@ -66,9 +67,9 @@ TEST(ElasticProcessTest, KilledWorkerIsRestartedAndJoinsAgain) {
 }
 
 TEST(ElasticProcessTest, TwoFailuresAtOnce) {
-  const Run r = run_job({"-n", "4", "--elastic", "2:4", "--max-restarts", "0"},
-                        {"--epochs", "2", "--die-member", "n0.s1.r0", "--die-member", "n0.s3.r0",
-                         "--die-at-step", "10"});
+  const JobRun r = run_job({"-n", "4", "--elastic", "2:4", "--max-restarts", "0"},
+                           {"--epochs", "2", "--die-member", "n0.s1.r0", "--die-member", "n0.s3.r0",
+                            "--die-at-step", "10"});
   EXPECT_EQ(r.code, 0) << r.out;
   expect_exactly_once(r, 2);
   EXPECT_NE(r.out.find("\"done\": true"), std::string::npos);
@@ -76,9 +77,9 @@ TEST(ElasticProcessTest, TwoFailuresAtOnce) {
 }
 
 TEST(ElasticProcessTest, BelowMinFailsSayingWhy) {
-  const Run r = run_job({"-n", "2", "--elastic", "2:2", "--max-restarts", "0"},
-                        {"--epochs", "2", "--die-member", "n0.s1.r0", "--die-at-step", "5"},
-                        {{"WEFT_ELASTIC_SETTLE", "1"}, {"WEFT_ELASTIC_MIN_WAIT", "2"}});
+  const JobRun r = run_job({"-n", "2", "--elastic", "2:2", "--max-restarts", "0"},
+                           {"--epochs", "2", "--die-member", "n0.s1.r0", "--die-at-step", "5"},
+                           {{"WEFT_ELASTIC_SETTLE", "1"}, {"WEFT_ELASTIC_MIN_WAIT", "2"}});
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("1 of the minimum 2 workers"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("n0.s1.r0"), std::string::npos) << r.out;

@@ -126,9 +126,8 @@ int run(const Args& a) {
       while (epoch < a.epochs) {
         if (queue.epoch() != epoch) queue.start_epoch(epoch);
         while (!queue.epoch_done()) {
-          if (step == a.die_at &&
-              std::find(a.die_members.begin(), a.die_members.end(), member) !=
-                  a.die_members.end()) {
+          if (step == a.die_at && std::find(a.die_members.begin(), a.die_members.end(), member) !=
+                                      a.die_members.end()) {
             ::raise(SIGKILL);
           }
           if (member == a.stop_member && step == a.stop_at) ::raise(SIGSTOP);

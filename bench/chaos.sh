@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Seeded chaos runs of elastic training: SIGKILL of a random worker at a
+# random step, two at once, a failure during recovery, SIGSTOP, a worker at
+# 10% of a CPU (no fault: false detections). Every run's seed is printed,
+# so a failing run can be repeated alone (--runs 1 --seed S).
+#
+#   bench/chaos.sh [--runs 20] [--seed 1] [--workers 4] [--faults kill,stop]
+#
+# Needs root for the 10% CPU cgroup (the "slow" fault); builds what it runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${BUILD:-build}
+cmake --build "$build" --target weft_cli elastic_worker >/dev/null
+exec /usr/bin/python3 bench/chaos.py --bin "$build/bin" "$@"

@@ -21,16 +21,19 @@ namespace weft::settings {
 namespace {
 
 // The table of every setting, in documentation order (`weft config`).
-constexpr std::array<const Setting*, 46> kAll = {
+constexpr std::array<const Setting*, 49> kAll = {
     &kRank,
     &kWorldSize,
     &kLocalRank,
     &kLocalSize,
     &kNnodes,
     &kNodeRank,
+    &kMember,
+    &kElastic,
     &kStore,
     &kStoreExternal,
     &kStorePort,
+    &kStoreMaxBytes,
     &kJobToken,
     &kAllowUnauthenticated,
     &kTimeout,

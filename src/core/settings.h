@@ -98,6 +98,12 @@ inline constexpr IntSetting kNnodes{"WEFT_NNODES", 1, 1, 1 << 16,
                                     "number of nodes of the job (set by weft run)"};
 inline constexpr IntSetting kNodeRank{"WEFT_NODE_RANK", 0, 0, (1 << 16) - 1,
                                       "index of this node in the job (set by weft run)"};
+inline constexpr StringSetting kMember{
+    "WEFT_MEMBER",
+    "member id of this process incarnation, n<node>.s<slot>.r<restart> (set by weft run)",
+    kNoDefault};
+inline constexpr StringSetting kElastic{
+    "WEFT_ELASTIC", "MIN:MAX of an elastic job (set by weft run --elastic)", kNoDefault};
 inline constexpr StringSetting kStore{
     "WEFT_STORE",
     "host:port of the rendezvous store (set by weft run, which serves it; under "
@@ -114,6 +120,9 @@ inline constexpr IntSetting kStorePort{
     "port rank 0 serves the store on under mpirun/srun/torchrun (with MASTER_ADDR, or Slurm's "
     "first node; default MASTER_PORT, +1 under torchrun)",
     kNoDefault};
+inline constexpr BytesSetting kStoreMaxBytes{
+    "WEFT_STORE_MAX_BYTES", int64_t{1} << 30, 1 << 20, int64_t{1} << 40,
+    "total bytes of keys and values the store server holds; a write above it is refused"};
 // --- Security.
 inline constexpr StringSetting kJobToken{
     "WEFT_JOB_TOKEN", "shared secret every connection must prove it knows (at least 16 bytes)",

@@ -229,7 +229,9 @@ TEST(Launch, EveryJobGetsAFreshToken) {
 
 TEST(Launch, LinesArePrefixedAndNeverInterleaved) {
   constexpr int kRanks = 4, kLines = 300;
-  Weft w({"run", "-n", std::to_string(kRanks), probe_bin(), "lines", std::to_string(kLines)});
+  // --oversubscribe: no warning line about more workers than CPUs on stderr.
+  Weft w({"run", "--oversubscribe", "-n", std::to_string(kRanks), probe_bin(), "lines",
+          std::to_string(kLines)});
   ASSERT_EQ(w.wait(), 0) << w.all();
   for (auto [text, word] : {std::pair{w.out(), "line"}, std::pair{w.err(), "err"}}) {
     std::vector<int> next(kRanks, 0);

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -190,6 +191,10 @@ struct TcpStoreOptions {
   // accept only when allow_unauthenticated is true (and log).
   std::string job_token;
   bool allow_unauthenticated = false;
+  // Server: the most bytes of keys and values it holds in all; a set, add or
+  // compare_set above it fails with a StoreError naming the limit (the
+  // server keeps serving). 0: WEFT_STORE_MAX_BYTES (default 1 GiB).
+  uint64_t max_bytes = 0;
 };
 
 // Client of a TcpStoreServer. One connection per client object, shared by
@@ -240,6 +245,11 @@ class TcpStoreServer {
   uint16_t port() const;
   // Number of keys currently stored (for tests and diagnostics).
   size_t num_keys() const;
+  // Calls callback(key, value) from the server's thread after each write
+  // (set, add, compare_set) of a key that starts with `prefix` (one hook;
+  // a later call replaces it). The callback must not block.
+  void on_write(std::string prefix,
+                std::function<void(const std::string& key, const std::string& value)> callback);
   // Open connections, handshakes in progress included (for tests and diagnostics).
   size_t num_connections() const;
   // The requests parked until their keys exist. The server looks at a

@@ -21,20 +21,21 @@ namespace weft::settings {
 namespace {
 
 // The table of every setting, in documentation order (`weft config`).
-constexpr std::array<const Setting*, 50> kAll = {
+constexpr std::array<const Setting*, 51> kAll = {
     &kRank,
     &kWorldSize,
     &kLocalRank,
     &kLocalSize,
     &kNnodes,
     &kNodeRank,
+    &kMember,
+    &kElastic,
     &kStore,
     &kStoreExternal,
     &kStorePort,
-    &kElastic,
-    &kMember,
     &kElasticSettle,
     &kElasticMinWait,
+    &kStoreMaxBytes,
     &kJobToken,
     &kAllowUnauthenticated,
     &kTimeout,

@@ -98,6 +98,12 @@ inline constexpr IntSetting kNnodes{"WEFT_NNODES", 1, 1, 1 << 16,
                                     "number of nodes of the job (set by weft run)"};
 inline constexpr IntSetting kNodeRank{"WEFT_NODE_RANK", 0, 0, (1 << 16) - 1,
                                       "index of this node in the job (set by weft run)"};
+inline constexpr StringSetting kMember{
+    "WEFT_MEMBER",
+    "member id of this process incarnation, n<node>.s<slot>.r<restart> (set by weft run)",
+    kNoDefault};
+inline constexpr StringSetting kElastic{
+    "WEFT_ELASTIC", "MIN:MAX of an elastic job (set by weft run --elastic)", kNoDefault};
 inline constexpr StringSetting kStore{
     "WEFT_STORE",
     "host:port of the rendezvous store (set by weft run, which serves it; under "
@@ -115,17 +121,15 @@ inline constexpr IntSetting kStorePort{
     "first node; default MASTER_PORT, +1 under torchrun)",
     kNoDefault};
 // --- Elastic membership (weft run --elastic MIN:MAX; weft/elastic.h).
-inline constexpr StringSetting kElastic{
-    "WEFT_ELASTIC", "MIN:MAX workers of an elastic job (set by weft run --elastic)", kNoDefault};
-inline constexpr StringSetting kMember{
-    "WEFT_MEMBER", "this worker's id, unique per process incarnation (set by weft run)",
-    kNoDefault};
 inline constexpr SecondsSetting kElasticSettle{
     "WEFT_ELASTIC_SETTLE", 30,
     "elastic: how long a new generation waits for a member of the last one not known to be dead"};
 inline constexpr SecondsSetting kElasticMinWait{
     "WEFT_ELASTIC_MIN_WAIT", 120,
     "elastic: how long the workers wait for joins when fewer than MIN are left, seconds"};
+inline constexpr BytesSetting kStoreMaxBytes{
+    "WEFT_STORE_MAX_BYTES", int64_t{1} << 30, 1 << 20, int64_t{1} << 40,
+    "total bytes of keys and values the store server holds; a write above it is refused"};
 // --- Security.
 inline constexpr StringSetting kJobToken{
     "WEFT_JOB_TOKEN", "shared secret every connection must prove it knows (at least 16 bytes)",

@@ -10,10 +10,26 @@
 //  * SIGINT, SIGTERM or SIGHUP sent to the launcher are forwarded to every
 //    worker, with the same SIGKILL after the grace period; a second one
 //    kills the workers at once.
-//  * Each worker runs in a process group of its own (so that a terminal's
-//    Ctrl-C reaches the launcher only, and signals reach the helper
-//    processes a worker starts too), with stdin from /dev/null and
-//    PR_SET_PDEATHSIG = SIGKILL: workers die if the launcher dies.
+//  * The launcher owns every process of the job. Each worker leads a process
+//    group of its own (so that a terminal's Ctrl-C reaches the launcher
+//    only), with stdin from /dev/null and PR_SET_PDEATHSIG = SIGKILL. When a
+//    worker ends, its whole group (what it started) is killed with SIGKILL.
+//    The launcher is a child subreaper (PR_SET_CHILD_SUBREAPER): orphans of
+//    the workers come back to it, and those still running when the job ends
+//    are killed. A guardian process, forked before anything else, learns
+//    every worker's group over a pipe and kills them all when the launcher
+//    dies, even by SIGKILL (the pipe closes). A process that leaves its
+//    worker's group (setsid, setpgid) escapes the guardian: only a cgroup
+//    would catch it.
+//  * Every worker has a member id (WEFT_MEMBER), `n<node>.s<slot>.r<restart>`.
+//    evict() (a survivor declared the member dead: weft/evict/<member>)
+//    SIGKILLs the member's process group.
+//  * Elastic mode (WorkerOptions::elastic_min > 0): a failed worker does not
+//    stop the others. Its slot is restarted with a new member id after a
+//    back-off (restart_backoff, doubling per slot, capped at max_backoff)
+//    while the job has restarts left (max_restarts); a slot that failed
+//    3 times within 60 s waits a cool-down first. The job ends when every
+//    worker has exited.
 //
 // The job's shape (JobLayout) is given by the caller, so that the same class
 // serves a single node and each node of a multi-node job (run.h).
@@ -65,7 +81,38 @@ struct WorkerOptions {
   // None: workers inherit the launcher's CPUs.
   enum class Bind { Auto, None };
   Bind bind = Bind::Auto;
+  // Start more than kMaxWorkersPerCpu workers per CPU anyway (refused
+  // otherwise; more workers than CPUs gives a warning unless this is set).
+  bool oversubscribe = false;
+  // Elastic mode when elastic_min > 0: --elastic MIN:MAX, nproc == MAX.
+  int elastic_min = 0;
+  int max_restarts = 0;
+  std::chrono::milliseconds restart_backoff = std::chrono::seconds(1);
+  std::chrono::milliseconds max_backoff = std::chrono::seconds(30);
+  // A slot that failed kCoolDownFailures times within kCoolDownWindow is
+  // restarted only after this cool-down.
+  std::chrono::milliseconds cool_down = std::chrono::seconds(60);
 };
+
+// Workers per CPU above which -n is refused without --oversubscribe.
+inline constexpr int kMaxWorkersPerCpu = 64;
+// File descriptors the launcher keeps per worker (two output relays and the
+// worker's store connection), and those it needs besides.
+inline constexpr int kFdsPerWorker = 4;
+inline constexpr int kFdsBase = 64;
+// Elastic cool-down: this many failures of one slot within the window.
+inline constexpr int kCoolDownFailures = 3;
+inline constexpr std::chrono::seconds kCoolDownWindow{60};
+
+// Throws LaunchError (exit code 2) when `nproc` workers cannot fit the
+// open-file limit (RLIMIT_NOFILE: the soft limit is raised up to the hard
+// one when that is enough), or are more than kMaxWorkersPerCpu per CPU of
+// `cpus` without `oversubscribe`. Returns a warning ("" if none) when there
+// are more workers than CPUs.
+std::string check_worker_count(int nproc, int cpus, bool prefix_output, bool oversubscribe);
+
+// "n0.s2.r1": the member id of restart `restart` of slot `slot` on node `node`.
+std::string member_id(int node, int slot, int restart);
 
 // The CPUs local rank `local_rank` of `nproc` is bound to under
 // WorkerOptions::Bind::Auto, out of `allowed` (the launcher's CPUs, in
@@ -94,6 +141,8 @@ struct WorkerExit {
   // e.g. SIGSTOP) as this one failed: the stopped one is the likely cause
   // (its peers time out waiting for it), and describe() says so.
   std::string stopped;  // e.g. "rank 1 (pid 42)"
+  std::string member;   // WEFT_MEMBER of the worker
+  std::string evicted;  // the eviction's reason, when it was evicted
 
   bool failed() const { return signal != 0 || exit_code != 0; }
   // "exited with code 3", "was killed by signal 9 (SIGKILL)", followed by
@@ -102,6 +151,9 @@ struct WorkerExit {
   std::string describe() const;
   // The launcher's exit code for this failure: the code, or 128 + signal.
   int launcher_exit_code() const { return signal != 0 ? 128 + signal : exit_code; }
+  // The value of weft/elastic/dead/<member>: "exited with code 3", "killed
+  // by SIGKILL" or "evicted: REASON".
+  std::string death() const;
 };
 
 // "SIGKILL" (or "signal 77" for a number without a name).
@@ -128,6 +180,15 @@ class LocalLauncher {
   // Called once, with the first failed worker, before the others are
   // stopped. Exceptions it throws are reported and ignored.
   void on_failure(std::function<void(const WorkerExit&)> callback);
+  // Elastic mode: called for every failed worker (before its restart is
+  // planned). Exceptions it throws are reported and ignored.
+  void on_member_failed(std::function<void(const WorkerExit&)> callback);
+
+  // Thread-safe: the member ids of the workers running now.
+  std::vector<std::string> live_members() const;
+  // Thread-safe: SIGKILLs the process group of `member` (if it runs), whose
+  // death then counts as a failure "evicted: reason".
+  void evict(const std::string& member, const std::string& reason);
 
   // Thread-safe: stops the workers because the job failed elsewhere (e.g.
   // on another node): prints `reason`, then stops them like after a

@@ -81,16 +81,18 @@ bool write_fully(int fd, std::string_view data) {
 StreamRelay::StreamRelay(net::Fd pipe, int dest_fd, std::string prefix)
     : pipe_(std::move(pipe)), dest_fd_(dest_fd), prefixer_(std::move(prefix)) {
   net::set_nonblocking(pipe_.get());
-  buf_.resize(kReadBytes);
 }
 
 bool StreamRelay::read_once(bool* would_block) {
   *would_block = false;
   for (;;) {
-    ssize_t n = ::read(pipe_.get(), buf_.data(), buf_.size());
+    // One read buffer for every relay of the thread: a launcher of
+    // thousands of workers would otherwise hold (and fork) 128 KiB each.
+    thread_local std::string buf(kReadBytes, '\0');
+    ssize_t n = ::read(pipe_.get(), buf.data(), buf.size());
     if (n > 0) {
       out_.clear();
-      prefixer_.feed(std::string_view(buf_.data(), static_cast<size_t>(n)), out_);
+      prefixer_.feed(std::string_view(buf.data(), static_cast<size_t>(n)), out_);
       if (!out_.empty()) write_fully(dest_fd_, out_);  // a broken destination drops output
       return true;
     }

@@ -75,7 +75,6 @@ class StreamRelay {
   net::Fd pipe_;
   int dest_fd_;
   LinePrefixer prefixer_;
-  std::string buf_;
   std::string out_;
 };
 

@@ -10,7 +10,10 @@
 #include <atomic>
 #include <cctype>
 #include <climits>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include "core/auth.h"
@@ -80,6 +83,64 @@ std::vector<std::string> wait_keys(Store& store, const std::vector<std::string>&
   return missing;
 }
 
+// On a node that does not serve the store: polls weft/evict/<member> for
+// the live workers of `launcher` every kEvictPoll, in a thread of its own,
+// and evicts those that have one.
+class EvictionWatcher {
+ public:
+  EvictionWatcher(LocalLauncher& launcher, std::string host, uint16_t port, TcpStoreOptions options)
+      : launcher_(launcher) {
+    options.timeout = kEvictCallTimeout;
+    thread_ = std::thread([this, host = std::move(host), port, options] {
+      TcpStore store(host, port, options);
+      std::set<std::string> done;
+      while (!stop_) {
+        for (const auto& member : launcher_.live_members()) {
+          if (stop_) break;
+          if (done.count(member)) continue;
+          try {
+            if (auto reason = store.try_get(std::string(kEvictPrefix) + member)) {
+              done.insert(member);
+              launcher_.evict(member, *reason);
+            }
+          } catch (const Error& e) {
+            WEFT_DEBUG("launcher: eviction poll: {}", e.what());
+            break;  // the store is unreachable: try again next round
+          }
+        }
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait_for(lk, kEvictPoll, [this] { return stop_.load(); });
+      }
+    });
+  }
+  ~EvictionWatcher() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  EvictionWatcher(const EvictionWatcher&) = delete;
+  EvictionWatcher& operator=(const EvictionWatcher&) = delete;
+
+ private:
+  static constexpr Timeout kEvictCallTimeout = std::chrono::seconds(2);
+  LocalLauncher& launcher_;
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread thread_;
+};
+
+// Where this launcher serves the store, eviction keys are seen as they are
+// written, without polling.
+void watch_evictions(TcpStoreServer& server, LocalLauncher& launcher) {
+  server.on_write(kEvictPrefix, [&launcher](const std::string& key, const std::string& value) {
+    launcher.evict(key.substr(std::string_view(kEvictPrefix).size()), value);
+  });
+}
+
 }  // namespace
 
 void check_job_token(const std::string& token, const std::string& from) {
@@ -143,6 +204,7 @@ void check_worker_env(const std::vector<std::pair<std::string, std::string>>& en
 
 int run_local(WorkerOptions options) {
   const int nproc = options.nproc;
+  const bool elastic = options.elastic_min > 0;
   // First: it blocks the signals, which the store's thread then inherits.
   LocalLauncher launcher(std::move(options));
 
@@ -150,6 +212,8 @@ int run_local(WorkerOptions options) {
   store_options.job_token = auth::generate_token();
   const std::string host = "127.0.0.1";
   TcpStoreServer server(host, 0, store_options);
+  // Evictions are seen as they are written (the store is served here).
+  watch_evictions(server, launcher);
 
   JobLayout job;
   job.world_size = nproc;
@@ -164,6 +228,14 @@ int run_local(WorkerOptions options) {
         kAbortKey, std::nullopt,
         fmt::format("rank {} (host {}, pid {}) {}", e.rank, hostname(), e.pid, e.describe()));
   });
+  if (elastic) {
+    launcher.on_member_failed([&](const WorkerExit& e) {
+      TcpStoreOptions client_options = store_options;
+      client_options.timeout = kAbortRecordTimeout;
+      TcpStore store(host, server.port(), client_options);
+      store.set(std::string(kDeadPrefix) + e.member, e.death());
+    });
+  }
   return launcher.run(job);
 }
 
@@ -203,6 +275,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
   so.allow_unauthenticated = node.allow_unauthenticated;
   so.timeout = node.rendezvous_timeout;
   std::unique_ptr<TcpStoreServer> server;
+  std::unique_ptr<EvictionWatcher> evictions;
   if (node.node_rank == 0) {
     try {
       server = std::make_unique<TcpStoreServer>(master.first, master.second, so);
@@ -212,6 +285,11 @@ int run_node(WorkerOptions options, NodeOptions node) {
     }
   }
   TcpStore store(master.first, master.second, so);
+  if (server) {
+    watch_evictions(*server, launcher);
+  } else {
+    evictions = std::make_unique<EvictionWatcher>(launcher, master.first, master.second, so);
+  }
 
   // Launcher rendezvous: register, check the job's shape, wait for every node.
   const Deadline deadline = Deadline::after(node.rendezvous_timeout);

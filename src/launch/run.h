@@ -17,12 +17,25 @@ namespace weft::launch {
 // (SIGNAME)") under it, so that the surviving ranks can tell which rank
 // failed and why.
 inline constexpr const char* kAbortKey = "weft/abort";
+// Eviction (shared contract of issue 11): a survivor that declares a member
+// dead writes kEvictPrefix + member (a one-line reason); the launcher that
+// owns the member SIGKILLs the member's process group as soon as it sees
+// the key: at once where it serves the store (TcpStoreServer::on_write), by
+// polling every kEvictPoll on the other nodes.
+inline constexpr const char* kEvictPrefix = "weft/evict/";
+inline constexpr std::chrono::milliseconds kEvictPoll{200};
+// Elastic mode: when a worker fails, its launcher writes kDeadPrefix +
+// member = WorkerExit::death() ("exited with code 3", "killed by SIGKILL",
+// "evicted: REASON").
+inline constexpr const char* kDeadPrefix = "weft/elastic/dead/";
 
 // Generates the job token, serves a TcpStore on an ephemeral port of
 // 127.0.0.1 (authenticated with the token), starts options.nproc workers as
 // ranks 0..nproc-1 of a one-node job and supervises them. Returns the
 // launcher's exit code (LocalLauncher::run). Throws LaunchError when the
-// launch cannot start.
+// launch cannot start. Elastic mode (options.elastic_min > 0): failures are
+// recorded under kDeadPrefix and restarted (LocalLauncher), not published
+// as the abort record.
 int run_local(WorkerOptions options);
 
 // One node of a multi-node job (torchrun style: one `weft run` per node).

@@ -24,6 +24,7 @@
 #include "core/bytes.h"
 #include "core/log.h"
 #include "core/mutex.h"
+#include "core/settings.h"
 #include "core/socket.h"
 #include "store/store_util.h"
 #include "store/tcp_protocol.h"
@@ -94,6 +95,13 @@ struct TcpStoreServer::Impl {
 
   // Owned by the event loop thread.
   std::unordered_map<std::string, std::string> data;
+  Mutex hook_mu;
+  std::string hook_prefix GUARDED_BY(hook_mu);
+  std::function<void(const std::string&, const std::string&)> hook GUARDED_BY(hook_mu);
+  uint64_t max_bytes = 0;   // limit of data_bytes
+  uint64_t data_bytes = 0;  // keys and values of data
+  // Why storing `value` under `key` would go above max_bytes ("" if it fits).
+  std::string too_big(std::string_view key, size_t value_bytes) const;
   std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns;
   std::vector<uint64_t> closed;  // dead connections to destroy
   std::unordered_map<std::string, std::unordered_set<uint64_t>> watchers;
@@ -317,7 +325,11 @@ void TcpStoreServer::Impl::on_request(Conn& c) {
   std::string_view value(p + h.key_bytes, h.value_bytes);
   std::string_view value2(p + h.key_bytes + h.value_bytes, h.value2_bytes);
   switch (static_cast<Op>(h.op)) {
-    case Op::Set: put(std::string(key), std::string(value)); return reply(c, ReplyStatus::Ok);
+    case Op::Set:
+      if (std::string why = too_big(key, value.size()); !why.empty())
+        return reply(c, ReplyStatus::Error, why);
+      put(std::string(key), std::string(value));
+      return reply(c, ReplyStatus::Ok);
     case Op::Get: {
       auto it = data.find(std::string(key));
       if (it != data.end()) return reply(c, ReplyStatus::Ok, it->second);
@@ -339,7 +351,10 @@ void TcpStoreServer::Impl::on_request(Conn& c) {
       } catch (const StoreError& e) {
         return reply(c, ReplyStatus::Error, e.what());
       }
-      put(std::move(k), std::to_string(sum));
+      std::string text = std::to_string(sum);
+      if (std::string why = too_big(k, text.size()); !why.empty())
+        return reply(c, ReplyStatus::Error, why);
+      put(std::move(k), std::move(text));
       return reply(c, ReplyStatus::Ok, {}, sum);
     }
     case Op::CompareSet: {
@@ -348,6 +363,8 @@ void TcpStoreServer::Impl::on_request(Conn& c) {
       const bool matches = (h.flags & store::kHasExpected) ? it != data.end() && it->second == value
                                                            : it == data.end();
       if (matches) {
+        if (std::string why = too_big(k, value2.size()); !why.empty())
+          return reply(c, ReplyStatus::Error, why);
         put(std::move(k), std::string(value2));
         return reply(c, ReplyStatus::Ok, value2, 0, store::kSwapped | store::kHasValue);
       }
@@ -376,7 +393,12 @@ void TcpStoreServer::Impl::on_request(Conn& c) {
       return park(c, std::move(keys), h.timeout_ms);
     }
     case Op::Remove: {
-      bool existed = data.erase(std::string(key)) > 0;
+      auto it = data.find(std::string(key));
+      bool existed = it != data.end();
+      if (existed) {
+        data_bytes -= it->first.size() + it->second.size();
+        data.erase(it);
+      }
       num_keys.store(data.size(), std::memory_order_relaxed);
       return reply(c, ReplyStatus::Ok, {}, existed ? 1 : 0);
     }
@@ -384,9 +406,29 @@ void TcpStoreServer::Impl::on_request(Conn& c) {
   refuse(c, fmt::format("unknown op {}", h.op));
 }
 
+std::string TcpStoreServer::Impl::too_big(std::string_view key, size_t value_bytes) const {
+  uint64_t after = data_bytes + key.size() + value_bytes;
+  auto it = data.find(std::string(key));
+  if (it != data.end()) after -= it->first.size() + it->second.size();
+  if (after <= max_bytes) return "";
+  return fmt::format(
+      "the store is full: writing '{}' ({} bytes) would bring it to {} bytes, above its limit of "
+      "{} bytes (WEFT_STORE_MAX_BYTES of the process that serves it)",
+      key.substr(0, 200), key.size() + value_bytes, after, max_bytes);
+}
+
 void TcpStoreServer::Impl::put(std::string key, std::string value) {
+  auto old = data.find(key);
+  if (old != data.end()) data_bytes -= old->first.size() + old->second.size();
+  data_bytes += key.size() + value.size();
   auto it = data.insert_or_assign(std::move(key), std::move(value)).first;
   num_keys.store(data.size(), std::memory_order_relaxed);
+  std::function<void(const std::string&, const std::string&)> call;
+  {
+    MutexLock lk(&hook_mu);
+    if (hook && it->first.starts_with(hook_prefix)) call = hook;
+  }
+  if (call) call(it->first, it->second);
   changed(it->first);
 }
 
@@ -595,6 +637,8 @@ TcpStoreServer::TcpStoreServer(const std::string& host, uint16_t port, TcpStoreO
     : impl_(std::make_unique<Impl>()) {
   Impl& s = *impl_;
   s.options = std::move(options);
+  s.max_bytes =
+      s.options.max_bytes != 0 ? s.options.max_bytes : settings::get(settings::kStoreMaxBytes);
   s.handshake_timeout = std::min<Timeout>(resolve_timeout(s.options.timeout, kDefaultStoreTimeout),
                                           std::chrono::seconds(10));
   const std::string where = net::join_host_port(host.empty() ? "0.0.0.0" : host, port);
@@ -644,6 +688,13 @@ TcpStoreServer::~TcpStoreServer() { stop(); }
 uint16_t TcpStoreServer::port() const { return impl_->port; }
 
 size_t TcpStoreServer::num_keys() const { return impl_->num_keys.load(); }
+
+void TcpStoreServer::on_write(
+    std::string prefix, std::function<void(const std::string&, const std::string&)> callback) {
+  MutexLock lk(&impl_->hook_mu);
+  impl_->hook_prefix = std::move(prefix);
+  impl_->hook = std::move(callback);
+}
 
 size_t TcpStoreServer::num_connections() const { return impl_->num_conns.load(); }
 

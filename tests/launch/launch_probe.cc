@@ -8,6 +8,17 @@
 //   kill R            rank R kills itself with SIGKILL once the others are
 //                     ready; they read the abort record from the store,
 //                     print it and exit 0
+//   elastic_kill      (weft run --elastic) member n0.s1.r0 kills itself with
+//                     SIGKILL; rank 0 waits for its dead record and prints
+//                     "dead n0.s1.r0: VALUE"; every other member prints
+//                     "member M" and exits 0
+//   evict             member n0.s1.r0 prints "ready pid=P" and stops itself
+//                     (SIGSTOP); rank 0 then writes weft/evict/n0.s1.r0 and,
+//                     in an elastic job, waits for its dead record and
+//                     prints it; other members print "member M" and exit 0
+//   fill BYTES        rank 0 stores values of BYTES until the store refuses
+//                     one, prints "refused after N: ERROR", then stores a
+//                     small key and prints "small ok"
 //   sleep             prints "ready pid=P" and waits forever
 //   trapterm          same, ignoring SIGTERM and SIGINT
 #include <sched.h>
@@ -22,6 +33,7 @@
 #include <vector>
 
 #include "core/socket.h"
+#include "weft/errors.h"
 #include "weft/store.h"
 
 namespace {
@@ -48,8 +60,8 @@ void put(int fd, std::string_view s) {
 
 int usage() {
   put(2,
-      "usage: launch_probe env|lines K|stdio|partial|longline BYTES|exit R CODE|kill R|sleep|"
-      "trapterm\n");
+      "usage: launch_probe env|lines K|stdio|partial|longline BYTES|exit R CODE|kill R|"
+      "elastic_kill|evict|fill BYTES|sleep|trapterm\n");
   return 2;
 }
 
@@ -150,6 +162,54 @@ int main(int argc, char** argv) {
       sigprocmask(SIG_BLOCK, &set, nullptr);
       store.set("ready/" + rs, "1");
       put(1, "abort: " + store.get("weft/abort", std::chrono::seconds(120)) + "\n");
+    } catch (const std::exception& e) {
+      put(2, std::string("store error: ") + e.what() + "\n");
+      return 1;
+    }
+    return 0;
+  }
+  if (mode == "elastic_kill" || mode == "evict" || (mode == "fill" && argc == 3)) {
+    const std::string member = env("WEFT_MEMBER");
+    try {
+      auto [host, port] = weft::net::split_host_port(env("WEFT_STORE"), "WEFT_STORE");
+      weft::TcpStoreOptions options;
+      options.job_token = env("WEFT_JOB_TOKEN");
+      weft::TcpStore store(host, port, options);
+      if (mode == "fill") {
+        if (r != 0) return 0;
+        const std::string value(static_cast<size_t>(std::atol(argv[2])), 'v');
+        for (int i = 0;; ++i) {
+          try {
+            store.set("fill/" + std::to_string(i), value);
+          } catch (const weft::StoreError& e) {
+            put(1, "refused after " + std::to_string(i) + ": " + e.what() + "\n");
+            break;
+          }
+        }
+        store.set("small", "1");
+        put(1, "small ok\n");
+        return 0;
+      }
+      if (member == "n0.s1.r0") {
+        if (mode == "elastic_kill") ::raise(SIGKILL);
+        put(1, "ready pid=" + std::to_string(::getpid()) + "\n");
+        store.set("stopping", "1");
+        ::raise(SIGSTOP);
+        put(1, "resumed\n");  // must never happen: evicted while stopped
+        return 0;
+      }
+      if (r == 0) {
+        if (mode == "evict") {
+          store.wait({"stopping"}, std::chrono::seconds(120));
+          store.compare_set("weft/evict/n0.s1.r0", std::nullopt,
+                            "silent for 5.2 s (declared by rank 0 in launch_probe)");
+        }
+        if (!env("WEFT_ELASTIC").empty()) {
+          put(1, "dead n0.s1.r0: " +
+                     store.get("weft/elastic/dead/n0.s1.r0", std::chrono::seconds(120)) + "\n");
+        }
+      }
+      put(1, "member " + member + "\n");
     } catch (const std::exception& e) {
       put(2, std::string("store error: ") + e.what() + "\n");
       return 1;

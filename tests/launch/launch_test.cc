@@ -19,6 +19,7 @@
 #include "launch/local_launcher.h"
 #include "launch/run.h"
 #include "testing/testing.h"
+#include "weft/store.h"
 
 namespace weft::testing {
 namespace {
@@ -47,12 +48,15 @@ std::vector<std::string> lines_of(const std::string& text) {
 // `weft ARGS...` with its stdout and stderr captured apart.
 class Weft {
  public:
-  explicit Weft(std::vector<std::string> args) : err_path_(dir_.path() + "/stderr") {
-    std::vector<std::string> argv = {"/bin/sh", "-c", "exec \"$0\" \"$@\" 2>\"$TEST_STDERR_PATH\"",
-                                     weft_bin()};
+  // `shell` runs first in the same shell (e.g. "ulimit -n 100;").
+  explicit Weft(std::vector<std::string> args, std::map<std::string, std::string> env = {},
+                const std::string& shell = "")
+      : err_path_(dir_.path() + "/stderr") {
+    std::vector<std::string> argv = {
+        "/bin/sh", "-c", shell + "exec \"$0\" \"$@\" 2>\"$TEST_STDERR_PATH\"", weft_bin()};
     argv.insert(argv.end(), args.begin(), args.end());
-    proc_ = std::make_unique<Process>(
-        argv, std::map<std::string, std::string>{{"TEST_STDERR_PATH", err_path_}});
+    env["TEST_STDERR_PATH"] = err_path_;
+    proc_ = std::make_unique<Process>(argv, env);
   }
 
   // Waits for the launcher; fails the test if it does not exit in time.
@@ -229,7 +233,9 @@ TEST(Launch, EveryJobGetsAFreshToken) {
 
 TEST(Launch, LinesArePrefixedAndNeverInterleaved) {
   constexpr int kRanks = 4, kLines = 300;
-  Weft w({"run", "-n", std::to_string(kRanks), probe_bin(), "lines", std::to_string(kLines)});
+  // --oversubscribe: no warning line about more workers than CPUs on stderr.
+  Weft w({"run", "--oversubscribe", "-n", std::to_string(kRanks), probe_bin(), "lines",
+          std::to_string(kLines)});
   ASSERT_EQ(w.wait(), 0) << w.all();
   for (auto [text, word] : {std::pair{w.out(), "line"}, std::pair{w.err(), "err"}}) {
     std::vector<int> next(kRanks, 0);
@@ -657,6 +663,261 @@ TEST(Bench, BadInputIsAUsageError) {
   ASSERT_TRUE(env->wait(kDeadline));
   EXPECT_EQ(env->exit_code(), 2) << env->output();
   EXPECT_NE(env->output().find("WEFT_LOG_LEVEL='bogus'"), std::string::npos) << env->output();
+}
+
+// --- The launcher owns every process of the job (issue 11, item 8).
+
+// The pids of the "[R] child P" lines of stdout.
+std::vector<pid_t> child_pids(const std::string& out) {
+  static const std::regex re(R"(^\[\d+\] child (\d+)$)");
+  std::vector<pid_t> pids;
+  for (const auto& line : lines_of(out)) {
+    std::smatch m;
+    if (std::regex_match(line, m, re)) pids.push_back(std::stoi(m[1]));
+  }
+  return pids;
+}
+
+bool all_gone(const std::vector<pid_t>& pids) {
+  std::map<int, pid_t> m;
+  for (size_t i = 0; i < pids.size(); ++i) m[static_cast<int>(i)] = pids[i];
+  return all_gone(m);
+}
+
+TEST(Ownership, WhatAWorkerStartedDiesWithIt) {
+  // The workers exit 0 at once, leaving a background sleep each.
+  Weft w({"run", "-n", "2", "--", "/bin/sh", "-c", "sleep 300 & echo child $!; exit 0"});
+  ASSERT_EQ(w.wait(), 0) << w.all();
+  auto kids = child_pids(w.out());
+  ASSERT_EQ(kids.size(), 2u) << w.all();
+  EXPECT_TRUE(all_gone(kids)) << w.all();
+}
+
+TEST(Ownership, WhatAFailedWorkerAndItsPeersStartedDies) {
+  // Rank 1 fails; rank 0 (stopped by SIGTERM) and rank 1 both leave a sleep.
+  Weft w({"run", "-n", "2", "--", "/bin/sh", "-c",
+          "sleep 300 & echo child $!; if [ $WEFT_RANK = 1 ]; then sleep 0.5; exit 3; fi; wait"});
+  ASSERT_EQ(w.wait(), 3) << w.all();
+  auto kids = child_pids(w.out());
+  ASSERT_EQ(kids.size(), 2u) << w.all();
+  EXPECT_TRUE(all_gone(kids)) << w.all();
+}
+
+TEST(Ownership, OrphansThatLeftTheGroupDieWhenTheJobEnds) {
+  // setsid: the sleep leaves the worker's process group and session; it is
+  // orphaned to the launcher (a subreaper) when the worker exits.
+  Weft w({"run", "-n", "1", "--", "/bin/sh", "-c", "setsid sleep 300 & echo child $!; sleep 0.3"});
+  ASSERT_EQ(w.wait(), 0) << w.all();
+  auto kids = child_pids(w.out());
+  ASSERT_EQ(kids.size(), 1u) << w.all();
+  EXPECT_TRUE(all_gone(kids)) << w.all();
+}
+
+TEST(Ownership, SigkillOfTheLauncherKillsTheWholeTrees) {
+  Weft w({"run", "-n", "2", "--", "/bin/sh", "-c", "sleep 300 & echo child $!; wait"});
+  ASSERT_TRUE(w.wait_for_output([](const std::string& o) { return child_pids(o).size() == 2; }))
+      << w.all();
+  auto kids = child_pids(w.out());
+  w.signal(SIGKILL);
+  EXPECT_EQ(w.wait(), 128 + SIGKILL);
+  EXPECT_TRUE(all_gone(kids)) << "the guardian did not kill the workers' groups";
+}
+
+int my_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
+  return CPU_COUNT(&set);
+}
+
+TEST(Ownership, WorkerCountIsChecked) {
+  const int cpus = my_cpus();
+  {
+    const std::string n = std::to_string(launch::kMaxWorkersPerCpu * cpus + 1);
+    Weft w({"run", "-n", n, "--", "/bin/true"});
+    EXPECT_EQ(w.wait(), 2) << w.all();
+    EXPECT_NE(w.err().find("-n " + n + " is more than 64 workers per CPU"), std::string::npos)
+        << w.err();
+    EXPECT_NE(w.err().find("--oversubscribe"), std::string::npos) << w.err();
+  }
+  {
+    Weft w({"run", "-n", std::to_string(cpus + 1), "--", "/bin/true"});
+    EXPECT_EQ(w.wait(), 0) << w.all();
+    EXPECT_NE(w.err().find("warning: " + std::to_string(cpus + 1) + " workers on "),
+              std::string::npos)
+        << w.err();
+  }
+  {
+    // 100 workers need 64 + 4 * 100 descriptors: above a hard limit of 200.
+    Weft w({"run", "--oversubscribe", "-n", "100", "--", "/bin/true"}, {}, "ulimit -n 200; ");
+    EXPECT_EQ(w.wait(), 2) << w.all();
+    EXPECT_NE(w.err().find("-n 100 needs about 464 open files"), std::string::npos) << w.err();
+    EXPECT_NE(w.err().find("the open-file limit is 200"), std::string::npos) << w.err();
+  }
+  {
+    // A soft limit below the need but a hard one above it is raised.
+    Weft w({"run", "--oversubscribe", "-n", "40", "--", "/bin/true"}, {},
+           "ulimit -H -n 1000; ulimit -S -n 100; ");
+    EXPECT_EQ(w.wait(), 0) << w.all();
+  }
+}
+
+TEST(Ownership, StoreSizeIsBounded) {
+  // 1 MiB in all: the third value of 400 KiB is refused; the store keeps serving.
+  Weft w({"run", "-n", "1", "--", probe_bin(), "fill", "409600"}, {{"WEFT_STORE_MAX_BYTES", "1M"}});
+  ASSERT_EQ(w.wait(), 0) << w.all();
+  EXPECT_NE(w.out().find("[0] refused after 2: "), std::string::npos) << w.all();
+  EXPECT_NE(w.out().find("the store is full: writing 'fill/2' (409606 bytes) would bring it to"),
+            std::string::npos)
+      << w.all();
+  EXPECT_NE(w.out().find("above its limit of 1048576 bytes (WEFT_STORE_MAX_BYTES"),
+            std::string::npos)
+      << w.all();
+  EXPECT_NE(w.out().find("[0] small ok"), std::string::npos) << w.all();
+}
+
+TEST(Ownership, StoreServerBoundCountsEveryWrite) {
+  TcpStoreOptions options;
+  options.job_token = std::string(32, 't');
+  options.max_bytes = 1000;
+  TcpStoreServer server("127.0.0.1", 0, options);
+  TcpStore store("127.0.0.1", server.port(), options);
+  store.set("a", std::string(500, 'x'));                            // 501 bytes
+  EXPECT_THROW(store.set("b", std::string(500, 'x')), StoreError);  // 1002
+  store.set("a", std::string(900, 'y'));                            // replaces: 901
+  EXPECT_THROW(store.compare_set("c", std::nullopt, std::string(200, 'z')), StoreError);
+  EXPECT_FALSE(store.try_get("c").has_value());
+  EXPECT_TRUE(store.remove("a"));
+  store.set("b", std::string(900, 'x'));  // room again after the remove
+  EXPECT_EQ(store.add("n", 5), 5);
+  try {
+    store.set("d", std::string(200, 'x'));
+    ADD_FAILURE() << "no error";
+  } catch (const StoreError& e) {
+    EXPECT_NE(std::string(e.what()).find("above its limit of 1000 bytes"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(store.get("b").size(), 900u);
+}
+
+// --- Elastic mode (issue 11, item 2).
+
+TEST(Elastic, KilledWorkerIsRestartedWithANewMember) {
+  Weft w({"run", "--elastic", "1:2", "--", probe_bin(), "elastic_kill"});
+  ASSERT_EQ(w.wait(), 0) << w.all();
+  EXPECT_NE(w.out().find("[0] dead n0.s1.r0: killed by SIGKILL"), std::string::npos) << w.all();
+  EXPECT_NE(w.out().find("[1] member n0.s1.r1"), std::string::npos) << w.all();
+  EXPECT_NE(w.out().find("[0] member n0.s0.r0"), std::string::npos) << w.all();
+  EXPECT_NE(w.err().find("member n0.s1.r0 (rank 1, pid "), std::string::npos) << w.err();
+  EXPECT_NE(w.err().find("was killed by signal 9 (SIGKILL) after "), std::string::npos) << w.err();
+  EXPECT_NE(w.err().find("restart 1 of 3 as n0.s1.r1"), std::string::npos) << w.err();
+  EXPECT_NE(w.err().find("slot 1 restarted as member n0.s1.r1"), std::string::npos) << w.err();
+}
+
+TEST(Elastic, EveryWorkerGetsItsMemberAndTheRange) {
+  Weft w({"run", "--elastic", "2:3", "--", "/bin/sh", "-c",
+          "echo \"$WEFT_MEMBER $WEFT_ELASTIC $WEFT_RANK $WEFT_WORLD_SIZE\""});
+  ASSERT_EQ(w.wait(), 0) << w.all();
+  for (int r = 0; r < 3; ++r) {
+    std::string line = fmt::format("[{}] n0.s{}.r0 2:3 {} 3", r, r, r);
+    EXPECT_NE(w.out().find(line), std::string::npos) << line << "\n" << w.all();
+  }
+  Weft plain({"run", "-n", "2", "--", "/bin/sh", "-c", "echo \"$WEFT_MEMBER[$WEFT_ELASTIC]\""});
+  ASSERT_EQ(plain.wait(), 0) << plain.all();
+  EXPECT_NE(plain.out().find("[1] n0.s1.r0[]"), std::string::npos) << plain.all();
+}
+
+TEST(Elastic, RestartsRunOut) {
+  // Slot 1 always fails; one restart is allowed: the job ends with its code
+  // once slot 0 (which exits 0 and is not restarted) is done.
+  Weft w({"run", "--elastic", "1:2", "--max-restarts", "1", "--", "/bin/sh", "-c",
+          "echo start $WEFT_MEMBER; if [ $WEFT_LOCAL_RANK = 1 ]; then exit 4; fi; sleep 2"});
+  EXPECT_EQ(w.wait(), 4) << w.all();
+  EXPECT_NE(w.out().find("[1] start n0.s1.r1"), std::string::npos) << w.all();
+  EXPECT_EQ(w.out().find("n0.s1.r2"), std::string::npos) << w.all();
+  EXPECT_EQ(w.out().find("n0.s0.r1"), std::string::npos) << w.all();
+  EXPECT_NE(w.err().find("no restarts left (1 of 1 used): slot 1 stays down"), std::string::npos)
+      << w.err();
+}
+
+TEST(Elastic, StoppedWorkerIsEvictedAndReplaced) {
+  Weft w({"run", "--elastic", "1:2", "--", probe_bin(), "evict"});
+  ASSERT_EQ(w.wait(), 0) << w.all();
+  auto pids = ready_pids(w.out());
+  ASSERT_EQ(pids.count(1), 1u) << w.all();
+  EXPECT_TRUE(all_gone(pids));
+  EXPECT_EQ(w.out().find("resumed"), std::string::npos) << w.all();
+  EXPECT_NE(w.out().find("[0] dead n0.s1.r0: evicted: silent for 5.2 s (declared by rank 0"),
+            std::string::npos)
+      << w.all();
+  EXPECT_NE(w.out().find("[1] member n0.s1.r1"), std::string::npos) << w.all();
+  EXPECT_NE(w.err().find("member n0.s1.r0 (rank 1, pid "), std::string::npos) << w.err();
+  EXPECT_NE(w.err().find("evicted after "), std::string::npos) << w.err();
+}
+
+TEST(Elastic, EvictionEndsANonElasticJob) {
+  Weft w({"run", "-n", "2", "--", probe_bin(), "evict"});
+  EXPECT_EQ(w.wait(), 128 + SIGKILL) << w.all();
+  EXPECT_TRUE(all_gone(ready_pids(w.out())));
+  EXPECT_EQ(w.out().find("resumed"), std::string::npos) << w.all();
+  EXPECT_NE(w.err().find("was killed by signal 9 (SIGKILL) after its eviction (silent for 5.2 s"),
+            std::string::npos)
+      << w.err();
+}
+
+TEST(Elastic, BadFlagsAreUsageErrors) {
+  for (const auto& [args, needle] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--elastic", "5:2"}, "--elastic 5:2: the minimum is above the maximum"},
+           {{"--elastic", "0:2"}, "--elastic 0:2: the minimum must be at least 1"},
+           {{"--elastic", "two:4"}, "--elastic two:4: 'two' is not a number"},
+           {{"--elastic", "2:x"}, "--elastic 2:x: 'x' is not a number"},
+           {{"--elastic", "3"}, "--elastic 3: expected MIN:MAX"},
+           {{"--elastic", "1:2", "--max-restarts", "-1"}, "--max-restarts"},
+           {{"--elastic", "1:2", "--max-restarts", "many"}, "--max-restarts"},
+           {{"-n", "2", "--max-restarts", "2"}, "--max-restarts needs --elastic"},
+           {{"-n", "3", "--elastic", "1:2"}, "-n 3 and --elastic 1:2 disagree"},
+           {{"--nnodes", "3:1", "--master", "127.0.0.1:1", "--nproc-per-node", "1"},
+            "--nnodes 3:1: the minimum is above the maximum"},
+           {{"--nnodes", "1:2", "--master", "127.0.0.1:1", "--nproc-per-node", "1"},
+            "not supported yet"},
+       }) {
+    std::vector<std::string> argv = {"run"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.insert(argv.end(), {"--", probe_bin(), "env"});
+    Weft w(argv);
+    EXPECT_EQ(w.wait(), 2) << args[0] << " " << args[1] << "\n" << w.all();
+    EXPECT_NE(w.err().find(needle), std::string::npos) << needle << "\n" << w.err();
+    EXPECT_EQ(w.out().find("rank="), std::string::npos) << "a worker ran: " << w.all();
+  }
+}
+
+TEST(Elastic, RepeatedFailuresWaitForTheCoolDown) {
+  // In-process: short back-offs and a 1.5 s cool-down. Three failures
+  // within the window put the slot in cool-down before its third restart,
+  // so the job (4 incarnations) cannot end before the cool-down passed.
+  launch::WorkerOptions o;
+  o.command = {"/bin/sh", "-c", "exit 5"};
+  o.nproc = 1;
+  o.elastic_min = 1;
+  o.max_restarts = 3;
+  o.restart_backoff = 10ms;
+  o.max_backoff = 40ms;
+  o.cool_down = 1500ms;
+  o.prefix_output = false;
+  auto start = std::chrono::steady_clock::now();
+  int code;
+  {
+    launch::LocalLauncher launcher(o);
+    int failures = 0;
+    launcher.on_member_failed([&](const launch::WorkerExit& e) {
+      ++failures;
+      EXPECT_EQ(e.death(), "exited with code 5");
+      EXPECT_EQ(e.member, fmt::format("n0.s0.r{}", failures - 1));
+    });
+    code = launcher.run(launch::JobLayout{});
+    EXPECT_EQ(failures, 4);
+  }
+  EXPECT_EQ(code, 5);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 1500ms);
 }
 
 }  // namespace

@@ -52,6 +52,38 @@ others are stopped and weft run exits with its code (128 + signal if killed;
 1 on the nodes that stopped because the job failed on another node).
 SIGINT, SIGTERM and SIGHUP are forwarded to the workers; a second one kills them.)";
 
+// "MIN:MAX" with 1 <= MIN <= MAX <= limit, or a single number N (N:N) when
+// `single` is allowed. Throws LaunchError (exit code 2) naming the flag.
+std::pair<int, int> parse_range(const std::string& flag, const std::string& text, bool single,
+                                int limit) {
+  auto number = [&](const std::string& part) {
+    if (part.empty() || part.size() > 9 ||
+        !std::all_of(part.begin(), part.end(), [](unsigned char c) { return std::isdigit(c); })) {
+      throw weft::launch::LaunchError(
+          flag + " " + text + ": '" + part + "' is not a number (expected MIN:MAX)", 2);
+    }
+    return std::stoi(part);
+  };
+  size_t colon = text.find(':');
+  if (colon == std::string::npos && !single) {
+    throw weft::launch::LaunchError(flag + " " + text + ": expected MIN:MAX, e.g. 2:4", 2);
+  }
+  int lo = number(text.substr(0, colon));
+  int hi = colon == std::string::npos ? lo : number(text.substr(colon + 1));
+  if (lo < 1) {
+    throw weft::launch::LaunchError(flag + " " + text + ": the minimum must be at least 1", 2);
+  }
+  if (lo > hi) {
+    throw weft::launch::LaunchError(
+        flag + " " + text + ": the minimum is above the maximum (expected MIN <= MAX)", 2);
+  }
+  if (hi > limit) {
+    throw weft::launch::LaunchError(
+        flag + " " + text + ": the maximum is above " + std::to_string(limit), 2);
+  }
+  return {lo, hi};
+}
+
 struct RunArgs {
   weft::launch::WorkerOptions workers;
   std::string timeout;
@@ -61,8 +93,11 @@ struct RunArgs {
   std::string bind = "auto";
   std::vector<std::string> env;
   // Multi-node.
-  int nnodes = 1;
+  std::string nnodes = "1";
   int node_rank = 0;
+  std::string elastic;
+  int max_restarts = 3;
+  bool oversubscribe = false;
   std::string master;
   int nproc_per_node = 0;
   std::string token_file;
@@ -79,9 +114,21 @@ void add_run_options(CLI::App* run, RunArgs& a) {
                   "Multi-node: number of workers on this node")
       ->type_name("L")
       ->check(CLI::Range(1, 1 << 20));
-  run->add_option("--nnodes", a.nnodes, "Multi-node: number of nodes (one weft run on each)")
-      ->type_name("K")
-      ->check(CLI::Range(1, 1 << 16));
+  run->add_option("--nnodes", a.nnodes,
+                  "Multi-node: number of nodes (one weft run on each); MIN:MAX (elastic) is "
+                  "parsed but not supported yet")
+      ->type_name("K|MIN:MAX");
+  run->add_option("--elastic", a.elastic,
+                  "Single node: elastic job of MIN..MAX workers: MAX start, a failed worker is "
+                  "restarted (with a new WEFT_MEMBER) while the others go on")
+      ->type_name("MIN:MAX");
+  run->add_option("--max-restarts", a.max_restarts,
+                  "Elastic: restarts of failed workers allowed in the whole job")
+      ->type_name("R")
+      ->capture_default_str();
+  run->add_flag("--oversubscribe", a.oversubscribe,
+                "Start more than 64 workers per CPU anyway (refused otherwise), and do not warn "
+                "about more workers than CPUs");
   run->add_option("--node-rank", a.node_rank, "Multi-node: this node's index, 0..K-1")
       ->type_name("I")
       ->check(CLI::Range(0, (1 << 16) - 1));
@@ -173,8 +220,47 @@ int do_run(RunArgs& a, const CLI::App* run) {
   }
   try {
     weft::launch::check_worker_env(w.env);
-    const bool multi = a.nnodes > 1 || !a.master.empty();
+    w.oversubscribe = a.oversubscribe;
+    auto [nodes_min, nodes_max] = parse_range("--nnodes", a.nnodes, true, 1 << 16);
+    const bool has_elastic = run->count("--elastic") > 0;
+    const bool has_restarts = run->count("--max-restarts") > 0;
+    if (has_restarts && a.max_restarts < 0) {
+      throw weft::launch::LaunchError(
+          "--max-restarts " + std::to_string(a.max_restarts) + ": must be 0 or more", 2);
+    }
+    if (has_restarts && !has_elastic && nodes_min == nodes_max) {
+      throw weft::launch::LaunchError("--max-restarts needs --elastic MIN:MAX", 2);
+    }
+    if (nodes_min != nodes_max) {
+      throw weft::launch::LaunchError(
+          "--nnodes " + a.nnodes +
+              ": elastic multi-node jobs are not supported yet (use --elastic MIN:MAX on a "
+              "single node, or a fixed --nnodes K)",
+          2);
+    }
+    const int nnodes = nodes_max;
+    const bool multi = nnodes > 1 || !a.master.empty();
     const bool has_n = run->count("--nproc") > 0;
+    if (has_elastic) {
+      if (multi) {
+        throw weft::launch::LaunchError(
+            "--elastic is for single-node jobs; elastic multi-node jobs are not supported yet", 2);
+      }
+      auto [lo, hi] = parse_range("--elastic", a.elastic, false, 1 << 20);
+      if (has_n && w.nproc != hi) {
+        throw weft::launch::LaunchError("-n " + std::to_string(w.nproc) + " and --elastic " +
+                                            a.elastic +
+                                            " disagree: --elastic starts MAX workers (drop -n)",
+                                        2);
+      }
+      if (a.nproc_per_node > 0) {
+        throw weft::launch::LaunchError("--elastic and --nproc-per-node: give --elastic only", 2);
+      }
+      w.nproc = hi;
+      w.elastic_min = lo;
+      w.max_restarts = a.max_restarts;
+      return weft::launch::run_local(std::move(w));
+    }
     if (has_n && a.nproc_per_node > 0) {
       throw weft::launch::LaunchError("give either -n (one node) or --nproc-per-node, not both", 2);
     }
@@ -200,7 +286,7 @@ int do_run(RunArgs& a, const CLI::App* run) {
     }
     w.nproc = a.nproc_per_node;
     weft::launch::NodeOptions node;
-    node.nnodes = a.nnodes;
+    node.nnodes = nnodes;
     node.node_rank = a.node_rank;
     node.master = a.master;
     node.allow_unauthenticated = a.allow_unauthenticated;

@@ -52,7 +52,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 
 #include "weft/communicator.h"
 #include "weft/train.h"
@@ -110,8 +109,9 @@ class DataParallel {
   // them if they may differ). Call before evaluating or saving. Collective.
   void synchronize();
   // Elastic training: continues on a new communicator; a step a failure
-  // left open is abandoned (train::DataParallel::rebind).
-  void rebind(std::shared_ptr<Communicator> comm, std::optional<int64_t> step = std::nullopt);
+  // left open is abandoned. Collective, like the constructor
+  // (train::DataParallel::rebind).
+  void rebind(std::shared_ptr<Communicator> comm);
 
   ::torch::nn::Module& module() const;
   train::DataParallel& engine() const;

@@ -69,7 +69,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -340,10 +339,15 @@ class DataParallel {
   // failure or a join) instead of the current communicator. A step left
   // open by a failure is abandoned: its allreduces still in flight are
   // failed (the old communicator is aborted when one still runs) and waited
-  // for, and the next step starts afresh. `step`, when given, becomes the
-  // count of completed steps (that of the state restored). The caller then
-  // restores the model, so that the replicas are equal again.
-  void rebind(std::shared_ptr<Communicator> comm, std::optional<int64_t> step = std::nullopt);
+  // for, and the next step starts afresh. Collective on `comm`, with the
+  // same calls as the constructor (the model check, and the broadcast of
+  // rank 0's model when options.broadcast_initial), so that the members
+  // rebinding and a worker joining (constructing its engine on `comm`) meet
+  // in the same calls. The caller then restores the committed state.
+  void rebind(std::shared_ptr<Communicator> comm);
+  // Sets the count of completed steps (after restoring a commit or a
+  // checkpoint: local SGD's schedule counts from it). Not inside a step.
+  void set_step(int64_t step);
 
   // Makes the parameters and buffers equal on every rank now (averages them
   // when the policy says they may differ, e.g. before evaluating or saving a

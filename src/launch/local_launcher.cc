@@ -334,6 +334,7 @@ struct LocalLauncher::Impl {
   // Elastic mode.
   int restarts_used = 0;
   int elastic_failure_code = 0;  // of the last failed incarnation of a slot that stays down
+  int finished_ok = 0;           // workers that exited 0
 
   bool elastic() const { return opts.elastic_min > 0; }
 
@@ -700,7 +701,10 @@ struct LocalLauncher::Impl {
         exec_failed(w);
         continue;
       }
-      if (!w.exit.failed()) continue;
+      if (!w.exit.failed()) {
+        ++finished_ok;
+        continue;
+      }
       failed_slots.push_back(static_cast<size_t>(w.local_rank));
       if (cause == nullptr || (cause->signal == 0 && w.exit.signal != 0)) cause = &w.exit;
     }
@@ -826,7 +830,16 @@ struct LocalLauncher::Impl {
       if (!stopping) restart_due();
     }
     kill_orphans();
-    if (elastic() && exit_code == 0) exit_code = elastic_failure_code;
+    // Elastic: the job succeeded when training finished (a worker exited
+    // 0 and none of those running to the end failed); members that died on
+    // the way and stayed down were survived.
+    if (elastic() && exit_code == 0 && finished_ok == 0) exit_code = elastic_failure_code;
+    if (elastic() && exit_code == 0 && elastic_failure_code != 0) {
+      message(
+          fmt::format("the job finished; {} worker(s) exited 0, members that failed and "
+                      "stayed down were survived",
+                      finished_ok));
+    }
     return exit_code;
   }
 

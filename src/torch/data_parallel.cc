@@ -204,12 +204,14 @@ void DataParallel::step(::torch::optim::Optimizer& optimizer) {
 
 void DataParallel::synchronize() { impl_->engine->synchronize(); }
 
-void DataParallel::rebind(std::shared_ptr<Communicator> comm, std::optional<int64_t> step) {
+void DataParallel::rebind(std::shared_ptr<Communicator> comm) {
   Impl& m = *impl_;
-  m.engine->rebind(std::move(comm), step);
-  MutexLock lock(&m.mu);
-  std::fill(m.reported.begin(), m.reported.end(), 0);
-  m.finished = false;
+  {
+    MutexLock lock(&m.mu);
+    std::fill(m.reported.begin(), m.reported.end(), 0);
+    m.finished = false;
+  }
+  m.engine->rebind(std::move(comm));
 }
 
 ::torch::nn::Module& DataParallel::module() const { return *impl_->module; }

@@ -453,20 +453,25 @@ int64_t DataParallel::step() const {
   return state_->step;
 }
 
-void DataParallel::rebind(std::shared_ptr<Communicator> comm, std::optional<int64_t> step) {
+void DataParallel::rebind(std::shared_ptr<Communicator> comm) {
   if (!comm) throw InvalidArgument("DataParallel::rebind: the communicator is null");
-  if (step && *step < 0) {
-    throw InvalidArgument(fmt::format("DataParallel::rebind: step {} is negative", *step));
-  }
   drain();
-  MutexLock lock(&state_->mu);
-  state_->works.assign(buckets_.size(), nullptr);
-  state_->phase = Phase::Idle;
-  comm_ = std::move(comm);
-  if (step) {
-    state_->step = *step;
-    state_->synced_at = *step;
+  {
+    MutexLock lock(&state_->mu);
+    state_->works.assign(buckets_.size(), nullptr);
+    state_->phase = Phase::Idle;
   }
+  comm_ = std::move(comm);
+  check_model();
+  if (options_.broadcast_initial) broadcast_model(0);
+}
+
+void DataParallel::set_step(int64_t step) {
+  if (step < 0) throw InvalidArgument(fmt::format("DataParallel::set_step: {} is negative", step));
+  check_idle("set_step");
+  MutexLock lock(&state_->mu);
+  state_->step = step;
+  state_->synced_at = step;
 }
 
 bool DataParallel::step_averages_gradients() const {

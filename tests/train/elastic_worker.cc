@@ -107,9 +107,12 @@ int run(const Args& a) {
   // communicator.
   auto resync = [&] {
     if (queue.step_open()) queue.abandon_step();
+    // The engine meets the new generation first (a joiner's engine was just
+    // built on it: the same calls), then the newest commit is restored.
+    if (&engine.communicator() != comm.get()) engine.rebind(comm);
     const int64_t at = state.restore(*comm);
     queue.regroup(comm->size());
-    engine.rebind(comm, step);
+    engine.set_step(step);
     if (comm->rank() == 0) {
       fmt::print(
           "{{\"event\": \"membership\", \"generation\": {}, \"workers\": {}, "

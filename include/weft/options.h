@@ -72,6 +72,22 @@ struct CommOptions {
   // connection stops reading until receives are posted (back-pressure).
   size_t max_unexpected_bytes = 256u << 20;
 
+  // Liveness: every rank sends a small authenticated UDP datagram to each
+  // peer every heartbeat_interval (WEFT_HEARTBEAT_INTERVAL), from a thread
+  // of its own, and declares a peer failed when none arrived for
+  // heartbeat_timeout (WEFT_HEARTBEAT_TIMEOUT; 0 turns liveness off): every
+  // pending call fails with PeerError naming it ("silent for 4.2 s"). Slow
+  // is not dead: the heartbeat thread runs while the training thread
+  // computes and beside bulk transfers. The interval must be at most half
+  // the timeout.
+  Timeout heartbeat_interval = std::chrono::milliseconds(500);
+  Timeout heartbeat_timeout = std::chrono::seconds(4);
+  // This worker's id, unique per process incarnation (WEFT_MEMBER, set by
+  // `weft run`, e.g. "n0.s2.r1"). Published at rendezvous; a rank that
+  // declares a peer dead writes the root store key weft/evict/<member>, so
+  // that the peer's launcher kills it. Empty: nothing is written.
+  std::string member;
+
   // Name of the communicator: the store key space it uses ("world").
   std::string name = "world";
   // Generation of the communicator. 0 (the default) takes the next

@@ -19,6 +19,9 @@ CommOptions CommOptions::from_env() {
   o.sockets_per_peer = static_cast<int>(settings::get(settings::kSocketsPerPeer));
   o.socket_buffer_bytes = settings::get(settings::kSocketBuffer);
   o.max_unexpected_bytes = settings::get(settings::kMaxUnexpected);
+  o.heartbeat_interval = settings::get(settings::kHeartbeatInterval);
+  o.heartbeat_timeout = settings::get(settings::kHeartbeatTimeout);
+  o.member = settings::get(settings::kMember);
   return o;
 }
 

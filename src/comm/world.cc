@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -51,6 +52,18 @@ Timeout remaining_ms(const Deadline& d) {
   return std::max(ms, Timeout(1));
 }
 
+// Why `member` cannot name a store key weft/evict/<member> ("" when it can).
+std::string member_problem(const std::string& member) {
+  if (member.size() > 128) return fmt::format("member id of {} bytes (at most 128)", member.size());
+  for (char c : member) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-' && c != '_') {
+      return fmt::format("member id '{}' has a character other than letters, digits, '.', '-', '_'",
+                         member);
+    }
+  }
+  return {};
+}
+
 RankInfo parse_rank_info(int rank, const std::string& text) {
   try {
     auto j = nlohmann::json::parse(text);
@@ -61,10 +74,14 @@ RankInfo parse_rank_info(int rank, const std::string& text) {
     info.pid = j.value("pid", 0);
     info.shm_address = j.value("shm", std::string());
     info.shm_key = j.value("shm_key", std::string());
+    info.heartbeat = j.value("hb", std::string());
+    info.member = j.value("member", std::string());
     if (info.address.empty() || info.address.size() > 256 || info.host_id.size() > 512 ||
-        info.hostname.size() > 256 || info.shm_address.size() > 100 || info.shm_key.size() > 128) {
+        info.hostname.size() > 256 || info.shm_address.size() > 100 || info.shm_key.size() > 128 ||
+        info.heartbeat.size() > 256) {
       throw std::runtime_error("field out of bounds");
     }
+    if (std::string why = member_problem(info.member); !why.empty()) throw std::runtime_error(why);
     return info;
   } catch (const std::exception& e) {
     throw StoreError(fmt::format("the rendezvous record of rank {} is invalid ({}): '{}'", rank,
@@ -83,13 +100,14 @@ std::string default_host_id() {
   return boot + "/netns:" + netns;
 }
 
-World::World(int rank, int size, std::shared_ptr<Store> store, CommOptions options,
-             uint32_t generation)
+World::World(int rank, int size, std::shared_ptr<Store> store, std::shared_ptr<Store> root_store,
+             CommOptions options, uint32_t generation)
     : rank_(rank),
       size_(size),
       options_(std::move(options)),
       generation_(generation),
-      store_(std::move(store)) {
+      store_(std::move(store)),
+      root_store_(std::move(root_store)) {
   std::string ident = fmt::format("{}\n{}", options_.name, generation_);
   id_ = bytes::fnv1a64(ident.data(), ident.size());
 }
@@ -123,6 +141,17 @@ std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> 
         "shared-memory ring size {} (WEFT_SHM_RING) must be 0 or a power of two from 64K to 64M",
         ring));
   }
+  if (std::string why = member_problem(options.member); !why.empty()) {
+    throw InvalidArgument(fmt::format("WEFT_MEMBER is invalid: {}", why));
+  }
+  if (options.heartbeat_timeout.count() < 0 || options.heartbeat_interval.count() <= 0 ||
+      (options.heartbeat_timeout.count() > 0 &&
+       2 * options.heartbeat_interval > options.heartbeat_timeout)) {
+    throw InvalidArgument(fmt::format(
+        "the heartbeat interval ({}, WEFT_HEARTBEAT_INTERVAL) must be positive and at most half "
+        "the heartbeat timeout ({}, WEFT_HEARTBEAT_TIMEOUT; 0 turns liveness off)",
+        format_timeout(options.heartbeat_interval), format_timeout(options.heartbeat_timeout)));
+  }
   const Deadline deadline = Deadline::after(options.timeout);
   uint32_t generation = options.generation;
   if (generation == 0) {
@@ -133,7 +162,8 @@ std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> 
   }
   auto prefixed =
       std::make_shared<PrefixStore>(fmt::format("weft/{}/g{}", options.name, generation), store);
-  std::shared_ptr<World> w(new World(rank, size, prefixed, std::move(options), generation));
+  std::shared_ptr<World> w(
+      new World(rank, size, prefixed, std::move(store), std::move(options), generation));
   w->bootstrap(store_host, deadline);
   return w;
 }
@@ -150,6 +180,22 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
       else if (addrs.front().family() == AF_INET6)
         ip = "::1";
     }
+  }
+
+  // Liveness first: the transports' events may reach it as soon as they exist.
+  if (size_ > 1 && options_.heartbeat_timeout.count() > 0) {
+    HeartbeatOptions ho;
+    ho.rank = rank_;
+    ho.size = size_;
+    ho.world_id = id_;
+    ho.generation = generation_;
+    ho.token = options_.job_token;
+    ho.listen_ip = ip;
+    ho.interval = options_.heartbeat_interval;
+    ho.timeout = options_.heartbeat_timeout;
+    heartbeat_ = std::make_unique<Heartbeat>(
+        ho, [this] { return error() == nullptr; },
+        [this](const std::vector<std::pair<int, Timeout>>& silent) { declare_silent(silent); });
   }
 
   transport::EngineOptions eo;
@@ -222,6 +268,7 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     // Also while the shared-memory set-up is still running (it keeps the
     // departure for when it is done).
     if (shm_) shm_->peer_departed(peer);
+    if (heartbeat_) heartbeat_->departed(peer);
   };
   tcp_ = transport::make_tcp_transport(*engine_, to, ev);
 
@@ -230,6 +277,8 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   me.host_id = options_.host_id.empty() ? default_host_id() : options_.host_id;
   me.hostname = local_hostname();
   me.pid = static_cast<int>(getpid());
+  if (heartbeat_) me.heartbeat = heartbeat_->address();
+  me.member = options_.member;
   if (options_.shm && size_ > 1) {
     // Listens now, so that its address goes into the rank record.
     transport::ShmOptions so;
@@ -247,7 +296,8 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
     me.shm_key = shm_->key();
   }
   nlohmann::json j = {{"address", me.address}, {"host_id", me.host_id}, {"hostname", me.hostname},
-                      {"pid", me.pid},         {"shm", me.shm_address}, {"shm_key", me.shm_key}};
+                      {"pid", me.pid},         {"shm", me.shm_address}, {"shm_key", me.shm_key},
+                      {"hb", me.heartbeat},    {"member", me.member}};
   store_->set(fmt::format("rank/{}", rank_), j.dump(), remaining_ms(deadline));
   WEFT_DEBUG("rank {}: listening on {} (host {})", rank_, me.address, me.host_id);
 
@@ -287,6 +337,20 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
   add_transport(tcp_.get());
   route_.assign(static_cast<size_t>(size_), tcp_.get());
   connect_shm(me, deadline);
+  if (heartbeat_) {
+    std::vector<std::string> beats;
+    std::vector<int> quiet;
+    for (int r = 0; r < size_; ++r) {
+      beats.push_back(ranks_[static_cast<size_t>(r)].heartbeat);
+      if (r != rank_ && beats.back().empty()) quiet.push_back(r);
+    }
+    if (!quiet.empty()) {
+      WEFT_INFO("rank {}: {} {} no heartbeat (WEFT_HEARTBEAT_TIMEOUT=0 there): not watched", rank_,
+                quiet.size() == 1 ? "rank" : "ranks", format_ranks(quiet),
+                quiet.size() == 1 ? "sends" : "send");
+    }
+    heartbeat_->start(beats);
+  }
 }
 
 void World::connect_shm(const RankInfo& me, const Deadline& deadline) {
@@ -366,11 +430,16 @@ void World::shutdown_once() {
       (*it)->close(Deadline::after(kGoodbyeLimit));
     }
   }
+  // After the goodbye: a peer must not find this rank silent while it flushes.
+  // Before the engine stops: a declaration in progress still aborts through it.
+  if (heartbeat_) heartbeat_->stop();
   if (engine_) engine_->stop();
   shm_.reset();
   tcp_.reset();
   engine_.reset();
   if (abort_writer_.joinable()) abort_writer_.join();
+  if (evict_writer_.joinable()) evict_writer_.join();
+  heartbeat_.reset();
   keep_alive_.clear();
 }
 
@@ -464,6 +533,53 @@ void World::write_abort_record(const std::string& record) {
       WEFT_DEBUG("could not write the abort record to the store: {}", e.what());
     }
   });
+}
+
+HeartbeatStats World::heartbeat_stats() const {
+  return heartbeat_ ? heartbeat_->stats() : HeartbeatStats{};
+}
+
+void World::declare_silent(const std::vector<std::pair<int, Timeout>>& silent) {
+  const auto secs = [](Timeout t) { return static_cast<double>(t.count()) / 1000.0; };
+  const int peer = silent.front().first;
+  const std::string host = hostname(peer);
+  std::string others;
+  for (size_t i = 1; i < silent.size(); ++i) {
+    others += fmt::format("{}rank {} (host {}) for {:.1f} s", others.empty() ? "" : ", ",
+                          silent[i].first, hostname(silent[i].first), secs(silent[i].second));
+  }
+  const std::string msg = fmt::format(
+      "rank {}: rank {} (host {}) silent for {:.1f} s: no heartbeat within {} "
+      "(WEFT_HEARTBEAT_TIMEOUT); declared failed{}",
+      rank_, peer, host, secs(silent.front().second), format_timeout(options_.heartbeat_timeout),
+      others.empty() ? "" : fmt::format(" (also silent: {})", others));
+  // Evicted first: the launcher that owns a silent process kills it, so that
+  // it cannot come back and write (the key is the contract with `weft run`).
+  std::vector<std::pair<std::string, std::string>> evictions;
+  for (const auto& [r, t] : silent) {
+    const std::string& member = ranks_[static_cast<size_t>(r)].member;
+    if (member.empty()) continue;
+    evictions.emplace_back("weft/evict/" + member,
+                           fmt::format("silent for {:.1f} s (declared by rank {} on host {})",
+                                       secs(t), rank_, hostname(rank_)));
+  }
+  if (!evictions.empty() && root_store_ && !evict_writer_.joinable()) {
+    auto store = root_store_;
+    const int me = rank_;
+    evict_writer_ = std::thread([store, evictions, me] {
+      for (const auto& [key, value] : evictions) {
+        try {
+          if (store->compare_set(key, std::nullopt, value, kAbortRecordLimit).swapped) {
+            WEFT_WARN("rank {}: evicted: {} = '{}'", me, key, value);
+          }
+        } catch (const std::exception& e) {
+          WEFT_WARN("rank {}: could not write the eviction {} to the store: {}", me, key, e.what());
+        }
+      }
+    });
+  }
+  abort(std::make_exception_ptr(PeerError(msg, peer, host, "")), AbortKind::PeerFailure, peer, msg,
+        true);
 }
 
 void World::fail_timeout(const std::string& op, int peer, Timeout waited) {

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/heartbeat.h"
 #include "core/deadline.h"
 #include "core/mutex.h"
 #include "transport/engine.h"
@@ -38,6 +39,11 @@ struct RankInfo {
   // transport (empty when the rank disabled shared memory).
   std::string shm_address;
   std::string shm_key;
+  // The heartbeat socket, "ip:port" (empty when the rank runs no heartbeat:
+  // WEFT_HEARTBEAT_TIMEOUT=0 there, or a world of one).
+  std::string heartbeat;
+  // WEFT_MEMBER of the process (empty when not set): the eviction key's name.
+  std::string member;
 };
 
 // This process's host identity: WEFT_HOST_ID / options.host_id if set, else
@@ -96,6 +102,8 @@ class World : public std::enable_shared_from_this<World> {
   void abort_with(std::exception_ptr error);
   // A timeout while waiting for `peer`: builds the TimeoutError and aborts.
   [[noreturn]] void fail_timeout(const std::string& op, int peer, Timeout waited);
+  // What the heartbeat thread saw (zeros when it does not run).
+  HeartbeatStats heartbeat_stats() const;
 
   // Fails what is still in flight (AbortedError), says goodbye to the peers,
   // stops the threads and closes the connections. Idempotent; the
@@ -115,20 +123,25 @@ class World : public std::enable_shared_from_this<World> {
   void submit(std::function<void()> task);
 
  private:
-  World(int rank, int size, std::shared_ptr<Store> store, CommOptions options, uint32_t generation);
+  World(int rank, int size, std::shared_ptr<Store> store, std::shared_ptr<Store> root_store,
+        CommOptions options, uint32_t generation);
   void bootstrap(const std::string& store_host, const Deadline& deadline);
   void executor_loop();
   void shutdown_once();
   std::exception_ptr check_unexpected(int peer, uint64_t comm_id, const transport::OpDesc& desc);
   void connect_shm(const RankInfo& me, const Deadline& deadline);
   void write_abort_record(const std::string& record);
+  // The heartbeat thread found these peers silent past the timeout (the
+  // longest silent first): evicts them and aborts the world naming the first.
+  void declare_silent(const std::vector<std::pair<int, Timeout>>& silent);
 
   const int rank_;
   const int size_;
   const CommOptions options_;
   const uint32_t generation_;
   uint64_t id_ = 0;
-  std::shared_ptr<Store> store_;  // prefixed: weft/<name>/g<generation>
+  std::shared_ptr<Store> store_;       // prefixed: weft/<name>/g<generation>
+  std::shared_ptr<Store> root_store_;  // unprefixed: weft/evict/<member>
   std::vector<RankInfo> ranks_;
   int local_rank_ = 0;
   int local_size_ = 1;
@@ -160,6 +173,10 @@ class World : public std::enable_shared_from_this<World> {
   int abort_culprit_ GUARDED_BY(error_mu_) = -1;
   std::string abort_reason_ GUARDED_BY(error_mu_);
   std::thread abort_writer_;  // writes the store record without blocking progress
+  // Liveness (null when off or alone); made before the transports, whose
+  // events may reach it, and stopped after their goodbye.
+  std::unique_ptr<Heartbeat> heartbeat_;
+  std::thread evict_writer_;  // writes weft/evict/<member> keys (heartbeat thread's declaration)
 
   Mutex active_mu_;
   std::map<std::pair<uint64_t, uint64_t>, transport::OpDesc> active_ GUARDED_BY(active_mu_);

@@ -21,7 +21,7 @@ namespace weft::settings {
 namespace {
 
 // The table of every setting, in documentation order (`weft config`).
-constexpr std::array<const Setting*, 51> kAll = {
+constexpr std::array<const Setting*, 53> kAll = {
     &kRank,
     &kWorldSize,
     &kLocalRank,
@@ -41,6 +41,8 @@ constexpr std::array<const Setting*, 51> kAll = {
     &kTimeout,
     &kStoreTimeout,
     &kRendezvousLogInterval,
+    &kHeartbeatInterval,
+    &kHeartbeatTimeout,
     &kIfname,
     &kAddress,
     &kHostId,
@@ -160,7 +162,8 @@ std::string bytes_problem(std::string_view text, uint64_t* x) {
   return {};
 }
 
-std::string seconds_problem(std::string_view text, std::chrono::milliseconds* out) {
+std::string seconds_problem(std::string_view text, std::chrono::milliseconds* out,
+                            bool zero_ok = false) {
   std::string s(text);
   errno = 0;
   char* end = nullptr;
@@ -168,7 +171,14 @@ std::string seconds_problem(std::string_view text, std::chrono::milliseconds* ou
   if (end == s.c_str() || *end != '\0' || std::isnan(x)) {
     return "expected a positive number of seconds such as 30 or 0.5";
   }
-  if (x <= 0) return "expected a positive number of seconds such as 30 or 0.5";
+  if (x == 0 && zero_ok) {
+    *out = std::chrono::milliseconds(0);
+    return {};
+  }
+  if (x <= 0) {
+    return zero_ok ? "expected 0 (off) or a positive number of seconds such as 30 or 0.5"
+                   : "expected a positive number of seconds such as 30 or 0.5";
+  }
   if (!std::isfinite(x) || x > kMaxSeconds) {
     return fmt::format("too large: at most {:.0f} seconds (about 31 years)", kMaxSeconds);
   }
@@ -262,7 +272,7 @@ std::string problem(const Setting& s, std::string_view v) {
     }
     case Type::Seconds: {
       std::chrono::milliseconds ms{};
-      return seconds_problem(v, &ms);
+      return seconds_problem(v, &ms, (s.flags & kZeroTurnsOff) != 0);
     }
     case Type::Bool:
       return parse_bool(v) ? std::string() : "expected 1, 0, true, false, yes, no, on or off";
@@ -318,7 +328,10 @@ uint64_t get(const BytesSetting& s) {
 
 std::chrono::milliseconds get(const SecondsSetting& s) {
   auto v = checked(s);
-  return v ? parse_seconds(*v, s.env) : std::chrono::milliseconds(s.def);
+  if (!v) return std::chrono::milliseconds(s.def);
+  std::chrono::milliseconds ms{};
+  seconds_problem(*v, &ms, (s.flags & kZeroTurnsOff) != 0);  // checked: valid
+  return ms;
 }
 
 bool get(const BoolSetting& s) {

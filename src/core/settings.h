@@ -36,6 +36,7 @@ enum class Type {
 inline constexpr unsigned kNoDefault = 1;       // set by a launcher or the user; no default
 inline constexpr unsigned kSecret = 2;          // `weft config` does not print its value
 inline constexpr unsigned kZeroOrPowerOf2 = 4;  // Bytes: 0 (automatic) or a power of two in range
+inline constexpr unsigned kZeroTurnsOff = 8;    // Seconds: 0 is accepted and turns the feature off
 
 struct Setting {
   std::string_view env;  // e.g. "WEFT_TIMEOUT"
@@ -62,8 +63,10 @@ struct BytesSetting : Setting {
       : Setting{e, Type::Bytes, d, lo, hi, {}, {}, f, doc_} {}
 };
 struct SecondsSetting : Setting {
-  constexpr SecondsSetting(std::string_view e, int64_t def_seconds, std::string_view doc_)
-      : Setting{e, Type::Seconds, def_seconds * 1000, 0, 0, {}, {}, 0, doc_} {}
+  constexpr SecondsSetting(std::string_view e, double def_seconds, std::string_view doc_,
+                           unsigned f = 0)
+      : Setting{e, Type::Seconds, static_cast<int64_t>(def_seconds * 1000 + 0.5), 0, 0, {}, {},
+                f, doc_} {}
 };
 struct BoolSetting : Setting {
   constexpr BoolSetting(std::string_view e, bool d, std::string_view doc_)
@@ -145,6 +148,14 @@ inline constexpr SecondsSetting kStoreTimeout{
 inline constexpr SecondsSetting kRendezvousLogInterval{
     "WEFT_RENDEZVOUS_LOG_INTERVAL", 10,
     "a rank waiting at start-up says what it waits for every this many seconds"};
+// --- Liveness (src/comm/heartbeat.h).
+inline constexpr SecondsSetting kHeartbeatInterval{
+    "WEFT_HEARTBEAT_INTERVAL", 0.5,
+    "every rank sends a heartbeat datagram to each peer this often, seconds"};
+inline constexpr SecondsSetting kHeartbeatTimeout{
+    "WEFT_HEARTBEAT_TIMEOUT", 4,
+    "a peer whose heartbeats stop for this long is declared failed, seconds (0: off)",
+    kZeroTurnsOff};
 // --- Network and host.
 inline constexpr StringSetting kIfname{"WEFT_IFNAME",
                                        "network interface to listen on and advertise", kNoDefault};

@@ -1,14 +1,17 @@
 // Communicators with ranks as threads of one process: creation, collectives,
 // groups, generations, aborts, timeouts, authentication.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <thread>
 
 #include "api/access.h"
 #include "comm/group.h"
 #include "comm/world.h"
+#include "core/settings.h"
 #include "testing/inbound.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
@@ -291,6 +294,88 @@ TEST(Communicator, BadArguments) {
   EXPECT_THROW(c->send(v, 0, 0), InvalidArgument);  // to itself
   Buffer gpu(v.data(), v.size(), DType::Float32, Device{DeviceType::CUDA, 0, nullptr});
   EXPECT_THROW(c->allreduce(gpu), InvalidArgument);
+}
+
+// ---- liveness (src/comm/heartbeat.h; with real processes: liveness_test.cc) ----
+
+comm::World& world_of(const Communicator& c) { return api::CommunicatorAccess::group(c)->world(); }
+
+CommOptions fast_heartbeat(Timeout timeout = 30s) {
+  CommOptions o = test_options(timeout);
+  o.heartbeat_interval = 50ms;
+  o.heartbeat_timeout = 1s;
+  return o;
+}
+
+// Heartbeats flow between every pair; a rank that closes its communicator
+// says goodbye, and the others, still running long past the heartbeat
+// timeout, do not declare it dead.
+TEST(Liveness, HeartbeatsFlowAndAGoodbyeIsNotDeath) {
+  const int n = 3;
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(n, [&](int r) {
+    auto c = Communicator::create(r, n, store, fast_heartbeat());
+    comm::World& w = world_of(*c);
+    EXPECT_FALSE(w.ranks()[static_cast<size_t>(r)].heartbeat.empty());
+    ASSERT_TRUE(testing::wait_until([&] { return w.heartbeat_stats().received >= 4; }));
+    c->barrier();
+    if (r == 2) return;  // closes its communicator (goodbye) and leaves
+    // Twice the heartbeat timeout, counted in rank 0's / rank 1's heartbeats.
+    const uint64_t base = w.heartbeat_stats().received;
+    ASSERT_TRUE(testing::wait_until([&] { return w.heartbeat_stats().received >= base + 40; }));
+    EXPECT_EQ(c->error(), nullptr);
+    std::vector<int32_t> v(10, r);
+    if (r == 0) {
+      c->send(v, 1, 7)->wait();
+    } else {
+      c->recv(v, 0, 7)->wait();
+      EXPECT_EQ(v[0], 0);
+    }
+    EXPECT_EQ(w.heartbeat_stats().dropped, 0u);
+  });
+}
+
+TEST(Liveness, OffWithATimeoutOfZero) {
+  EXPECT_EQ(settings::problem(settings::kHeartbeatTimeout, "0"), "");
+  EXPECT_NE(settings::problem(settings::kHeartbeatTimeout, "-1").find("0 (off)"),
+            std::string::npos);
+  EXPECT_NE(settings::problem(settings::kTimeout, "0"), "");  // other durations stay positive
+  const int n = 2;
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(n, [&](int r) {
+    CommOptions o = fast_heartbeat();
+    o.heartbeat_timeout = 0s;
+    auto c = Communicator::create(r, n, store, o);
+    c->barrier();
+    comm::World& w = world_of(*c);
+    for (const auto& info : w.ranks()) EXPECT_TRUE(info.heartbeat.empty());
+    auto record = nlohmann::json::parse(store->get(fmt::format("weft/world/g1/rank/{}", r), 5s));
+    EXPECT_EQ(record.value("hb", std::string("?")), "");
+    EXPECT_EQ(w.heartbeat_stats().sent, 0u);
+  });
+}
+
+TEST(Liveness, BadSettingsAreRefusedByName) {
+  auto store = std::make_shared<MemoryStore>();
+  CommOptions o = test_options();
+  o.heartbeat_interval = 3s;
+  o.heartbeat_timeout = 4s;
+  try {
+    Communicator::create(0, 1, store, o);
+    ADD_FAILURE() << "an interval above half the timeout was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("WEFT_HEARTBEAT_INTERVAL"), std::string::npos) << e.what();
+  }
+  o = test_options();
+  o.member = "n0/../s1";
+  try {
+    Communicator::create(0, 1, store, o);
+    ADD_FAILURE() << "a member id with '/' was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("WEFT_MEMBER"), std::string::npos) << e.what();
+  }
+  o.member = "n0.s1.r2";
+  EXPECT_NO_THROW(Communicator::create(0, 1, store, o));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include "core/auth.h"
 #include "core/socket.h"
+#include "job.h"
 #include "testing/testing.h"
 #include "weft/weft.h"
 
@@ -17,53 +18,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Process;
 
-class Job {
- public:
-  Job(int n, const std::vector<std::string>& args, int timeout_s) : n_(n) {
-    TcpStoreOptions so;
-    so.job_token = token_;
-    server_ = std::make_unique<TcpStoreServer>("127.0.0.1", 0, so);
-    store_ = std::make_shared<TcpStore>("127.0.0.1", server_->port(), so);
-    for (int r = 0; r < n; ++r) {
-      std::vector<std::string> argv = {testing::bin_dir() + "/comm_worker"};
-      argv.insert(argv.end(), args.begin(), args.end());
-      procs_.push_back(std::make_unique<Process>(
-          argv, std::map<std::string, std::string>{
-                    {"WEFT_RANK", std::to_string(r)},
-                    {"WEFT_WORLD_SIZE", std::to_string(n)},
-                    {"WEFT_LOCAL_RANK", std::to_string(r)},
-                    {"WEFT_LOCAL_SIZE", std::to_string(n)},
-                    {"WEFT_STORE", "127.0.0.1:" + std::to_string(server_->port())},
-                    {"WEFT_JOB_TOKEN", token_},
-                    {"WEFT_TIMEOUT", std::to_string(timeout_s)},
-                    {"WEFT_LOG_LEVEL", "info"}}));
-    }
-  }
-
-  Process& proc(int r) { return *procs_[static_cast<size_t>(r)]; }
-  Store& store() { return *store_; }
-  const std::string& token() const { return token_; }
-
-  // Waits until every worker printed `line` (READY: connected; RUNNING:
-  // a few allreduces done, so the job is in the middle of its allreduces).
-  void wait_ready(std::chrono::seconds limit = 60s, const std::string& line = "READY") {
-    auto until = std::chrono::steady_clock::now() + limit;
-    for (int r = 0; r < n_; ++r) {
-      while (proc(r).output().find(line) == std::string::npos) {
-        ASSERT_FALSE(proc(r).wait(0ms)) << "rank " << r << " exited early:\n" << proc(r).output();
-        ASSERT_LT(std::chrono::steady_clock::now(), until) << "rank " << r << " not " << line;
-        std::this_thread::sleep_for(20ms);
-      }
-    }
-  }
-
- private:
-  int n_;
-  std::string token_ = auth::generate_token();
-  std::unique_ptr<TcpStoreServer> server_;
-  std::shared_ptr<TcpStore> store_;
-  std::vector<std::unique_ptr<Process>> procs_;
-};
+using test_job::Job;
 
 TEST(Faults, KilledWorkerIsNamedByEverySurvivor) {
   const int n = 4, victim = 2;
@@ -83,9 +38,12 @@ TEST(Faults, KilledWorkerIsNamedByEverySurvivor) {
   job.proc(victim).wait(10s);
 }
 
+// The deadline's path: liveness off (with it, the heartbeat finds the stopped
+// rank first: liveness_test.cc).
 TEST(Faults, StoppedWorkerTimesOutEverySurvivor) {
   const int n = 4, victim = 1, timeout_s = 4;
-  Job job(n, {"allreduce-loop", "0", std::to_string(4u << 20)}, timeout_s);
+  Job job(n, {"allreduce-loop", "0", std::to_string(4u << 20)}, timeout_s,
+          {{"WEFT_HEARTBEAT_TIMEOUT", "0"}});
   job.wait_ready(60s, "RUNNING");
   auto t0 = std::chrono::steady_clock::now();
   job.proc(victim).signal(SIGSTOP);

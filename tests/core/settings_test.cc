@@ -217,6 +217,8 @@ TEST(Settings, DeclaredDefaultsMatchTheOptions) {
   EXPECT_EQ(e.socket_buffer_bytes, d.socket_buffer_bytes);
   EXPECT_EQ(e.max_unexpected_bytes, d.max_unexpected_bytes);
   EXPECT_EQ(e.allow_unauthenticated, d.allow_unauthenticated);
+  EXPECT_EQ(e.heartbeat_interval, d.heartbeat_interval);
+  EXPECT_EQ(e.heartbeat_timeout, d.heartbeat_timeout);
   EXPECT_EQ(settings::get(settings::kStoreTimeout), kDefaultStoreTimeout);
 }
 

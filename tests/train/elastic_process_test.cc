@@ -76,6 +76,20 @@ TEST(ElasticProcessTest, TwoFailuresAtOnce) {
   EXPECT_NE(r.out.find("\"workers\": 2, \"changes\""), std::string::npos) << r.out;
 }
 
+// A stopped worker (SIGSTOP: a hung driver, a frozen VM) is declared dead
+// by the survivors' liveness, evicted (its launcher kills it) and replaced;
+// training goes on without waiting for any collective's deadline.
+TEST(ElasticProcessTest, StoppedWorkerIsEvictedAndTrainingGoesOn) {
+  const JobRun r = run_job(
+      {"-n", "3", "--elastic", "2:3", "--max-restarts", "1"},
+      {"--epochs", "3", "--step-ms", "10", "--stop-member", "n0.s2.r0", "--stop-at-step", "10"},
+      {{"WEFT_HEARTBEAT_TIMEOUT", "2"}});
+  EXPECT_EQ(r.code, 0) << r.out;
+  expect_exactly_once(r, 3);
+  EXPECT_NE(r.out.find("silent for"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("left [n0.s2.r0]"), std::string::npos) << r.out;
+}
+
 TEST(ElasticProcessTest, BelowMinFailsSayingWhy) {
   const JobRun r = run_job({"-n", "2", "--elastic", "2:2", "--max-restarts", "0"},
                            {"--epochs", "2", "--die-member", "n0.s1.r0", "--die-at-step", "5"},

@@ -21,6 +21,7 @@ set(WEFT_PUBLIC_HEADERS
   data.h=data
   shard_queue.h=data
   train.h=train
+  checkpoint.h=train
   balance.h=balance
   host.h=balance
   torch.h=torch)

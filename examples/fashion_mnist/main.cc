@@ -261,6 +261,23 @@ std::string figures_json(const weft::balance::Balancer& b) {
   return out + "]";
 }
 
+// `s` as a JSON string literal (quotes, backslashes and control characters
+// escaped).
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += fmt::format("\\u{:04x}", static_cast<int>(c));
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
 // The checkpoint to resume from, as read by rank 0 and sent to every rank.
 struct Resumed {
   weft::train::CheckpointMeta meta;
@@ -419,10 +436,10 @@ int run(const Args& a) {
                       resumed->meta.world_size, trained_at_resume);
       if (a.json) {
         fmt::print(
-            "{{\"event\": \"resume\", \"checkpoint\": \"{}\", \"step\": {}, \"in_epoch\": {}, "
+            "{{\"event\": \"resume\", \"checkpoint\": {}, \"step\": {}, \"in_epoch\": {}, "
             "\"workers_then\": {}, \"trained\": {}}}\n",
-            resumed->from, resumed->meta.step, resumed->meta.epoch + 1, resumed->meta.world_size,
-            trained_at_resume);
+            json_string(resumed->from), resumed->meta.step, resumed->meta.epoch + 1,
+            resumed->meta.world_size, trained_at_resume);
       } else {
         fmt::print("resumed from {}\n", what);
       }

@@ -15,10 +15,11 @@ SMALL_BUILD := -DWEFT_BUILD_BENCH=OFF -DWEFT_BUILD_EXAMPLES=OFF $(LAUNCHER)
 # tests/CMakeLists.txt), and under ASan the reduction kernels too (single-threaded: not for TSan).
 SAN_TARGETS := engine_test matching_test shm_transport_test shm_p2p_test shm_process_test shm_worker \
   collectives_test coll_worker comm_fault_test comm_worker weft_cli
-# Also the engine's, the balancer's and the shard queue's tests (threads with in-process worlds,
-# the queue's state parser fed every truncation and flipped byte), selected by suite name.
-SAN_UNIT_TARGETS := train_test planner_test balancer_test shard_queue_test
-SAN_UNIT_TESTS := '^(DataParallel|Replan|ProportionalShares|SanitizeRates|GradientWeight|Balancer|ShardQueue|ShardQueueState)\.'
+# Also the engine's, the balancer's, the shard queue's and the checkpoints' tests (threads with
+# in-process worlds, the queue's state parser and the checkpoint image fed every truncation and
+# flipped byte, the checkpoint writer's thread), selected by suite name.
+SAN_UNIT_TARGETS := train_test planner_test balancer_test shard_queue_test checkpoint_test
+SAN_UNIT_TESTS := '^(DataParallel|Replan|ProportionalShares|SanitizeRates|GradientWeight|Balancer|ShardQueue|ShardQueueState|TrainState|CheckpointWriter|LoadLatest)\.'
 # The collective matrices run whole in the Release suite; under the sanitizers only the in-process
 # worlds of 1 and 2 ranks (the others take 4 to 6 minutes each there under ASan on 2 cores, and the
 # whole set far longer under TSan).

@@ -23,6 +23,7 @@ set(WEFT_PUBLIC_HEADERS
   shard_queue.h=data
   train.h=train
   elastic_state.h=train
+  checkpoint.h=train
   balance.h=balance
   host.h=balance
   torch.h=torch)

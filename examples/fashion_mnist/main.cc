@@ -20,6 +20,17 @@
 // whatever the shares, and each worker's gradient is weighted by its share
 // so that the averaged gradient is that of the global batch.
 //
+// Checkpoints (weft/checkpoint.h): with --checkpoint-dir DIR, rank 0 writes
+// the training state (model, optimizer, RNG, step, epoch and the shard
+// queue's ledger: which samples of the epoch are trained) every
+// --checkpoint-every steps and at the end, off the training thread, keeping
+// the newest --checkpoint-keep. A run resumes from the newest valid
+// checkpoint of --resume DIR, or of --checkpoint-dir when it holds one:
+// rank 0 reads it and sends it to every rank, so the workers need no shared
+// file system. The world size may differ from the run that wrote it: the
+// ledger's untrained samples are handed to the new workers, so every sample
+// of the interrupted epoch is still trained exactly once.
+//
 // Throughput follows ../shared/guide/MEASURING.md: samples/s over the epoch
 // after its first 20 steps (samples_per_s; samples_per_s_all counts the
 // whole epoch, as the DDP script does).
@@ -35,10 +46,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <optional>
+#include <stdexcept>
 #include <string>
 
 #include "dataset.h"
 #include "weft/balance.h"
+#include "weft/checkpoint.h"
 #include "weft/data.h"
 #include "weft/shard_queue.h"
 #include "weft/torch.h"
@@ -103,6 +118,17 @@ struct Args {
   int64_t balance_every = 5;
   int64_t min_share = 0;  // 0: batch_size / 8, at least 1
   int64_t shard_samples = 64;
+  std::string checkpoint_dir;      // "": no checkpoints
+  int64_t checkpoint_every = 100;  // steps
+  int checkpoint_keep = 3;
+  std::string resume;  // "": resume from checkpoint_dir when it holds a checkpoint
+};
+
+// A checkpoint that cannot be used (another model, another Weft version, a
+// corrupt image, none where --resume names a directory): the job ends before
+// training starts with exit code 2, naming the flag, and nothing is written.
+struct BadCheckpoint : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 // ---- Checks of the command line ----------------------------------------
@@ -235,6 +261,75 @@ std::string figures_json(const weft::balance::Balancer& b) {
   return out + "]";
 }
 
+// `s` as a JSON string literal (quotes, backslashes and control characters
+// escaped).
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += fmt::format("\\u{:04x}", static_cast<int>(c));
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+// The checkpoint to resume from, as read by rank 0 and sent to every rank.
+struct Resumed {
+  weft::train::CheckpointMeta meta;
+  std::string from;  // its file
+};
+
+// Rank 0 looks for the newest valid checkpoint of --resume (or of
+// --checkpoint-dir) and broadcasts it; every rank restores it into `state`.
+// nullopt when there is nothing to resume from. Throws BadCheckpoint, on
+// every rank, when the checkpoint cannot be used. Collective.
+std::optional<Resumed> resume(const Args& a, weft::Communicator& comm,
+                              const weft::train::TrainState& state) {
+  const bool explicit_resume = !a.resume.empty();
+  const std::string dir = explicit_resume ? a.resume : a.checkpoint_dir;
+  const std::string flag = explicit_resume ? "--resume" : "--checkpoint-dir";
+  if (dir.empty()) return std::nullopt;
+  // status: 0 nothing to resume, 1 an image follows, 2 rank 0 refused.
+  std::vector<int64_t> header{0, 0, 0};  // status, bytes, step
+  std::vector<std::byte> image;
+  std::string refused;
+  if (comm.rank() == 0) {
+    std::vector<std::string> skipped;
+    try {
+      auto latest = weft::train::load_latest(dir, &skipped);
+      if (latest) {
+        image = std::move(latest->second);
+        header = {1, static_cast<int64_t>(image.size()), latest->first.step};
+      } else if (explicit_resume) {
+        refused = fmt::format("{} {}: no valid checkpoint there{}{}", flag, dir,
+                              skipped.empty() ? "" : "; skipped: ", fmt::join(skipped, "; "));
+        header[0] = 2;
+      }
+    } catch (const weft::Error& e) {
+      refused = fmt::format("{} {}: {}", flag, dir, e.what());
+      header[0] = 2;
+    }
+  }
+  comm.broadcast(header, 0);
+  if (header[0] == 0) return std::nullopt;
+  if (header[0] == 2) {
+    throw BadCheckpoint(comm.rank() == 0 ? refused : "rank 0 could not resume (see its message)");
+  }
+  image.resize(static_cast<size_t>(header[1]));
+  comm.broadcast(weft::Buffer(image.data(), image.size(), weft::DType::UInt8), 0);
+  const std::string from = fmt::format("{}/{}", dir, weft::train::checkpoint_file_name(header[2]));
+  try {
+    return Resumed{state.restore(image), from};
+  } catch (const weft::Error& e) {
+    throw BadCheckpoint(fmt::format("{} {}: {}: {}", flag, dir, from, e.what()));
+  }
+}
+
 int run(const Args& a) {
   auto comm = weft::init();
   const int rank = comm->rank(), world = comm->size();
@@ -278,6 +373,79 @@ int run(const Args& a) {
   opts.buckets.bucket_bytes = mib_to_bytes(a.bucket_mb);
   opts.buckets.first_bucket_bytes = mib_to_bytes(a.first_bucket_mb);
   weft::torch::DataParallel dp(model, comm, opts);
+  torch::optim::SGD opt(
+      model->parameters(),
+      torch::optim::SGDOptions(a.lr).momentum(a.momentum).weight_decay(a.weight_decay));
+
+  // What a checkpoint holds, and the resume (before anything else: a
+  // checkpoint that cannot be used ends the job before training starts).
+  int64_t ck_step = 0, ck_epoch = 0;
+  weft::train::TrainState state;
+  state.add_int("step", &ck_step);
+  state.add_int("epoch", &ck_epoch);
+  weft::torch::add_to_state(state, dp, opt);
+  auto check_ledger = [train_n](std::string_view bytes) {
+    const auto q = weft::data::ShardQueue::deserialize(bytes, train_n);
+    if (q.num_samples() != train_n) {
+      throw weft::InvalidArgument(
+          fmt::format("the checkpoint's data ledger is of {} training samples, this run has {} "
+                      "(--train-samples)",
+                      q.num_samples(), train_n));
+    }
+  };
+  state.add_blob(
+      "data.shard_queue", [&queue] { return queue.serialize(); },
+      [&queue, train_n](std::string_view bytes) {
+        queue = weft::data::ShardQueue::deserialize(bytes, train_n);
+      },
+      check_ledger);
+  const auto resumed = resume(a, *comm, state);
+  // The global step the run goes on from, and the epoch (the one the
+  // checkpoint was taken in: finished below if unfinished).
+  int64_t global_step = 0;
+  int first_epoch = 0;
+  int64_t trained_at_resume = 0;
+  if (resumed) {
+    first_epoch = static_cast<int>(ck_epoch);
+    if (queue.workers() != world) {
+      // Another world size: every worker of the checkpoint gives its
+      // untrained samples back to the todo list; the new workers take them.
+      const int old_workers = queue.workers();
+      for (int w = 0; w < old_workers; ++w) {
+        if (!queue.released(w)) queue.release(w);
+      }
+      queue.resize(world);
+      for (int w = 0; w < world; ++w) {
+        if (queue.released(w)) queue.rejoin(w);
+      }
+      if (lead) {
+        fmt::print(stderr, "resume: the data ledger of {} worker(s) handed to {}\n", old_workers,
+                   world);
+      }
+    }
+    if (ck_epoch < 0 || ck_epoch > 100000 || queue.epoch() != ck_epoch) {
+      throw BadCheckpoint(
+          fmt::format("the checkpoint's data ledger is of epoch {}, its metadata says epoch {}",
+                      queue.epoch(), ck_epoch));
+    }
+    trained_at_resume = queue.trained();
+    if (lead) {
+      const std::string what =
+          fmt::format("{}: step {}, epoch {}, {} worker(s) then, {} sample(s) of the epoch trained",
+                      resumed->from, resumed->meta.step, resumed->meta.epoch + 1,
+                      resumed->meta.world_size, trained_at_resume);
+      if (a.json) {
+        fmt::print(
+            "{{\"event\": \"resume\", \"checkpoint\": {}, \"step\": {}, \"in_epoch\": {}, "
+            "\"workers_then\": {}, \"trained\": {}}}\n",
+            json_string(resumed->from), resumed->meta.step, resumed->meta.epoch + 1,
+            resumed->meta.world_size, trained_at_resume);
+      } else {
+        fmt::print("resumed from {}\n", what);
+      }
+      std::fflush(stdout);
+    }
+  }
 
   // The capability probe: forward and backward of this model on one batch,
   // timed, on a replica of its own (the engine's gradient hooks are on
@@ -300,9 +468,6 @@ int run(const Args& a) {
         a.batch_size);
   }
 
-  torch::optim::SGD opt(
-      model->parameters(),
-      torch::optim::SGDOptions(a.lr).momentum(a.momentum).weight_decay(a.weight_decay));
   weft::train::LrSchedule schedule;
   schedule.kind = weft::train::parse_lr_schedule(a.lr_schedule);
   schedule.base_lr = a.lr;
@@ -347,10 +512,35 @@ int run(const Args& a) {
   const auto start = Clock::now();
   double train_seconds = 0, best_acc = 0, last_acc = 0, rate_sum = 0;
   int best_epoch = 0;
-  int64_t global_step = 0;
   auto& engine = dp.engine();
-  for (int epoch = 0; epoch < a.epochs; ++epoch) {
-    queue.start_epoch(epoch);
+  // Rank 0 writes the checkpoints (BSP keeps the replicas identical; under
+  // local SGD the checkpoint holds rank 0's replica).
+  std::unique_ptr<weft::train::CheckpointWriter> writer;
+  if (lead && !a.checkpoint_dir.empty()) {
+    writer = std::make_unique<weft::train::CheckpointWriter>(a.checkpoint_dir, a.checkpoint_keep);
+  }
+  // Steps trained since the very start, across resumes: a checkpoint's step
+  // (its file name), which only grows. (global_step is the position of the
+  // learning-rate schedule, which depends on the world size.)
+  int64_t steps_done = resumed ? ck_step : 0;
+  auto checkpoint = [&](int epoch, int64_t completed_steps) {
+    if (!writer) return;
+    ck_step = completed_steps;
+    ck_epoch = epoch;
+    weft::train::CheckpointMeta meta;
+    meta.step = completed_steps;
+    meta.epoch = epoch;
+    meta.world_size = world;
+    writer->write(state.snapshot(meta), meta);
+  };
+  for (int epoch = first_epoch; epoch < a.epochs; ++epoch) {
+    // The epoch of the checkpoint goes on from its ledger; the others start.
+    const bool continuing = resumed && epoch == first_epoch;
+    if (!continuing) queue.start_epoch(epoch);
+    // Full steps of the global batch already trained in this epoch: the
+    // learning rate's position.
+    const int64_t first_k = continuing ? queue.trained() / global_batch : 0;
+    global_step = static_cast<int64_t>(epoch) * steps + first_k;
     comm->barrier();
     const auto t0 = Clock::now();
     auto t_warm = t0;
@@ -361,13 +551,17 @@ int run(const Args& a) {
     // always sum to the global batch, and the queue shares the tail); a
     // whole epoch also goes on until the queue says every sample is done.
     const bool whole_epoch = a.max_steps == 0;
-    for (int64_t k = 0; k < steps || (whole_epoch && !queue.epoch_done()); ++k, ++global_step) {
-      if (k == 20) t_warm = Clock::now(), samples_warm = samples;
+    for (int64_t k = first_k; !queue.epoch_done() && (k < steps || whole_epoch);
+         ++k, ++global_step) {
+      if (k == first_k + 20) t_warm = Clock::now(), samples_warm = samples;
       // This step's samples of every worker (the same on every rank).
       const auto takes = queue.take_step(balancer.shares());
       int64_t total = 0;
       for (const auto& t : takes) total += static_cast<int64_t>(t.size());
-      if (total == 0) break;  // the epoch is done (only with --max-steps past its end)
+      if (total == 0) {  // the epoch is done (only with --max-steps past its end)
+        queue.complete_step();
+        break;
+      }
       const auto& mine = takes[static_cast<size_t>(rank)];
       const auto n = static_cast<int64_t>(mine.size());
       engine.set_gradient_weight(weft::balance::gradient_weight(n, total, world));
@@ -388,6 +582,8 @@ int run(const Args& a) {
       const double compute = since(c0);
       dp.step(opt);
       queue.complete_step();
+      ++steps_done;
+      if (writer && steps_done % a.checkpoint_every == 0) checkpoint(epoch, steps_done);
       const double wait = engine.stats().wait_seconds - wait0;
       samples += total;
       if (balancer.end_step({.compute_seconds = compute, .wait_seconds = wait, .samples = n}) &&
@@ -428,8 +624,9 @@ int run(const Args& a) {
     }
     comm->barrier();
     const double seconds = since(t0);
-    const double measured = steps > 20 ? since(t_warm) : seconds;
-    const int64_t measured_samples = steps > 20 ? samples - samples_warm : samples;
+    const bool warm = steps - first_k > 20;
+    const double measured = warm ? since(t_warm) : seconds;
+    const int64_t measured_samples = warm ? samples - samples_warm : samples;
     const double rate = static_cast<double>(measured_samples) / measured;
     const double rate_all = static_cast<double>(samples) / seconds;
     train_seconds += seconds;
@@ -437,7 +634,8 @@ int run(const Args& a) {
 
     std::vector<double> loss_total{loss_sum, static_cast<double>(loss_steps)};
     comm->allreduce(loss_total, weft::ReduceOp::Sum);
-    const double train_loss = loss_total[0] / loss_total[1];
+    // (No step in this run: an epoch whose last step the checkpoint holds.)
+    const double train_loss = loss_total[1] > 0 ? loss_total[0] / loss_total[1] : 0.0;
     dp.synchronize();  // local SGD: evaluate the average of the replicas
     const auto [acc, test_loss] = evaluate(*model, *test, test_n, *comm);
     last_acc = acc;
@@ -451,11 +649,12 @@ int run(const Args& a) {
             "\"test_accuracy\": {:.4f}, \"loss\": {:.4f}, \"test_loss\": {:.4f}, \"seconds\": "
             "{:.2f}, \"workers\": {}, \"batch_size\": {}, \"sync\": \"{}\", \"seed\": {}, "
             "\"comm_wait_s\": {:.3f}, \"samples\": {}, \"balance\": \"{}\", \"global_batch\": {}, "
-            "\"shares\": [{}], \"rates\": [{}], \"rebalances\": {}, \"worker_figures\": {}}}\n",
+            "\"shares\": [{}], \"rates\": [{}], \"rebalances\": {}, \"worker_figures\": {}, "
+            "\"samples_this_run\": {}}}\n",
             epoch + 1, rate, rate_all, acc, train_loss, test_loss, seconds, world, a.batch_size,
-            a.sync, a.seed, dp.engine().stats().wait_seconds, samples, a.balance, global_batch,
-            fmt::join(balancer.shares(), ", "), rates_json(balancer), balancer.decisions().size(),
-            figures_json(balancer));
+            a.sync, a.seed, dp.engine().stats().wait_seconds, queue.trained(), a.balance,
+            global_batch, fmt::join(balancer.shares(), ", "), rates_json(balancer),
+            balancer.decisions().size(), figures_json(balancer), samples);
       } else {
         fmt::print(
             "epoch {}/{}: train loss {:.4f}, test accuracy {:.4f} (loss {:.4f}), {:.0f} "
@@ -465,6 +664,13 @@ int run(const Args& a) {
       }
       std::fflush(stdout);
     }
+  }
+  // The final state, and every write on disk before the job ends (a write
+  // that failed fails the job).
+  if (writer) {
+    const int last = std::max(first_epoch, a.epochs - 1);
+    if (steps_done > ck_step) checkpoint(last, steps_done);
+    writer->flush();
   }
   if (lead && !a.json) {
     const auto st = dp.engine().stats();
@@ -562,6 +768,19 @@ int main(int argc, char** argv) {
   app.add_option("--shard-samples", a.shard_samples, "Samples per shard of the shard queue")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  app.add_option("--checkpoint-dir", a.checkpoint_dir,
+                 "Write checkpoints to DIR (rank 0; created if missing), and resume from the "
+                 "newest there if it holds one");
+  auto* every = app.add_option("--checkpoint-every", a.checkpoint_every,
+                               "Checkpoint every N steps (with --checkpoint-dir)")
+                    ->capture_default_str()
+                    ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  auto* keep =
+      app.add_option("--checkpoint-keep", a.checkpoint_keep, "Checkpoints kept (the newest N)")
+          ->capture_default_str()
+          ->check(CLI::Range(1, 1000000));
+  app.add_option("--resume", a.resume, "Resume from the newest valid checkpoint of DIR")
+      ->check(CLI::ExistingDirectory);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -575,8 +794,27 @@ int main(int argc, char** argv) {
                a.min_share, a.batch_size);
     return 2;
   }
+  if (a.checkpoint_dir.empty() && (every->count() > 0 || keep->count() > 0)) {
+    fmt::print(stderr, "{}: needs --checkpoint-dir\n",
+               every->count() > 0 ? "--checkpoint-every" : "--checkpoint-keep");
+    return 2;
+  }
+  if (!a.checkpoint_dir.empty()) {
+    // A directory that cannot be written is refused before anything starts
+    // (every rank checks; rank 0 writes).
+    try {
+      weft::train::CheckpointWriter probe(a.checkpoint_dir, a.checkpoint_keep);
+    } catch (const weft::Error& e) {
+      fmt::print(stderr, "--checkpoint-dir: {}\n", e.what());
+      return 2;
+    }
+  }
   try {
     return run(a);
+  } catch (const BadCheckpoint& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "\nfashion_mnist: error: {}\n", e.what());
+    return 2;
   } catch (const std::exception& e) {
     std::fflush(stdout);
     fmt::print(stderr, "\nfashion_mnist: error: {}\n", e.what());

@@ -193,7 +193,15 @@ class ShardQueue {
   // throws weft::DataError naming it, e.g. "shard queue state: truncated at
   // byte 120 (reading 3 pieces of the pool of worker 2)", "shard queue state:
   // checksum mismatch (...)".
-  static ShardQueue deserialize(std::string_view bytes);
+  //
+  // The permutation (8 bytes per sample) is recomputed, not stored, so a
+  // state of a few bytes can claim a huge num_samples (in one huge shard)
+  // under a forged checksum: a num_samples above `max_samples` is refused
+  // before anything is allocated. Pass the size of the dataset the state is
+  // for (a checkpoint's ledger, a survivor's commit); the one-argument form
+  // bounds it by kMaxSamples only (up to 32 GiB of permutation).
+  static ShardQueue deserialize(std::string_view bytes, int64_t max_samples);
+  static ShardQueue deserialize(std::string_view bytes) { return deserialize(bytes, kMaxSamples); }
 
  private:
   // Positions [begin, end) of the epoch's permutation, within one shard.

@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "weft/checkpoint.h"
 #include "weft/communicator.h"
 #include "weft/train.h"
 
@@ -122,5 +123,15 @@ class DataParallel {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Registers in `state` what a libtorch training must keep to go on after a
+// failure (weft/checkpoint.h): every parameter and buffer of dp's module,
+// by name (train::TrainState::add_engine), the optimizer's state as the blob
+// "torch.optimizer" (Optimizer::save / load through a torch archive:
+// momentum buffers, Adam moments, step counts, learning rates) and the
+// state of libtorch's default CPU generator as the blob "torch.rng".
+// restore() checks that both blobs can be read before it writes anything.
+// The application adds its own step, epoch, data position and schedule.
+void add_to_state(train::TrainState& state, DataParallel& dp, ::torch::optim::Optimizer& optimizer);
 
 }  // namespace weft::torch

@@ -130,7 +130,7 @@ struct ShardQueueCodec {
     return p;
   }
 
-  static ShardQueue read(std::string_view bytes) {
+  static ShardQueue read(std::string_view bytes, int64_t max_samples) {
     Reader r(bytes);
     r.need(sizeof kMagic, "the magic");
     if (std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0) {
@@ -156,6 +156,10 @@ struct ShardQueueCodec {
     if (num_samples < 0 || num_samples > ShardQueue::kMaxSamples) {
       bad_state(
           fmt::format("num_samples {} out of range [0, {}]", num_samples, ShardQueue::kMaxSamples));
+    }
+    if (num_samples > max_samples) {
+      bad_state(fmt::format("num_samples {} is more than the {} expected (the dataset's size)",
+                            num_samples, max_samples));
     }
     if (workers < 1 || workers > static_cast<uint32_t>(ShardQueue::kMaxWorkers)) {
       bad_state(fmt::format("workers {} out of range [1, {}]", workers, ShardQueue::kMaxWorkers));
@@ -579,6 +583,8 @@ std::string ShardQueue::serialize() const {
   return std::move(out.str());
 }
 
-ShardQueue ShardQueue::deserialize(std::string_view bytes) { return ShardQueueCodec::read(bytes); }
+ShardQueue ShardQueue::deserialize(std::string_view bytes, int64_t max_samples) {
+  return ShardQueueCodec::read(bytes, max_samples);
+}
 
 }  // namespace weft::data

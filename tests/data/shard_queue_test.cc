@@ -788,6 +788,27 @@ TEST(ShardQueueState, ForgedStatesAreRefusedBeforeAllocating) {
           {"3 done counts, expected 19"});
 }
 
+// A state of a few bytes claiming one huge shard (the permutation is
+// recomputed, 8 bytes per sample), under a forged checksum: refused by the
+// caller's bound on the samples before anything is allocated.
+TEST(ShardQueueState, HugeSampleCountIsBoundedByTheCaller) {
+  ShardQueue q(300, 2, {.shard_samples = 1 << 30, .seed = 9});
+  q.start_epoch(0);
+  q.take_step({100, 100});
+  q.complete_step();
+  const std::string good = q.serialize();
+  EXPECT_EQ(ShardQueue::deserialize(good, 300).serialize(), good);
+  std::string bad = good;
+  put_le(bad, kNumSamplesAt, uint64_t{1} << 32, 8);
+  // The single shard's done count, so that the ledger adds up.
+  put_le(bad, bad.size() - 16, uint64_t{1} << 32, 8);
+  reseal(bad);
+  expect_error<DataError>([&] { (void)ShardQueue::deserialize(bad, 60000); },
+                          {"num_samples 4294967296 is more than the 60000 expected"});
+  expect_error<DataError>([&] { (void)ShardQueue::deserialize(good, 299); },
+                          {"num_samples 300 is more than the 299 expected"});
+}
+
 // Each forged count is checked against the bytes left, so no forged state
 // makes the reader allocate more than a small multiple of its input: every
 // count below is huge and refused.

@@ -4,9 +4,12 @@
 // bad flags are refused at start-up naming the flag.
 #include <gtest/gtest.h>
 #include <sched.h>
+#include <signal.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -14,6 +17,7 @@
 
 #include "dataset.h"
 #include "testing/testing.h"
+#include "weft/checkpoint.h"
 #include "weft/data.h"
 
 namespace weft {
@@ -194,6 +198,12 @@ TEST(FashionMnist, BadFlagsAreRefusedAtStartNamingTheFlag) {
       {"--min-share", "-1"},
       {"--shard-samples", "0"},
       {"--min-share", "65"},  // above --batch-size 64
+      {"--checkpoint-every", "0"},
+      {"--checkpoint-every", "-5"},
+      {"--checkpoint-every", "10"},  // without --checkpoint-dir
+      {"--checkpoint-keep", "0"},
+      {"--checkpoint-dir", "/proc/version/ckpt"},  // cannot be created
+      {"--resume", "/nonexistent/ckpt"},
   };
   const std::string nowhere = "/nonexistent/weft-fashion-mnist";
   for (const auto& c : cases) {
@@ -244,6 +254,166 @@ TEST(FashionMnist, FlagsAtTheirBoundsAreAccepted) {
                                                                 "0"});
   EXPECT_NE(out.find(dir.path() + "/nowhere"), std::string::npos) << out;
   EXPECT_NE(out.find("dataset-fashion-mnist"), std::string::npos) << out;
+}
+
+// The JSON events rank 0 printed (re-plans, the resume).
+std::vector<nlohmann::json> events_of(const std::string& output, const std::string& kind) {
+  std::vector<nlohmann::json> out;
+  std::istringstream in(output);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto brace = line.find('{');
+    if (line.rfind("[0]", 0) != 0 || brace == std::string::npos) continue;
+    auto j = nlohmann::json::parse(line.substr(brace));
+    if (j.value("event", "") == kind) out.push_back(std::move(j));
+  }
+  return out;
+}
+
+std::vector<std::string> checkpoints_in(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("ckpt-", 0) == 0) out.push_back(name);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// A run stopped in the middle of its epoch after a checkpoint exists, then
+// resumed on another number of workers: the epoch finishes with every
+// training sample trained exactly once (what the checkpoint's ledger says
+// was trained plus what the resumed run trained is the whole set), and the
+// resumed run keeps checkpointing with growing steps.
+TEST(FashionMnist, StoppedRunResumesOnAnotherWorldSizeTrainingEachSampleOnce) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  testing::TempDir tmp;
+  const std::string dir = tmp.path() + "/ckpt";
+  const std::vector<std::string> common = {job_bin(),
+                                           "--json",
+                                           "--train-samples",
+                                           "9600",
+                                           "--test-samples",
+                                           "500",
+                                           "--epochs",
+                                           "1",
+                                           "--batch-size",
+                                           "32",
+                                           "--seed",
+                                           "3",
+                                           "--checkpoint-dir",
+                                           dir,
+                                           "--checkpoint-every",
+                                           "10",
+                                           "--checkpoint-keep",
+                                           "2"};
+  std::vector<std::string> first = {weft_bin(), "run", "-n", "2"};
+  first.insert(first.end(), common.begin(), common.end());
+  Process p1(first);
+  ASSERT_TRUE(testing::wait_until(
+      [&] { return std::filesystem::exists(dir) && !checkpoints_in(dir).empty(); }, 300s))
+      << p1.output();
+  p1.signal(SIGTERM);  // 150 steps in the epoch: stopped well before its end
+  ASSERT_TRUE(p1.wait(120s)) << p1.output();
+  ASSERT_NE(p1.exit_code(), 0) << "the first run finished before it was stopped:\n" << p1.output();
+  EXPECT_TRUE(epochs_of(p1.output()).empty()) << p1.output();
+  const auto before = checkpoints_in(dir);
+  ASSERT_FALSE(before.empty());
+  EXPECT_LE(before.size(), 2u);
+
+  std::vector<std::string> second = {weft_bin(), "run", "-n", "3"};
+  second.insert(second.end(), common.begin(), common.end());  // resumes from --checkpoint-dir
+  Process p2(second);
+  ASSERT_TRUE(p2.wait(420s)) << p2.output();
+  ASSERT_EQ(p2.exit_code(), 0) << p2.output();
+  const auto resumed = events_of(p2.output(), "resume");
+  ASSERT_EQ(resumed.size(), 1u) << p2.output();
+  EXPECT_EQ(resumed[0]["workers_then"], 2);
+  EXPECT_EQ(resumed[0]["checkpoint"], dir + "/" + before.back());
+  const int64_t trained = resumed[0]["trained"];
+  const int64_t step = resumed[0]["step"];
+  EXPECT_GT(step, 0);
+  EXPECT_EQ(step % 10, 0);
+  EXPECT_EQ(trained, step * 64);  // full global batches of 2 x 32
+  EXPECT_LT(trained, 9600);
+  const auto epochs = epochs_of(p2.output());
+  ASSERT_EQ(epochs.size(), 1u) << p2.output();
+  EXPECT_EQ(epochs[0]["workers"], 3);
+  EXPECT_EQ(epochs[0]["samples"], 9600);
+  EXPECT_EQ(epochs[0]["samples_this_run"].get<int64_t>() + trained, 9600);
+  // The resumed run's checkpoints come after the first run's.
+  const auto after = checkpoints_in(dir);
+  ASSERT_FALSE(after.empty());
+  EXPECT_GT(after.back(), before.back());
+  auto latest = train::load_latest(dir);
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->first.world_size, 3);
+  EXPECT_GT(latest->first.step, step);
+}
+
+// Checkpoints that cannot be used end the job before training starts, with
+// exit code 2 naming the flag and the reason, and nothing in the directory
+// is overwritten or added.
+TEST(FashionMnist, UnusableCheckpointsAreRefusedBeforeTraining) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  testing::TempDir tmp;
+  auto write_image = [&](const std::string& dir, const train::TrainState& s,
+                         const train::CheckpointMeta& m) {
+    std::filesystem::create_directories(dir);
+    const auto image = s.snapshot(m);
+    std::ofstream(dir + "/" + train::checkpoint_file_name(m.step), std::ios::binary)
+        .write(reinterpret_cast<const char*>(image.data()),
+               static_cast<std::streamsize>(image.size()));
+  };
+  auto snapshot_of = [](const std::string& dir) {
+    std::map<std::string, std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      std::ifstream in(e.path(), std::ios::binary);
+      out[e.path().filename().string()] =
+          std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    }
+    return out;
+  };
+  std::vector<float> weights(10, 1.0f);
+  int64_t step = 7;
+  train::TrainState other;  // another model
+  other.add_tensor("fc.weight", DType::Float32, {10}, weights.data());
+  other.add_int("step", &step);
+  const std::string model_dir = tmp.path() + "/other-model";
+  write_image(model_dir, other, {.step = 7, .epoch = 0, .world_size = 2});
+  const std::string version_dir = tmp.path() + "/other-version";
+  write_image(version_dir, other,
+              {.step = 7, .epoch = 0, .world_size = 2, .weft_version = "0.0.0-old"});
+  const std::string empty_dir = tmp.path() + "/empty";
+  std::filesystem::create_directories(empty_dir);
+
+  struct Case {
+    std::vector<std::string> args;
+    std::string dir;
+    std::vector<std::string> parts;
+  };
+  const std::vector<Case> cases = {
+      {{"--resume", model_dir}, model_dir, {"--resume", "another model", "fc.weight"}},
+      {{"--checkpoint-dir", model_dir}, model_dir, {"--checkpoint-dir", "another model"}},
+      {{"--resume", version_dir, "--checkpoint-dir", version_dir},
+       version_dir,
+       {"--resume", "Weft 0.0.0-old"}},
+      {{"--resume", empty_dir}, empty_dir, {"--resume", "no valid checkpoint"}},
+  };
+  for (const auto& c : cases) {
+    const auto files = snapshot_of(c.dir);
+    std::vector<std::string> argv = {
+        weft_bin(),       "run", "-n",       "2", job_bin(), "--json", "--train-samples", "640",
+        "--test-samples", "100", "--epochs", "1"};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    Process p(argv);
+    ASSERT_TRUE(p.wait(180s)) << p.output();
+    const std::string out = p.output();
+    EXPECT_EQ(p.exit_code(), 2) << out;
+    for (const auto& part : c.parts) EXPECT_NE(out.find(part), std::string::npos) << part << out;
+    EXPECT_TRUE(epochs_of(out).empty()) << out;
+    EXPECT_EQ(snapshot_of(c.dir), files) << "the directory changed:\n" << out;
+  }
 }
 
 }  // namespace

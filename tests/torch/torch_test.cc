@@ -263,3 +263,78 @@ TEST_F(TorchAdapter, RejectsWhatItCannotHandle) {
 
 }  // namespace
 }  // namespace weft::torch
+
+namespace weft::torch {
+namespace {
+
+// add_to_state: a snapshot taken mid-training and restored into a fresh
+// model and optimizer goes on exactly as the original (parameters, buffers,
+// momentum, the default generator), and a damaged optimizer blob is refused
+// before anything changes.
+TEST_F(TorchAdapter, StateRestoresModelOptimizerAndRng) {
+  Data data(64);
+  auto run_steps = [&](DataParallel& dp, BnNetImpl& m, ::torch::optim::Optimizer& opt, int from,
+                       int n) {
+    for (int s = from; s < from + n; ++s) {
+      dp.zero_grad();
+      auto idx = ::torch::arange(s * 8, (s + 1) * 8);
+      F::cross_entropy(m.forward(data.x.index_select(0, idx)), data.y.index_select(0, idx))
+          .backward();
+      dp.step(opt);
+    }
+  };
+  ::torch::manual_seed(1);
+  auto a = std::make_shared<BnNetImpl>();
+  auto comm_a = make_comm(0, 1, std::make_shared<MemoryStore>());
+  DataParallel dp_a(a, comm_a);
+  ::torch::optim::SGD opt_a(a->parameters(), ::torch::optim::SGDOptions(0.1).momentum(0.9));
+  run_steps(dp_a, *a, opt_a, 0, 3);
+  train::TrainState sa;
+  add_to_state(sa, dp_a, opt_a);
+  const auto image = sa.snapshot({.step = 3});
+  const auto draw_a = ::torch::rand({4});
+  run_steps(dp_a, *a, opt_a, 3, 3);
+
+  ::torch::manual_seed(99);
+  auto b = std::make_shared<BnNetImpl>();
+  auto comm_b = make_comm(0, 1, std::make_shared<MemoryStore>());
+  DataParallel dp_b(b, comm_b);
+  ::torch::optim::SGD opt_b(b->parameters(), ::torch::optim::SGDOptions(0.1).momentum(0.9));
+  train::TrainState sb;
+  add_to_state(sb, dp_b, opt_b);
+  EXPECT_EQ(sa.fingerprint(), sb.fingerprint());
+  EXPECT_NE(sb.fingerprint().find("tensor bn.running_mean float32 [6]"), std::string::npos)
+      << sb.fingerprint();
+
+  // A forged image: the same layout, but an optimizer blob that is no archive.
+  train::TrainState forged;
+  forged.add_engine(dp_a.engine());
+  forged.add_blob(
+      "torch.optimizer", [] { return std::string("not an archive"); }, [](std::string_view) {});
+  forged.add_blob(
+      "torch.rng", [] { return std::string(5, 'x'); }, [](std::string_view) {});
+  const auto before = copy_params(*b);
+  try {
+    (void)sb.restore(forged.snapshot({.step = 3}));
+    ADD_FAILURE() << "a damaged optimizer blob was accepted";
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("torch.optimizer"), std::string::npos) << e.what();
+  }
+  const auto unchanged = copy_params(*b);
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_TRUE(::torch::equal(before[i], unchanged[i]));
+
+  EXPECT_EQ(sb.restore(image).step, 3);
+  EXPECT_TRUE(::torch::equal(::torch::rand({4}), draw_a));  // the generator's state
+  run_steps(dp_b, *b, opt_b, 3, 3);
+  const auto pa = a->named_parameters(), pb = b->named_parameters();
+  for (const auto& item : pa) {
+    EXPECT_TRUE(::torch::equal(item.value(), pb[item.key()])) << item.key();
+  }
+  const auto ba = a->named_buffers(), bb = b->named_buffers();
+  for (const auto& item : ba) {
+    EXPECT_TRUE(::torch::equal(item.value(), bb[item.key()])) << item.key();
+  }
+}
+
+}  // namespace
+}  // namespace weft::torch

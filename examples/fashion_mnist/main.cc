@@ -50,11 +50,13 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "dataset.h"
 #include "weft/balance.h"
 #include "weft/checkpoint.h"
 #include "weft/data.h"
+#include "weft/elastic_state.h"
 #include "weft/shard_queue.h"
 #include "weft/torch.h"
 #include "weft/train.h"
@@ -121,7 +123,8 @@ struct Args {
   std::string checkpoint_dir;      // "": no checkpoints
   int64_t checkpoint_every = 100;  // steps
   int checkpoint_keep = 3;
-  std::string resume;  // "": resume from checkpoint_dir when it holds a checkpoint
+  int64_t commit_every = 1;  // steps between in-memory commits (elastic)
+  std::string resume;        // "": resume from checkpoint_dir when it holds a checkpoint
 };
 
 // A checkpoint that cannot be used (another model, another Weft version, a
@@ -330,10 +333,28 @@ std::optional<Resumed> resume(const Args& a, weft::Communicator& comm,
   }
 }
 
+// Thrown (and caught in run()) when workers joined at a commit: the
+// members go on from that commit in the new generation.
+struct MembershipChanged {};
+
 int run(const Args& a) {
-  auto comm = weft::init();
-  const int rank = comm->rank(), world = comm->size();
-  const bool lead = rank == 0;
+  // Under `weft run --elastic MIN:MAX` the workers form generations (weft/elastic.h):
+  // the job survives failures and admits returning workers.
+  std::shared_ptr<weft::ElasticGroup> group;
+  std::shared_ptr<weft::Communicator> comm;
+  if (weft::ElasticGroup::enabled()) {
+    group = weft::ElasticGroup::from_env();
+    comm = group->join();
+    if (!comm) return 0;  // the job finished before this worker could join
+  } else {
+    comm = weft::init();
+  }
+  // A worker that joins a running elastic job gets its state from the
+  // members (in the same calls as theirs after a change), not from a
+  // checkpoint or a probe of its own.
+  const bool joiner = group && group->generation() > 1;
+  int rank = comm->rank(), world = comm->size();
+  bool lead = rank == 0;
   weft::torch::set_threads(a.threads);
   torch::manual_seed(a.seed);
 
@@ -347,11 +368,13 @@ int run(const Args& a) {
   // per worker on average. The queue hands each step's samples out by the
   // shares; an epoch has ceil(samples / global batch) steps, the last one
   // shorter.
-  const int64_t global_batch = a.batch_size * world;
+  // (Elastic: of the most workers, whatever the generation.)
+  const int max_world = group ? group->options().max : world;
+  const int64_t global_batch = a.batch_size * max_world;
   if (train_n < global_batch) {
     throw weft::InvalidArgument(
-        fmt::format("{} training samples over {} workers make no full batch of {}", train_n, world,
-                    a.batch_size));
+        fmt::format("{} training samples over {} workers make no full batch of {}", train_n,
+                    max_world, a.batch_size));
   }
   const int64_t min_share = a.min_share > 0 ? a.min_share : std::max<int64_t>(1, a.batch_size / 8);
   weft::data::ShardQueue queue(train_n, world,
@@ -363,7 +386,8 @@ int run(const Args& a) {
   bopts.global_batch = global_batch;
   bopts.planner.min_share = min_share;
   bopts.exchange_every = a.balance_every;
-  weft::balance::Balancer balancer(comm, bopts);
+  std::optional<weft::balance::Balancer> balancer;
+  balancer.emplace(comm, bopts);
 
   auto model = std::make_shared<CnnImpl>();
   weft::train::DataParallelOptions opts;
@@ -399,7 +423,7 @@ int run(const Args& a) {
         queue = weft::data::ShardQueue::deserialize(bytes, train_n);
       },
       check_ledger);
-  const auto resumed = resume(a, *comm, state);
+  const auto resumed = joiner ? std::nullopt : resume(a, *comm, state);
   // The global step the run goes on from, and the epoch (the one the
   // checkpoint was taken in: finished below if unfinished).
   int64_t global_step = 0;
@@ -450,7 +474,7 @@ int run(const Args& a) {
   // The capability probe: forward and backward of this model on one batch,
   // timed, on a replica of its own (the engine's gradient hooks are on
   // `model`). Static and dynamic start from the measured rates.
-  if (bopts.mode != weft::balance::Mode::None) {
+  if (bopts.mode != weft::balance::Mode::None && !joiner) {
     CnnImpl probe_model;
     auto px = torch::empty({a.batch_size, 1, train->height(), train->width()});
     auto py = torch::empty({a.batch_size}, torch::kLong);
@@ -458,7 +482,7 @@ int run(const Args& a) {
     for (int64_t i = 0; i < a.batch_size; ++i) first[static_cast<size_t>(i)] = i;
     train->fill_batch(first, {px.data_ptr<float>(), static_cast<size_t>(px.numel())},
                       {py.data_ptr<int64_t>(), static_cast<size_t>(a.batch_size)});
-    balancer.probe(
+    balancer->probe(
         [&](int64_t n) {
           probe_model.zero_grad();
           torch::nn::functional::cross_entropy(probe_model.forward(px.narrow(0, 0, n)),
@@ -499,14 +523,18 @@ int run(const Args& a) {
         }(),
         dp.engine().buckets().size(), buckets, world, a.batch_size, a.batch_size * world, steps,
         a.epochs, dp.engine().policy().name(), a.lr, a.lr_schedule, schedule.warmup_steps,
-        a.momentum, a.threads, a.seed, a.balance, fmt::join(balancer.shares(), " "));
+        a.momentum, a.threads, a.seed, a.balance, fmt::join(balancer->shares(), " "));
     std::fflush(stdout);
   }
 
   // A worker's share is at most the global batch less the others' minimum.
-  const int64_t max_share = global_batch - (world - 1) * min_share;
-  auto x = torch::empty({max_share, 1, train->height(), train->width()});
-  auto y = torch::empty({max_share}, torch::kLong);
+  torch::Tensor x, y;
+  auto size_batch = [&] {
+    const int64_t max_share = global_batch - (world - 1) * min_share;
+    x = torch::empty({max_share, 1, train->height(), train->width()});
+    y = torch::empty({max_share}, torch::kLong);
+  };
+  size_batch();
   const int64_t pixels = train->height() * train->width();
 
   const auto start = Clock::now();
@@ -516,13 +544,81 @@ int run(const Args& a) {
   // Rank 0 writes the checkpoints (BSP keeps the replicas identical; under
   // local SGD the checkpoint holds rank 0's replica).
   std::unique_ptr<weft::train::CheckpointWriter> writer;
-  if (lead && !a.checkpoint_dir.empty()) {
-    writer = std::make_unique<weft::train::CheckpointWriter>(a.checkpoint_dir, a.checkpoint_keep);
-  }
+  auto make_writer = [&] {
+    if (lead && !writer && !a.checkpoint_dir.empty()) {
+      writer = std::make_unique<weft::train::CheckpointWriter>(a.checkpoint_dir, a.checkpoint_keep);
+    }
+  };
+  make_writer();
   // Steps trained since the very start, across resumes: a checkpoint's step
   // (its file name), which only grows. (global_step is the position of the
   // learning-rate schedule, which depends on the world size.)
   int64_t steps_done = resumed ? ck_step : 0;
+  // Elastic: the last commit in every member's memory (weft/elastic_state.h).
+  std::optional<weft::train::ElasticState> commits;
+  bool continuing = resumed.has_value();
+  int64_t commit_id = 0;
+  if (group) {
+    commits.emplace(
+        [&] {
+          weft::train::CheckpointMeta meta;
+          meta.step = ck_step;
+          meta.epoch = ck_epoch;
+          meta.world_size = world;
+          meta.generation = group->generation();
+          return state.snapshot(meta);
+        },
+        [&](std::span<const std::byte> image) { state.restore(image); });
+  }
+  // After a membership change (a failure, or workers joining): the members
+  // meet in the calls a joiner makes at start (balancer, engine), take the
+  // newest commit, and hand the epoch's untrained samples to the new workers.
+  auto regroup = [&](bool fresh) {
+    rank = comm->rank();
+    world = comm->size();
+    lead = rank == 0;
+    if (queue.step_open()) queue.abandon_step();
+    if (!fresh) {
+      balancer.emplace(comm, bopts);
+      dp.rebind(comm);
+    }
+    const int64_t at = commits->restore(*comm);
+    commit_id = std::max<int64_t>(commit_id, at);
+    queue.regroup(world);
+    dp.engine().set_step(ck_step);
+    steps_done = ck_step;
+    first_epoch = static_cast<int>(ck_epoch);
+    continuing = at >= 0;
+    size_batch();
+    make_writer();
+    if (lead) {
+      const auto& ch = group->changes().back();
+      if (a.json) {
+        fmt::print(
+            "{{\"event\": \"membership\", \"generation\": {}, \"workers\": {}, "
+            "\"left\": {}, \"joined\": {}, \"seconds\": {:.3f}, \"restored_step\": {}, "
+            "\"trained_in_epoch\": {}}}\n",
+            ch.generation, world, ch.left.size(), ch.joined.size(), ch.seconds, ck_step,
+            queue.trained());
+      } else {
+        fmt::print(
+            "generation {}: {} worker(s) ({} left, {} joined) in {:.2f} s; going on from "
+            "step {}, epoch {}\n",
+            ch.generation, world, ch.left.size(), ch.joined.size(), ch.seconds, ck_step,
+            ck_epoch + 1);
+      }
+      std::fflush(stdout);
+    }
+  };
+  auto commit = [&](int epoch) {
+    ck_step = steps_done;
+    ck_epoch = epoch;
+    commits->commit(*comm, ++commit_id);
+  };
+  if (group) {
+    if (joiner) regroup(true);
+    if (commits->last_id() < 0) commit(first_epoch);
+  }
   auto checkpoint = [&](int epoch, int64_t completed_steps) {
     if (!writer) return;
     ck_step = completed_steps;
@@ -533,138 +629,170 @@ int run(const Args& a) {
     meta.world_size = world;
     writer->write(state.snapshot(meta), meta);
   };
-  for (int epoch = first_epoch; epoch < a.epochs; ++epoch) {
-    // The epoch of the checkpoint goes on from its ledger; the others start.
-    const bool continuing = resumed && epoch == first_epoch;
-    if (!continuing) queue.start_epoch(epoch);
-    // Full steps of the global batch already trained in this epoch: the
-    // learning rate's position.
-    const int64_t first_k = continuing ? queue.trained() / global_batch : 0;
-    global_step = static_cast<int64_t>(epoch) * steps + first_k;
-    comm->barrier();
-    const auto t0 = Clock::now();
-    auto t_warm = t0;
-    auto last_print = t0;
-    double loss_sum = 0, shown_loss = 0;
-    int64_t samples = 0, samples_warm = 0, loss_steps = 0;
-    // ceil(samples / global batch) steps train the whole epoch (the shares
-    // always sum to the global batch, and the queue shares the tail); a
-    // whole epoch also goes on until the queue says every sample is done.
-    const bool whole_epoch = a.max_steps == 0;
-    for (int64_t k = first_k; !queue.epoch_done() && (k < steps || whole_epoch);
-         ++k, ++global_step) {
-      if (k == first_k + 20) t_warm = Clock::now(), samples_warm = samples;
-      // This step's samples of every worker (the same on every rank).
-      const auto takes = queue.take_step(balancer.shares());
-      int64_t total = 0;
-      for (const auto& t : takes) total += static_cast<int64_t>(t.size());
-      if (total == 0) {  // the epoch is done (only with --max-steps past its end)
-        queue.complete_step();
-        break;
+  // A failure (elastic): the survivors form the next generation and go on
+  // from the last commit; a join: the same, without the failure.
+  std::exception_ptr failure;
+  for (;;) {
+    try {
+      if (failure) {
+        comm = group->recover(std::exchange(failure, nullptr));
+        if (!comm) throw weft::Error("elastic: no generation could be formed");
+        regroup(false);
       }
-      const auto& mine = takes[static_cast<size_t>(rank)];
-      const auto n = static_cast<int64_t>(mine.size());
-      engine.set_gradient_weight(weft::balance::gradient_weight(n, total, world));
-      static_cast<torch::optim::SGDOptions&>(opt.param_groups()[0].options())
-          .lr(schedule.at(global_step));
-      const auto c0 = Clock::now();
-      const double wait0 = engine.stats().wait_seconds;
-      dp.zero_grad();
-      double l = 0;
-      if (n > 0) {
-        train->fill_batch(mine, {x.data_ptr<float>(), static_cast<size_t>(n * pixels)},
-                          {y.data_ptr<int64_t>(), static_cast<size_t>(n)});
-        auto loss = torch::nn::functional::cross_entropy(model->forward(x.narrow(0, 0, n)),
-                                                         y.narrow(0, 0, n));
-        loss.backward();
-        l = loss.item<double>();
-      }
-      const double compute = since(c0);
-      dp.step(opt);
-      queue.complete_step();
-      ++steps_done;
-      if (writer && steps_done % a.checkpoint_every == 0) checkpoint(epoch, steps_done);
-      const double wait = engine.stats().wait_seconds - wait0;
-      samples += total;
-      if (balancer.end_step({.compute_seconds = compute, .wait_seconds = wait, .samples = n}) &&
-          lead) {
-        const auto& d = balancer.decisions().back();
-        if (a.json) {
-          fmt::print("{{\"event\": \"replan\", \"step\": {}, \"shares\": [{}], \"rates\": [{}]}}\n",
-                     global_step + 1, fmt::join(d.new_shares, ", "), rates_json(balancer));
-        } else if (!tty) {
-          fmt::print("step {}: shares [{}] -> [{}]\n", global_step + 1,
-                     fmt::join(d.old_shares, " "), fmt::join(d.new_shares, " "));
+      for (int epoch = first_epoch; epoch < a.epochs; ++epoch) {
+        // The epoch of the checkpoint or commit goes on from its ledger; the
+        // others start.
+        if (!(continuing && epoch == first_epoch)) queue.start_epoch(epoch);
+        // Full steps of the global batch already trained in this epoch: the
+        // learning rate's position.
+        const int64_t first_k =
+            continuing && epoch == first_epoch ? queue.trained() / global_batch : 0;
+        global_step = static_cast<int64_t>(epoch) * steps + first_k;
+        comm->barrier();
+        const auto t0 = Clock::now();
+        auto t_warm = t0;
+        auto last_print = t0;
+        double loss_sum = 0, shown_loss = 0;
+        int64_t samples = 0, samples_warm = 0, loss_steps = 0;
+        // ceil(samples / global batch) steps train the whole epoch (the shares
+        // always sum to the global batch, and the queue shares the tail); a
+        // whole epoch also goes on until the queue says every sample is done.
+        const bool whole_epoch = a.max_steps == 0;
+        for (int64_t k = first_k; !queue.epoch_done() && (k < steps || whole_epoch);
+             ++k, ++global_step) {
+          if (k == first_k + 20) t_warm = Clock::now(), samples_warm = samples;
+          // This step's samples of every worker (the same on every rank).
+          const auto takes = queue.take_step(balancer->shares());
+          int64_t total = 0;
+          for (const auto& t : takes) total += static_cast<int64_t>(t.size());
+          if (total == 0) {  // the epoch is done (only with --max-steps past its end)
+            queue.complete_step();
+            break;
+          }
+          const auto& mine = takes[static_cast<size_t>(rank)];
+          const auto n = static_cast<int64_t>(mine.size());
+          engine.set_gradient_weight(weft::balance::gradient_weight(n, total, world));
+          static_cast<torch::optim::SGDOptions&>(opt.param_groups()[0].options())
+              .lr(schedule.at(global_step));
+          const auto c0 = Clock::now();
+          const double wait0 = engine.stats().wait_seconds;
+          dp.zero_grad();
+          double l = 0;
+          if (n > 0) {
+            train->fill_batch(mine, {x.data_ptr<float>(), static_cast<size_t>(n * pixels)},
+                              {y.data_ptr<int64_t>(), static_cast<size_t>(n)});
+            auto loss = torch::nn::functional::cross_entropy(model->forward(x.narrow(0, 0, n)),
+                                                             y.narrow(0, 0, n));
+            loss.backward();
+            l = loss.item<double>();
+          }
+          const double compute = since(c0);
+          dp.step(opt);
+          queue.complete_step();
+          ++steps_done;
+          if (writer && steps_done % a.checkpoint_every == 0) checkpoint(epoch, steps_done);
+          if (group && steps_done % a.commit_every == 0) {
+            commit(epoch);
+            if (group->joins_pending()) {
+              comm = group->admit();
+              if (!comm)
+                throw weft::Error("elastic: no generation could be formed with the joiners");
+              regroup(false);
+              throw MembershipChanged{};  // the epoch goes on from the commit
+            }
+          }
+          const double wait = engine.stats().wait_seconds - wait0;
+          samples += total;
+          if (balancer->end_step(
+                  {.compute_seconds = compute, .wait_seconds = wait, .samples = n}) &&
+              lead) {
+            const auto& d = balancer->decisions().back();
+            if (a.json) {
+              fmt::print(
+                  "{{\"event\": \"replan\", \"step\": {}, \"shares\": [{}], \"rates\": [{}]}}\n",
+                  global_step + 1, fmt::join(d.new_shares, ", "), rates_json(*balancer));
+            } else if (!tty) {
+              fmt::print("step {}: shares [{}] -> [{}]\n", global_step + 1,
+                         fmt::join(d.old_shares, " "), fmt::join(d.new_shares, " "));
+            }
+            std::fflush(stdout);
+          }
+          if (n > 0) {
+            loss_sum += l;
+            ++loss_steps;
+            shown_loss = loss_steps == 1 ? l : 0.95 * shown_loss + 0.05 * l;
+          }
+          if (lead && (tty || !a.json) &&
+              (since(last_print) >= (tty ? 0.25 : 15.0) || k + 1 == steps)) {
+            last_print = Clock::now();
+            const double el = since(t0);
+            const double rate = static_cast<double>(samples) / el;
+            const double per_step = (train_seconds + el) / static_cast<double>(global_step + 1);
+            const double eta = per_step * static_cast<double>(steps * a.epochs - global_step - 1);
+            const std::string line = fmt::format(
+                "epoch {}/{}  step {}/{}  loss {:.4f}  {:.0f} samples/s  shares {}  ETA {}",
+                epoch + 1, a.epochs, k + 1, steps, shown_loss, rate,
+                fmt::join(balancer->shares(), "/"), duration(eta));
+            if (tty) {
+              fmt::print(progress, "\r{}\033[K", line);
+            } else {
+              fmt::print(progress, "{}\n", line);
+            }
+            std::fflush(progress);
+          }
         }
-        std::fflush(stdout);
-      }
-      if (n > 0) {
-        loss_sum += l;
-        ++loss_steps;
-        shown_loss = loss_steps == 1 ? l : 0.95 * shown_loss + 0.05 * l;
-      }
-      if (lead && (tty || !a.json) &&
-          (since(last_print) >= (tty ? 0.25 : 15.0) || k + 1 == steps)) {
-        last_print = Clock::now();
-        const double el = since(t0);
-        const double rate = static_cast<double>(samples) / el;
-        const double per_step = (train_seconds + el) / static_cast<double>(global_step + 1);
-        const double eta = per_step * static_cast<double>(steps * a.epochs - global_step - 1);
-        const std::string line =
-            fmt::format("epoch {}/{}  step {}/{}  loss {:.4f}  {:.0f} samples/s  shares {}  ETA {}",
-                        epoch + 1, a.epochs, k + 1, steps, shown_loss, rate,
-                        fmt::join(balancer.shares(), "/"), duration(eta));
-        if (tty) {
-          fmt::print(progress, "\r{}\033[K", line);
-        } else {
-          fmt::print(progress, "{}\n", line);
-        }
-        std::fflush(progress);
-      }
-    }
-    comm->barrier();
-    const double seconds = since(t0);
-    const bool warm = steps - first_k > 20;
-    const double measured = warm ? since(t_warm) : seconds;
-    const int64_t measured_samples = warm ? samples - samples_warm : samples;
-    const double rate = static_cast<double>(measured_samples) / measured;
-    const double rate_all = static_cast<double>(samples) / seconds;
-    train_seconds += seconds;
-    rate_sum += rate;
+        comm->barrier();
+        const double seconds = since(t0);
+        const bool warm = steps - first_k > 20;
+        const double measured = warm ? since(t_warm) : seconds;
+        const int64_t measured_samples = warm ? samples - samples_warm : samples;
+        const double rate = static_cast<double>(measured_samples) / measured;
+        const double rate_all = static_cast<double>(samples) / seconds;
+        train_seconds += seconds;
+        rate_sum += rate;
 
-    std::vector<double> loss_total{loss_sum, static_cast<double>(loss_steps)};
-    comm->allreduce(loss_total, weft::ReduceOp::Sum);
-    // (No step in this run: an epoch whose last step the checkpoint holds.)
-    const double train_loss = loss_total[1] > 0 ? loss_total[0] / loss_total[1] : 0.0;
-    dp.synchronize();  // local SGD: evaluate the average of the replicas
-    const auto [acc, test_loss] = evaluate(*model, *test, test_n, *comm);
-    last_acc = acc;
-    if (acc > best_acc) best_acc = acc, best_epoch = epoch + 1;
-    if (lead) {
-      if (tty && !a.json) fmt::print("\r\033[K");
-      if (tty && a.json) fmt::print(stderr, "\r\033[K");
-      if (a.json) {
-        fmt::print(
-            "{{\"epoch\": {}, \"samples_per_s\": {:.1f}, \"samples_per_s_all\": {:.1f}, "
-            "\"test_accuracy\": {:.4f}, \"loss\": {:.4f}, \"test_loss\": {:.4f}, \"seconds\": "
-            "{:.2f}, \"workers\": {}, \"batch_size\": {}, \"sync\": \"{}\", \"seed\": {}, "
-            "\"comm_wait_s\": {:.3f}, \"samples\": {}, \"balance\": \"{}\", \"global_batch\": {}, "
-            "\"shares\": [{}], \"rates\": [{}], \"rebalances\": {}, \"worker_figures\": {}, "
-            "\"samples_this_run\": {}}}\n",
-            epoch + 1, rate, rate_all, acc, train_loss, test_loss, seconds, world, a.batch_size,
-            a.sync, a.seed, dp.engine().stats().wait_seconds, queue.trained(), a.balance,
-            global_batch, fmt::join(balancer.shares(), ", "), rates_json(balancer),
-            balancer.decisions().size(), figures_json(balancer), samples);
-      } else {
-        fmt::print(
-            "epoch {}/{}: train loss {:.4f}, test accuracy {:.4f} (loss {:.4f}), {:.0f} "
-            "samples/s, {:.1f} s; shares [{}], compute rates [{}] samples/s\n",
-            epoch + 1, a.epochs, train_loss, acc, test_loss, rate, seconds,
-            fmt::join(balancer.shares(), " "), rates_text(balancer));
+        std::vector<double> loss_total{loss_sum, static_cast<double>(loss_steps)};
+        comm->allreduce(loss_total, weft::ReduceOp::Sum);
+        // (No step in this run: an epoch whose last step the checkpoint holds.)
+        const double train_loss = loss_total[1] > 0 ? loss_total[0] / loss_total[1] : 0.0;
+        dp.synchronize();  // local SGD: evaluate the average of the replicas
+        const auto [acc, test_loss] = evaluate(*model, *test, test_n, *comm);
+        last_acc = acc;
+        if (acc > best_acc) best_acc = acc, best_epoch = epoch + 1;
+        if (lead) {
+          if (tty && !a.json) fmt::print("\r\033[K");
+          if (tty && a.json) fmt::print(stderr, "\r\033[K");
+          if (a.json) {
+            fmt::print(
+                "{{\"epoch\": {}, \"samples_per_s\": {:.1f}, \"samples_per_s_all\": {:.1f}, "
+                "\"test_accuracy\": {:.4f}, \"loss\": {:.4f}, \"test_loss\": {:.4f}, \"seconds\": "
+                "{:.2f}, \"workers\": {}, \"batch_size\": {}, \"sync\": \"{}\", \"seed\": {}, "
+                "\"comm_wait_s\": {:.3f}, \"samples\": {}, \"balance\": \"{}\", \"global_batch\": "
+                "{}, "
+                "\"shares\": [{}], \"rates\": [{}], \"rebalances\": {}, \"worker_figures\": {}, "
+                "\"samples_this_run\": {}}}\n",
+                epoch + 1, rate, rate_all, acc, train_loss, test_loss, seconds, world, a.batch_size,
+                a.sync, a.seed, dp.engine().stats().wait_seconds, queue.trained(), a.balance,
+                global_batch, fmt::join(balancer->shares(), ", "), rates_json(*balancer),
+                balancer->decisions().size(), figures_json(*balancer), samples);
+          } else {
+            fmt::print(
+                "epoch {}/{}: train loss {:.4f}, test accuracy {:.4f} (loss {:.4f}), {:.0f} "
+                "samples/s, {:.1f} s; shares [{}], compute rates [{}] samples/s\n",
+                epoch + 1, a.epochs, train_loss, acc, test_loss, rate, seconds,
+                fmt::join(balancer->shares(), " "), rates_text(*balancer));
+          }
+          std::fflush(stdout);
+        }
       }
-      std::fflush(stdout);
+      break;
+    } catch (const MembershipChanged&) {
+    } catch (const weft::Error& e) {
+      if (!group || !weft::ElasticGroup::recoverable(e)) throw;
+      failure = std::current_exception();
     }
   }
+  if (group) group->finish();
   // The final state, and every write on disk before the job ends (a write
   // that failed fails the job).
   if (writer) {
@@ -775,6 +903,11 @@ int main(int argc, char** argv) {
                                "Checkpoint every N steps (with --checkpoint-dir)")
                     ->capture_default_str()
                     ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  app.add_option("--commit-every", a.commit_every,
+                 "Elastic (weft run --elastic): commit the state in every worker's memory every N "
+                 "steps; a failure loses at most the steps since the last commit")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   auto* keep =
       app.add_option("--checkpoint-keep", a.checkpoint_keep, "Checkpoints kept (the newest N)")
           ->capture_default_str()

@@ -461,8 +461,11 @@ TEST(Launch, HelpDocumentsEveryOption) {
   Weft w({"run", "--help"});
   ASSERT_EQ(w.wait(), 0) << w.all();
   std::string help = w.out();
-  for (const char* opt : {"-n", "--nproc", "--timeout", "--log-level", "--no-prefix", "--grace",
-                          "--env", "PROGRAM", "WEFT_RANK", "WEFT_STORE", "WEFT_JOB_TOKEN"}) {
+  for (const char* opt :
+       {"-n", "--nproc", "--timeout", "--log-level", "--no-prefix", "--grace", "--env", "PROGRAM",
+        "WEFT_RANK", "WEFT_STORE", "WEFT_JOB_TOKEN", "--elastic", "--max-restarts",
+        "--oversubscribe", "WEFT_MEMBER", "WEFT_ELASTIC", "weft/evict/", "weft/elastic/dead/",
+        "WEFT_STORE_MAX_BYTES"}) {
     EXPECT_NE(help.find(opt), std::string::npos) << opt << " missing from:\n" << help;
   }
 }

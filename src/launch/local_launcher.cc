@@ -300,6 +300,22 @@ struct ChildArgs {
 
 constexpr size_t kChildStackBytes = 256u << 10;
 
+// Under a sanitizer the child forks instead: the runtimes keep state (fd
+// tables, thread state) that intercepted calls in a child sharing our
+// memory would change.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kCloneVm = false;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
+    __has_feature(memory_sanitizer)
+constexpr bool kCloneVm = false;
+#else
+constexpr bool kCloneVm = true;
+#endif
+#else
+constexpr bool kCloneVm = true;
+#endif
+
 // The child, cloned with CLONE_VM | CLONE_VFORK: it shares the launcher's
 // memory until execve, so it makes system calls only (nothing that
 // allocates or takes a lock), and the launcher installs no signal handlers
@@ -494,10 +510,17 @@ struct LocalLauncher::Impl {
     // The child shares our memory and runs on its own stack until it execs
     // (or exits), while this thread waits, as posix_spawn does: no page
     // tables are copied, which keeps starting thousands of workers cheap.
-    if (child_stack.empty()) child_stack.resize(kChildStackBytes);
-    pid_t pid = ::clone(child_main, child_stack.data() + child_stack.size(),
-                        CLONE_VM | CLONE_VFORK | SIGCHLD, &args);
-    if (pid < 0) throw Error(fmt::format("clone: {}", net::errno_string(errno)));
+    pid_t pid;
+    if (kCloneVm) {
+      if (child_stack.empty()) child_stack.resize(kChildStackBytes);
+      pid = ::clone(child_main, child_stack.data() + child_stack.size(),
+                    CLONE_VM | CLONE_VFORK | SIGCHLD, &args);
+      if (pid < 0) throw Error(fmt::format("clone: {}", net::errno_string(errno)));
+    } else {
+      pid = ::fork();
+      if (pid < 0) throw Error(fmt::format("fork: {}", net::errno_string(errno)));
+      if (pid == 0) child_main(&args);  // does not return
+    }
     ::setpgid(pid, pid);  // also here, so that no signal can precede it
     if (guardian) guardian->add(pid);
     status_w.reset();

@@ -12,8 +12,8 @@
 //                     SIGKILL; rank 0 waits for its dead record and prints
 //                     "dead n0.s1.r0: VALUE"; every other member prints
 //                     "member M" and exits 0
-//   evict             member n0.s1.r0 prints "ready pid=P" and stops itself
-//                     (SIGSTOP); rank 0 then writes weft/evict/n0.s1.r0 and,
+//   evict             member n0.s1.r0 (or $PROBE_VICTIM) prints "ready pid=P" and stops itself
+//                     (SIGSTOP); rank 0 then writes weft/evict/<it> and,
 //                     in an elastic job, waits for its dead record and
 //                     prints it; other members print "member M" and exit 0
 //   fill BYTES        rank 0 stores values of BYTES until the store refuses
@@ -190,7 +190,9 @@ int main(int argc, char** argv) {
         put(1, "small ok\n");
         return 0;
       }
-      if (member == "n0.s1.r0") {
+      const std::string victim =
+          env("PROBE_VICTIM").empty() ? std::string("n0.s1.r0") : env("PROBE_VICTIM");
+      if (member == victim) {
         if (mode == "elastic_kill") ::raise(SIGKILL);
         put(1, "ready pid=" + std::to_string(::getpid()) + "\n");
         store.set("stopping", "1");
@@ -201,7 +203,7 @@ int main(int argc, char** argv) {
       if (r == 0) {
         if (mode == "evict") {
           store.wait({"stopping"}, std::chrono::seconds(120));
-          store.compare_set("weft/evict/n0.s1.r0", std::nullopt,
+          store.compare_set("weft/evict/" + victim, std::nullopt,
                             "silent for 5.2 s (declared by rank 0 in launch_probe)");
         }
         if (!env("WEFT_ELASTIC").empty()) {

@@ -461,8 +461,11 @@ TEST(Launch, HelpDocumentsEveryOption) {
   Weft w({"run", "--help"});
   ASSERT_EQ(w.wait(), 0) << w.all();
   std::string help = w.out();
-  for (const char* opt : {"-n", "--nproc", "--timeout", "--log-level", "--no-prefix", "--grace",
-                          "--env", "PROGRAM", "WEFT_RANK", "WEFT_STORE", "WEFT_JOB_TOKEN"}) {
+  for (const char* opt :
+       {"-n", "--nproc", "--timeout", "--log-level", "--no-prefix", "--grace", "--env", "PROGRAM",
+        "WEFT_RANK", "WEFT_STORE", "WEFT_JOB_TOKEN", "--elastic", "--max-restarts",
+        "--oversubscribe", "WEFT_MEMBER", "WEFT_ELASTIC", "weft/evict/", "weft/elastic/dead/",
+        "WEFT_STORE_MAX_BYTES"}) {
     EXPECT_NE(help.find(opt), std::string::npos) << opt << " missing from:\n" << help;
   }
 }
@@ -865,6 +868,31 @@ TEST(Elastic, EvictionEndsANonElasticJob) {
   EXPECT_NE(w.err().find("was killed by signal 9 (SIGKILL) after its eviction (silent for 5.2 s"),
             std::string::npos)
       << w.err();
+}
+
+TEST(Elastic, AnotherNodePollsItsEvictions) {
+  // Node 1 does not serve the store: its launcher finds weft/evict/n1.s0.r0
+  // (written by rank 0 on node 0) by polling, and kills its stopped worker.
+  const std::string master = "127.0.0.1:" + std::to_string(free_port());
+  const std::map<std::string, std::string> env = {{"WEFT_JOB_TOKEN", std::string(32, 'k')},
+                                                  {"PROBE_VICTIM", "n1.s0.r0"}};
+  auto node = [&](int rank) {
+    return std::make_unique<Weft>(
+        std::vector<std::string>{"run", "--nnodes", "2", "--node-rank", std::to_string(rank),
+                                 "--master", master, "--nproc-per-node", "1", "--rdzv-timeout",
+                                 "60", "--", probe_bin(), "evict"},
+        env);
+  };
+  auto n0 = node(0);
+  auto n1 = node(1);
+  EXPECT_EQ(n1->wait(), 128 + SIGKILL) << n1->all();
+  n0->wait();
+  auto pids = ready_pids(n1->out());
+  ASSERT_EQ(pids.size(), 1u) << n1->all();
+  EXPECT_TRUE(all_gone(pids));
+  EXPECT_EQ(n1->out().find("resumed"), std::string::npos) << n1->all();
+  EXPECT_NE(n1->err().find("member n1.s0.r0 (rank 1, pid "), std::string::npos) << n1->err();
+  EXPECT_NE(n1->err().find("after its eviction (silent for 5.2 s"), std::string::npos) << n1->err();
 }
 
 TEST(Elastic, BadFlagsAreUsageErrors) {

@@ -46,11 +46,30 @@ Each worker gets the environment of the launcher, the --env variables, and:
   WEFT_NNODES, WEFT_NODE_RANK      the number of nodes and this node's index
   WEFT_STORE                       host:port of the rendezvous store
   WEFT_JOB_TOKEN                   the job's secret (fresh for every single-node job)
-Workers run in process groups of their own with stdin from /dev/null, and are
-killed if the launcher dies. When a worker exits non-zero or is killed, the
-others are stopped and weft run exits with its code (128 + signal if killed;
-1 on the nodes that stopped because the job failed on another node).
-SIGINT, SIGTERM and SIGHUP are forwarded to the workers; a second one kills them.)";
+  WEFT_MEMBER                      n<node>.s<slot>.r<restart>: this process incarnation
+  WEFT_ELASTIC                     MIN:MAX (elastic jobs only)
+Workers run in process groups of their own with stdin from /dev/null. When a
+worker ends, what it started in its group is killed; orphans left when the
+job ends are killed; if the launcher dies (even by SIGKILL) a guardian
+process kills every worker's group. When a worker exits non-zero or is
+killed, the others are stopped and weft run exits with its code (128 + signal
+if killed; 1 on the nodes that stopped because the job failed on another
+node). A worker whose key weft/evict/<WEFT_MEMBER> appears in the store is
+killed (SIGKILL of its group). SIGINT, SIGTERM and SIGHUP are forwarded to
+the workers; a second one kills them.
+
+Elastic (single node): `weft run --elastic MIN:MAX [--max-restarts R] PROG`
+starts MAX workers. A failed worker does not stop the others: weft run
+writes weft/elastic/dead/<member>, then restarts its slot with a new
+WEFT_MEMBER after a back-off (1 s, doubling, at most 30 s; a slot that failed
+3 times within 60 s waits a 60 s cool-down) while the job has used fewer
+than R restarts (default 3). Workers that exit 0 are not restarted; weft run
+exits when all have exited: 0 if every slot's last run exited 0.
+
+-n beyond the open-file limit (about 4 descriptors per worker) or above 64
+workers per CPU (without --oversubscribe) is refused; more workers than CPUs
+gives a warning. The embedded store holds at most WEFT_STORE_MAX_BYTES
+(default 1G) of keys and values; a write above it is refused.)";
 
 // "MIN:MAX" with 1 <= MIN <= MAX <= limit, or a single number N (N:N) when
 // `single` is allowed. Throws LaunchError (exit code 2) naming the flag.

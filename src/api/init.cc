@@ -203,6 +203,24 @@ void check_job(Store& store, const LaunchEnvironment& env, const std::string& wh
       where, env.store_variable, theirs, mine));
 }
 
+// The etcd cluster of WEFT_STORE=etcd://...: a client of every endpoint,
+// checked to answer (and, outside weft run, to hold no other job's keys).
+std::shared_ptr<Store> connect_etcd(const LaunchEnvironment& env, Timeout timeout) {
+  EtcdStoreOptions o = parse_etcd_url(env.store_url, "WEFT_STORE");
+  o.timeout = timeout;
+  auto etcd = std::make_shared<EtcdStore>(o);
+  WEFT_INFO("connecting to the rendezvous store: etcd at {} (WEFT_STORE)",
+            fmt::join(o.endpoints, ", "));
+  try {
+    etcd->connect();
+  } catch (const StoreError& e) {
+    throw StoreError(fmt::format("rank {}: cannot reach the etcd cluster of WEFT_STORE: {}",
+                                 env.rank, e.what()));
+  }
+  if (env.launcher != "weft") check_job(*etcd, env, env.store_url);
+  return etcd;
+}
+
 }  // namespace
 
 LaunchEnvironment detect_launch_environment() {
@@ -252,6 +270,14 @@ LaunchEnvironment detect_launch_environment() {
     return env;
   }
   const bool external = settings::get(settings::kStoreExternal);
+  if (auto store = settings::get("WEFT_STORE"); store && is_etcd_url(*store)) {
+    auto etcd = parse_etcd_url(*store, "WEFT_STORE");
+    std::tie(env.store_host, env.store_port) =
+        net::split_host_port(etcd.endpoints.front(), "WEFT_STORE");
+    env.store_url = *store;
+    env.store_variable = "WEFT_STORE";
+    return env;  // an etcd cluster: nobody serves it
+  }
   if (auto store = settings::get("WEFT_STORE")) {
     auto [host, port] = net::split_host_port(*store, "WEFT_STORE");
     env.store_host = host;
@@ -320,6 +346,13 @@ std::shared_ptr<Communicator> init(CommOptions options) {
     // One process on its own: nothing to rendezvous with.
     if (options.job_token.empty()) options.job_token = auth::generate_token();
     store = std::make_shared<MemoryStore>();
+  } else if (!env.store_url.empty()) {
+    // WEFT_STORE names an etcd cluster: nobody serves the store.
+    if (env.launcher != "weft" && options.job_token.empty() && !options.allow_unauthenticated) {
+      throw InvalidArgument(token_advice(env.launcher));
+    }
+    watch.emplace(env.launcher);
+    store = connect_etcd(env, settings::get(settings::kStoreTimeout));
   } else {
     if (env.launcher != "weft" && options.job_token.empty() && !options.allow_unauthenticated) {
       throw InvalidArgument(token_advice(env.launcher));

@@ -11,6 +11,7 @@
 #include <cctype>
 #include <climits>
 #include <cstdio>
+#include <optional>
 #include <thread>
 
 #include "core/auth.h"
@@ -80,6 +81,21 @@ std::vector<std::string> wait_keys(Store& store, const std::vector<std::string>&
   return missing;
 }
 
+// A launcher's client of the job's store: the etcd cluster of an etcd://
+// URL, or the TcpStore at host:port.
+std::unique_ptr<Store> store_client(const std::string& url, const std::string& host, uint16_t port,
+                                    const TcpStoreOptions& so) {
+  if (!is_etcd_url(url)) return std::make_unique<TcpStore>(host, port, so);
+  EtcdStoreOptions o = parse_etcd_url(url, "--store");
+  o.timeout = so.timeout;
+  return std::make_unique<EtcdStore>(o);
+}
+
+void connect_store(Store& store, Timeout timeout) {
+  if (auto* tcp = dynamic_cast<TcpStore*>(&store)) tcp->connect(timeout);
+  if (auto* etcd = dynamic_cast<EtcdStore*>(&store)) etcd->connect(timeout);
+}
+
 }  // namespace
 
 void check_job_token(const std::string& token, const std::string& from) {
@@ -141,25 +157,42 @@ void check_worker_env(const std::vector<std::pair<std::string, std::string>>& en
   }
 }
 
-int run_local(WorkerOptions options) {
+int run_local(WorkerOptions options, const std::string& store_url) {
   const int nproc = options.nproc;
+  std::optional<EtcdStoreOptions> etcd;
+  if (!store_url.empty()) {
+    try {
+      etcd = parse_etcd_url(store_url, "--store");
+    } catch (const Error& e) {
+      throw LaunchError(e.what(), 2);
+    }
+  }
   // First: it blocks the signals, which the store's thread then inherits.
   LocalLauncher launcher(std::move(options));
 
   TcpStoreOptions store_options;
   store_options.job_token = auth::generate_token();
   const std::string host = "127.0.0.1";
-  TcpStoreServer server(host, 0, store_options);
+  // The launcher serves the store, unless it is an etcd cluster.
+  std::unique_ptr<TcpStoreServer> server;
+  if (!etcd) server = std::make_unique<TcpStoreServer>(host, 0, store_options);
+  const uint16_t port = server ? server->port() : 0;
 
   JobLayout job;
   job.world_size = nproc;
-  job.store = net::join_host_port(host, server.port());
+  job.store = net::join_host_port(host, port);
+  if (etcd) {
+    // A key space of this job's own under the given prefix.
+    job.store = fmt::format("etcd://{}/{}/{}", fmt::join(etcd->endpoints, ","), etcd->prefix,
+                            auth::generate_token().substr(0, 16));
+  }
   job.job_token = store_options.job_token;
 
   launcher.on_failure([&](const WorkerExit& e) {
     TcpStoreOptions client_options = store_options;
     client_options.timeout = kAbortRecordTimeout;
-    TcpStore store(host, server.port(), client_options);
+    auto client = store_client(job.store, host, port, client_options);
+    Store& store = *client;
     store.compare_set(
         kAbortKey, std::nullopt,
         fmt::format("rank {} (host {}, pid {}) {}", e.rank, hostname(), e.pid, e.describe()));
@@ -186,12 +219,15 @@ int run_node(WorkerOptions options, NodeOptions node) {
         2);
   }
   std::pair<std::string, uint16_t> master;
+  const bool etcd = !node.store.empty();
   try {
-    master = net::split_host_port(node.master, "--master");
+    if (etcd) parse_etcd_url(node.store, "--store");
+    if (!etcd) master = net::split_host_port(node.master, "--master");
   } catch (const Error& e) {
     throw LaunchError(e.what(), 2);
   }
-  if (master.second == 0) throw LaunchError("--master needs a port other than 0", 2);
+  if (!etcd && master.second == 0) throw LaunchError("--master needs a port other than 0", 2);
+  if (etcd) node.master = node.store;  // for messages
   if (node.job_token.empty()) options.env.emplace_back("WEFT_ALLOW_UNAUTHENTICATED", "1");
 
   // First: it blocks the signals, which the store's threads then inherit.
@@ -203,7 +239,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
   so.allow_unauthenticated = node.allow_unauthenticated;
   so.timeout = node.rendezvous_timeout;
   std::unique_ptr<TcpStoreServer> server;
-  if (node.node_rank == 0) {
+  if (node.node_rank == 0 && !etcd) {
     try {
       server = std::make_unique<TcpStoreServer>(master.first, master.second, so);
     } catch (const Error& e) {
@@ -211,7 +247,8 @@ int run_node(WorkerOptions options, NodeOptions node) {
           fmt::format("cannot serve the rendezvous store at {}: {}", node.master, e.what()), 1);
     }
   }
-  TcpStore store(master.first, master.second, so);
+  auto store_owner = store_client(node.store, master.first, master.second, so);
+  Store& store = *store_owner;
 
   // Launcher rendezvous: register, check the job's shape, wait for every node.
   const Deadline deadline = Deadline::after(node.rendezvous_timeout);
@@ -225,7 +262,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
     for (;;) {
       if ((sig = take_stop_signal()) != 0) return 128 + sig;
       try {
-        store.connect(left(deadline, kPoll));
+        connect_store(store, left(deadline, kPoll));
         break;
       } catch (const Error& e) {
         if (deadline.expired()) {
@@ -312,12 +349,12 @@ int run_node(WorkerOptions options, NodeOptions node) {
   // client are serialized).
   std::atomic<bool> done{false};
   std::thread watcher([&] {
-    TcpStore w(master.first, master.second, so);
+    auto w = store_client(node.store, master.first, master.second, so);
     while (!done) {
       try {
-        w.wait({kAbortKey}, kPoll);
+        w->wait({kAbortKey}, kPoll);
         if (!recorded) {
-          launcher.stop("the job failed on another node: " + w.get(kAbortKey, kPoll), 1);
+          launcher.stop("the job failed on another node: " + w->get(kAbortKey, kPoll), 1);
         }
         return;
       } catch (const Error&) {

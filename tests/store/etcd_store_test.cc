@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
 #include <thread>
 
 #include "store/store_testing.h"
@@ -314,6 +315,61 @@ TEST_F(EtcdClusterTest, CommunicatorRendezvousAndAllreduceOverEtcd) {
     }));
   }
   for (pid_t c : children) EXPECT_EQ(wait_child(c, 120000ms), 0);
+}
+
+// `weft run --store etcd://...`: the launcher serves no store; the workers
+// rendezvous through etcd (under a fresh sub-prefix of the job) and
+// allreduce.
+TEST_F(EtcdClusterTest, WeftRunWithAnEtcdStore) {
+  const std::string prefix = cluster->options().prefix;
+  const std::string url = fmt::format("etcd://{}/{}", fmt::join(cluster->endpoints(), ","), prefix);
+  testing::Process run({testing::bin_dir() + "/weft", "run", "-n", "2", "--store", url, "--",
+                        testing::bin_dir() + "/comm_worker", "allreduce-loop", "20", "1000"});
+  ASSERT_TRUE(run.wait(120s)) << run.output();
+  EXPECT_EQ(run.exit_code(), 0) << run.output();
+  const std::string out = run.output();
+  EXPECT_NE(out.find("[0] OK"), std::string::npos) << out;
+  EXPECT_NE(out.find("[1] OK"), std::string::npos) << out;
+  // The rendezvous went through etcd: the job's keys are there, under
+  // PREFIX/<job id>/k/ (etcdctl comes with etcd-client).
+  if (access("/usr/bin/etcdctl", X_OK) == 0) {
+    testing::Process ls({"/usr/bin/etcdctl", "--endpoints", cluster->endpoint(0), "get", "--prefix",
+                         prefix + "/", "--keys-only"},
+                        {{"ETCDCTL_API", "3"}});
+    ASSERT_TRUE(ls.wait(30s));
+    EXPECT_NE(ls.output().find("/k/"), std::string::npos) << ls.output();
+  }
+}
+
+// Two nodes (two launchers) with the store in etcd: no launcher serves it,
+// so no launcher's host is the store's single point of failure.
+TEST_F(EtcdClusterTest, TwoNodesRendezvousThroughEtcd) {
+  cluster->kill(2);  // and with a member down
+  const std::string url =
+      fmt::format("etcd://{}/{}", fmt::join(cluster->endpoints(), ","), cluster->options().prefix);
+  std::vector<std::unique_ptr<testing::Process>> nodes;
+  for (int node = 0; node < 2; ++node) {
+    nodes.push_back(std::make_unique<testing::Process>(
+        std::vector<std::string>{
+            testing::bin_dir() + "/weft", "run", "--nnodes", "2", "--node-rank",
+            std::to_string(node), "--nproc-per-node", "1", "--store", url, "--rdzv-timeout", "60",
+            "--", testing::bin_dir() + "/comm_worker", "allreduce-loop", "10", "100"},
+        std::map<std::string, std::string>{{"WEFT_JOB_TOKEN", "etcd-two-nodes-token-12345"}}));
+  }
+  for (auto& p : nodes) {
+    ASSERT_TRUE(p->wait(120s)) << p->output();
+    EXPECT_EQ(p->exit_code(), 0) << p->output();
+    EXPECT_NE(p->output().find("OK"), std::string::npos) << p->output();
+  }
+}
+
+TEST(EtcdStore, WeftRunRefusesABadStoreUrl) {
+  testing::Process run({testing::bin_dir() + "/weft", "run", "-n", "1", "--store", "etcd://nohost",
+                        "--", "/bin/true"});
+  ASSERT_TRUE(run.wait(30s));
+  EXPECT_EQ(run.exit_code(), 2) << run.output();
+  EXPECT_NE(run.output().find("--store"), std::string::npos) << run.output();
+  EXPECT_NE(run.output().find("HOST:PORT"), std::string::npos) << run.output();
 }
 
 }  // namespace

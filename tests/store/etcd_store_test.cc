@@ -205,7 +205,7 @@ TEST_F(EtcdClusterTest, KillingTheMemberTheClientTalksToLosesNothing) {
   try {
     s.set("no quorum", "x", 2s);
     FAIL() << "set() succeeded without quorum";
-  } catch (const Error& e) {
+  } catch (const TimeoutError& e) {
     EXPECT_TRUE(contains(e.what(), "set('no quorum')")) << e.what();
     EXPECT_TRUE(contains(e.what(), "etcd at 127.0.0.1:")) << e.what();
   }

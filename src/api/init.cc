@@ -185,8 +185,10 @@ void check_job(Store& store, const LaunchEnvironment& env, const std::string& wh
   const std::string mine = fmt::format("{} job {} size {}", env.launcher, env.job_id, env.size);
   // With a store of its own a job owns the key; a shared store (external)
   // keeps one key per job.
-  const std::string key =
-      env.serve_store ? "weft/launch/job" : fmt::format("weft/launch/job/{}", env.job_id);
+  // So does a job under an etcd prefix (etcd://HOSTS/PREFIX).
+  const std::string key = env.serve_store || !env.store_url.empty()
+                              ? "weft/launch/job"
+                              : fmt::format("weft/launch/job/{}", env.job_id);
   auto r = store.compare_set(key, std::nullopt, mine);
   if (r.swapped || r.current == mine) return;
   const std::string theirs = r.current.value_or("?");
@@ -199,8 +201,9 @@ void check_job(Store& store, const LaunchEnvironment& env, const std::string& wh
   }
   throw InvalidArgument(fmt::format(
       "the rendezvous store at {} ({}) belongs to another job ('{}'; this is '{}'): two jobs were "
-      "given the same store address; give each job a port of its own",
-      where, env.store_variable, theirs, mine));
+      "given the same store address; give each job {} of its own",
+      where, env.store_variable, theirs, mine,
+      env.store_url.empty() ? "a port" : "an etcd PREFIX (etcd://HOSTS/PREFIX)"));
 }
 
 // The etcd cluster of WEFT_STORE=etcd://...: a client of every endpoint,

@@ -363,6 +363,41 @@ TEST_F(EtcdClusterTest, TwoNodesRendezvousThroughEtcd) {
   }
 }
 
+// Under mpirun (its environment, as launchers_test sets it): WEFT_STORE
+// names the etcd cluster and no rank serves a store; a rank of another job
+// given the same prefix is refused at once, naming the prefix as the fix.
+TEST_F(EtcdClusterTest, RanksUnderMpirunRendezvousThroughEtcd) {
+  const std::string url =
+      fmt::format("etcd://{}/{}", fmt::join(cluster->endpoints(), ","), cluster->options().prefix);
+  auto env = [&](int rank, const std::string& job) {
+    return std::map<std::string, std::string>{{"OMPI_COMM_WORLD_RANK", std::to_string(rank)},
+                                              {"OMPI_COMM_WORLD_SIZE", "2"},
+                                              {"OMPI_COMM_WORLD_LOCAL_RANK", std::to_string(rank)},
+                                              {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+                                              {"OMPI_MCA_ess_base_jobid", job},
+                                              {"WEFT_STORE", url},
+                                              {"WEFT_JOB_TOKEN", "etcd-mpirun-token-0123456789"}};
+  };
+  std::vector<std::unique_ptr<testing::Process>> ranks;
+  for (int rank = 0; rank < 2; ++rank) {
+    ranks.push_back(std::make_unique<testing::Process>(
+        std::vector<std::string>{testing::bin_dir() + "/comm_worker", "allreduce-loop", "10",
+                                 "1000"},
+        env(rank, "777")));
+  }
+  for (auto& p : ranks) {
+    ASSERT_TRUE(p->wait(120s)) << p->output();
+    EXPECT_EQ(p->exit_code(), 0) << p->output();
+    EXPECT_NE(p->output().find("OK"), std::string::npos) << p->output();
+  }
+  testing::Process other({testing::bin_dir() + "/comm_worker", "allreduce-loop", "10", "1000"},
+                         env(0, "778"));
+  ASSERT_TRUE(other.wait(60s)) << other.output();
+  EXPECT_NE(other.exit_code(), 0);
+  EXPECT_NE(other.output().find("belongs to another job"), std::string::npos) << other.output();
+  EXPECT_NE(other.output().find("etcd PREFIX"), std::string::npos) << other.output();
+}
+
 TEST(EtcdStore, WeftRunRefusesABadStoreUrl) {
   testing::Process run({testing::bin_dir() + "/weft", "run", "-n", "1", "--store", "etcd://nohost",
                         "--", "/bin/true"});

@@ -243,6 +243,9 @@ class EtcdStore : public Store {
   // Checks that some endpoint answers (with retries until the deadline):
   // StoreError naming every endpoint when none does.
   void connect(Timeout timeout = kDefaultTimeout);
+  // Deletes every key under "<prefix>/" (every client's keys and markers):
+  // the end of a job. Returns how many etcd keys it deleted.
+  int64_t clear(Timeout timeout = kDefaultTimeout);
   // The endpoint the next request goes to, and how many times this client
   // moved on to the next one (for tests and diagnostics).
   std::string current_endpoint() const;

@@ -197,7 +197,17 @@ int run_local(WorkerOptions options, const std::string& store_url) {
         kAbortKey, std::nullopt,
         fmt::format("rank {} (host {}, pid {}) {}", e.rank, hostname(), e.pid, e.describe()));
   });
-  return launcher.run(job);
+  const int code = launcher.run(job);
+  if (etcd) {
+    // The job's keys in etcd are of no use after it (best effort).
+    try {
+      EtcdStoreOptions o = parse_etcd_url(job.store, "--store");
+      EtcdStore(o).clear(kAbortRecordTimeout);
+    } catch (const Error& e) {
+      WEFT_WARN("could not delete the job's keys from etcd: {}", e.what());
+    }
+  }
+  return code;
 }
 
 }  // namespace weft::launch

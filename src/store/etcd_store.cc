@@ -545,6 +545,14 @@ void EtcdStore::connect(Timeout timeout) {
   impl_->call("/v3/kv/range", req.dump(), "etcd store connect", dl);
 }
 
+int64_t EtcdStore::clear(Timeout timeout) {
+  auto dl = store::deadline_for(timeout, default_timeout());
+  const std::string all = impl_->opt.prefix + "/";
+  json req = {{"key", b64(all)}, {"range_end", b64(prefix_end(all))}};
+  json answer = impl_->call("/v3/kv/deleterange", req.dump(), "etcd store clear", dl);
+  return answer.contains("deleted") ? std::max<int64_t>(0, parse_i64(answer["deleted"])) : 0;
+}
+
 void EtcdStore::set(std::string_view key, std::string_view value, Timeout timeout) {
   store::check_key("set", key);
   check_etcd_value("set", key, value.size());

@@ -281,6 +281,18 @@ TEST_F(EtcdClusterTest, ValuesAboveTheLimitGetAClearError) {
   EXPECT_EQ(s.try_get("over"), std::nullopt);
 }
 
+TEST_F(EtcdClusterTest, ClearDeletesEveryKeyOfThePrefixOnly) {
+  EtcdStoreOptions a = cluster->options(), b = cluster->options();
+  EtcdStore sa(a), sb(b);
+  sa.set("x", "1");
+  sa.add("n", 1);  // and a marker
+  sb.set("x", "other job");
+  EXPECT_GE(sa.clear(5s), 3);
+  EXPECT_EQ(sa.try_get("x"), std::nullopt);
+  EXPECT_EQ(sa.try_get("n"), std::nullopt);
+  EXPECT_EQ(sb.get("x"), "other job");
+}
+
 TEST_F(EtcdClusterTest, KeysOfOneStoreStayUnderItsPrefix) {
   EtcdStoreOptions a = cluster->options(), b = cluster->options();
   EtcdStore sa(a), sb(b);
@@ -324,20 +336,23 @@ TEST_F(EtcdClusterTest, WeftRunWithAnEtcdStore) {
   const std::string prefix = cluster->options().prefix;
   const std::string url = fmt::format("etcd://{}/{}", fmt::join(cluster->endpoints(), ","), prefix);
   testing::Process run({testing::bin_dir() + "/weft", "run", "-n", "2", "--store", url, "--",
+                        "/bin/sh", "-c", "echo \"store=$WEFT_STORE\"; exec \"$0\" \"$@\"",
                         testing::bin_dir() + "/comm_worker", "allreduce-loop", "20", "1000"});
   ASSERT_TRUE(run.wait(120s)) << run.output();
   EXPECT_EQ(run.exit_code(), 0) << run.output();
   const std::string out = run.output();
   EXPECT_NE(out.find("[0] OK"), std::string::npos) << out;
   EXPECT_NE(out.find("[1] OK"), std::string::npos) << out;
-  // The rendezvous went through etcd: the job's keys are there, under
-  // PREFIX/<job id>/k/ (etcdctl comes with etcd-client).
+  // The workers were given the cluster, under a prefix of the job's own.
+  EXPECT_NE(out.find("[0] store=" + url + "/"), std::string::npos) << out;
+  // The launcher deleted the job's keys at the end (etcdctl: etcd-client).
   if (access("/usr/bin/etcdctl", X_OK) == 0) {
     testing::Process ls({"/usr/bin/etcdctl", "--endpoints", cluster->endpoint(0), "get", "--prefix",
                          prefix + "/", "--keys-only"},
                         {{"ETCDCTL_API", "3"}});
     ASSERT_TRUE(ls.wait(30s));
-    EXPECT_NE(ls.output().find("/k/"), std::string::npos) << ls.output();
+    EXPECT_EQ(ls.exit_code(), 0) << ls.output();
+    EXPECT_EQ(ls.output().find(prefix), std::string::npos) << ls.output();
   }
 }
 

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -159,11 +160,22 @@ EtcdCluster::EtcdCluster(int members) : dir_(std::make_unique<testing::TempDir>(
   const std::string etcd = binary();
   if (etcd.empty()) throw std::runtime_error("etcd is not installed (Debian: etcd-server)");
   std::string initial;
+  std::vector<int> taken;
+  auto port = [&] {
+    // free_port() may hand out a port twice: every member needs two of its own.
+    for (;;) {
+      int p = testing::free_port();
+      if (std::find(taken.begin(), taken.end(), p) == taken.end()) {
+        taken.push_back(p);
+        return p;
+      }
+    }
+  };
   for (int i = 0; i < members; ++i) {
     Member m;
     m.name = fmt::format("m{}", i);
-    m.client_port = testing::free_port();
-    m.peer_port = testing::free_port();
+    m.client_port = port();
+    m.peer_port = port();
     initial += fmt::format("{}{}=http://127.0.0.1:{}", i == 0 ? "" : ",", m.name, m.peer_port);
     members_.push_back(m);
   }

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -210,6 +211,23 @@ TEST_F(EtcdClusterTest, KillingTheMemberTheClientTalksToLosesNothing) {
     EXPECT_TRUE(contains(e.what(), "etcd at 127.0.0.1:")) << e.what();
   }
   EXPECT_LT(seconds_since(start), 10.0);
+}
+
+// A member that stops answering (SIGSTOP: a hung host) costs a client one
+// attempt_timeout, then it goes on with another member.
+TEST_F(EtcdClusterTest, AMemberThatStopsAnsweringIsLeftAfterTheAttemptTimeout) {
+  EtcdStoreOptions o = cluster->options();
+  o.attempt_timeout = 1s;
+  EtcdStore s(o);
+  s.set("before", "kept");
+  const int victim = cluster->member_of(s.current_endpoint());
+  ASSERT_GE(victim, 0);
+  cluster->signal(victim, SIGSTOP);
+  EXPECT_EQ(s.get("before", 20s), "kept");
+  EXPECT_NE(cluster->member_of(s.current_endpoint()), victim);
+  EXPECT_EQ(s.add("n", 1, 20s), 1);
+  EXPECT_TRUE(s.compare_set("c", std::nullopt, "v", 20s).swapped);
+  cluster->signal(victim, SIGCONT);
 }
 
 TEST_F(EtcdClusterTest, AddsStayExactlyOnceWhileAMemberDies) {

@@ -256,6 +256,11 @@ void EtcdCluster::kill(int i) {
   m.pid = -1;
 }
 
+void EtcdCluster::signal(int i, int sig) {
+  const Member& m = members_.at(static_cast<size_t>(i));
+  if (m.pid > 0) ::kill(m.pid, sig);
+}
+
 bool EtcdCluster::alive(int i) const { return members_.at(static_cast<size_t>(i)).pid > 0; }
 
 EtcdStoreOptions EtcdCluster::options(Timeout timeout) const {

@@ -42,6 +42,8 @@ class EtcdCluster {
   int member_of(const std::string& endpoint) const;
   // SIGKILLs member i and reaps it.
   void kill(int i);
+  // Sends sig to member i (SIGSTOP: a member that stops answering).
+  void signal(int i, int sig);
   bool alive(int i) const;
   // Options of a client of every member, under a prefix no other test uses.
   EtcdStoreOptions options(Timeout timeout = 30s) const;

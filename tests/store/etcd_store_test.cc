@@ -234,21 +234,27 @@ TEST_F(EtcdClusterTest, AddsStayExactlyOnceWhileAMemberDies) {
   constexpr int kThreads = 4, kAdds = 60;
   EtcdStoreOptions o = cluster->options();
   std::vector<std::vector<int64_t>> seen(kThreads);
-  std::atomic<int> done{0};
+  std::atomic<int> done0{0};    // adds client 0 has done
+  std::atomic<int> victim{-1};  // the member client 0 talks to
   std::thread killer([&] {
-    // Kill a member in the middle of the traffic.
-    testing::wait_until([&] { return done.load() >= kThreads * kAdds / 3; });
-    cluster->kill(1);
+    // Kill it in the middle of the traffic.
+    testing::wait_until([&] { return victim >= 0 && done0.load() >= kAdds / 3; });
+    if (victim >= 0) cluster->kill(victim);
   });
   testing::run_ranks_ok(kThreads, [&](int rank) {
     EtcdStore s(o);
+    if (rank == 0) victim = cluster->member_of(s.current_endpoint());
     for (int i = 0; i < kAdds; ++i) {
       seen[static_cast<size_t>(rank)].push_back(s.add("counter", 1));
-      ++done;
+      if (rank == 0) ++done0;
+    }
+    if (rank == 0) {
+      EXPECT_GT(s.failovers(), 0u);
     }
   });
   killer.join();
-  EXPECT_FALSE(cluster->alive(1));
+  ASSERT_GE(victim.load(), 0);
+  EXPECT_FALSE(cluster->alive(victim));
   EtcdStore s(o);
   EXPECT_EQ(s.get("counter"), std::to_string(kThreads * kAdds));
   std::vector<int64_t> all;

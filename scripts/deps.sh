@@ -8,14 +8,18 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ make pkg-config
   libssl-dev libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libxxhash-dev
+  libcurl4-openssl-dev
   libgtest-dev libgmock-dev
   clang clang-format
   libtorch-dev dataset-fashion-mnist
   iproute2 procps
   openmpi-bin python3-torch
+  etcd-server etcd-client
 )
 # openmpi-bin (mpirun) and python3-torch (torchrun) are the launchers the
-# tests start Weft under (tests/launch/launchers_test.cc).
+# tests start Weft under (tests/launch/launchers_test.cc). etcd-server (and
+# etcdctl, in etcd-client) run the 3-member clusters of tests/store
+# (EtcdStore, the etcd:// rendezvous backend, which libcurl4-openssl-dev serves).
 if [ "${1:-}" = bench ]; then
   packages+=(libgloo-dev libopenmpi-dev libbenchmark-dev)
 fi

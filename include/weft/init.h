@@ -23,6 +23,9 @@ struct LaunchEnvironment {
   uint16_t store_port = 0;
   // The variable(s) that gave the store's address, for messages.
   std::string store_variable;
+  // WEFT_STORE=etcd://HOST:PORT[,...]/PREFIX: the store is that etcd cluster
+  // (store_host/port: its first endpoint) and no rank serves one.
+  std::string store_url;
   // True when rank 0 serves the store itself: under mpirun, srun and
   // torchrun, unless WEFT_STORE_EXTERNAL=1 says a store already runs at
   // WEFT_STORE. False under `weft run` (the launcher serves it).

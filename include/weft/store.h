@@ -20,8 +20,9 @@
 //
 // Implementations: MemoryStore (one process: tests with threads as ranks),
 // FileStore (a directory shared by the ranks, e.g. NFS or one machine),
-// TcpStore (client of a TcpStoreServer, the default under `weft run`) and
-// PrefixStore (namespacing on top of any other).
+// TcpStore (client of a TcpStoreServer, the default under `weft run`),
+// EtcdStore (client of an etcd v3 cluster: the store that survives the loss
+// of any host) and PrefixStore (namespacing on top of any other).
 #pragma once
 
 #include <cstdint>
@@ -179,6 +180,83 @@ class PrefixStore : public Store {
   std::string key(std::string_view k) const;
   std::string prefix_;
   std::shared_ptr<Store> base_;
+};
+
+// Options of an EtcdStore.
+struct EtcdStoreOptions {
+  // The cluster's client endpoints, "host:port" (plain HTTP). Calls go to
+  // one of them; on a connection error the client fails over to the next.
+  std::vector<std::string> endpoints;
+  // Every key of the store lives under "<prefix>/" in etcd (not empty):
+  // give each job a prefix of its own.
+  std::string prefix = "weft";
+  // Default deadline of every call.
+  Timeout timeout = kDefaultStoreTimeout;
+  // Longest a single HTTP request to one member may take before the client
+  // gives up on that member and tries the next (a stopped or partitioned
+  // member); the call's deadline bounds it too.
+  Timeout attempt_timeout = std::chrono::seconds(5);
+};
+
+// Largest value an EtcdStore accepts: etcd refuses requests above its
+// --max-request-bytes (1.5 MiB by default), and values travel base64-encoded
+// (4/3 of their size) in JSON. Larger values get InvalidArgument naming the
+// limit before anything is sent.
+inline constexpr size_t kMaxEtcdValueBytes = 1u << 20;
+
+// "etcd://host1:2379,host2:2379/prefix" (the prefix may have several
+// segments, "a/b"; without one it is "weft"). InvalidArgument, naming `what`
+// (e.g. "WEFT_STORE"), when the text is not such a URL.
+EtcdStoreOptions parse_etcd_url(std::string_view url, std::string_view what);
+// Whether text starts with "etcd://" (then WEFT_STORE names an etcd cluster).
+bool is_etcd_url(std::string_view text);
+
+// Client of an etcd v3 cluster, over its JSON gateway (POST /v3/kv/put,
+// range, txn, deleterange; keys and values base64 in JSON). set/get/try_get
+// are single requests; add, compare_set and remove are transactions that
+// also record, under a marker key of this client, that they were applied,
+// so that a request resent after a lost answer (the member died while
+// answering) is applied at most once and reports the right result. get()
+// and wait() poll with a back-off of at most 50 ms between looks. Any
+// request may be resent to the next endpoint when a member cannot be
+// reached, stops answering (attempt_timeout) or answers "unavailable" (no
+// leader): with 3 members, losing any one of them loses nothing. Errors
+// name the endpoint and the call; every answer is bounded before it is
+// parsed.
+class EtcdStore : public Store {
+ public:
+  // Does not contact etcd yet. InvalidArgument for no endpoints, an
+  // invalid endpoint or an empty prefix.
+  explicit EtcdStore(EtcdStoreOptions options);
+  ~EtcdStore() override;  // deletes this client's marker keys (best effort)
+  void set(std::string_view key, std::string_view value,
+           Timeout timeout = kDefaultTimeout) override;
+  std::string get(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  std::optional<std::string> try_get(std::string_view key,
+                                     Timeout timeout = kDefaultTimeout) override;
+  int64_t add(std::string_view key, int64_t delta, Timeout timeout = kDefaultTimeout) override;
+  CompareSetResult compare_set(std::string_view key, const std::optional<std::string>& expected,
+                               std::string_view desired,
+                               Timeout timeout = kDefaultTimeout) override;
+  void wait(const std::vector<std::string>& keys, Timeout timeout = kDefaultTimeout) override;
+  bool remove(std::string_view key, Timeout timeout = kDefaultTimeout) override;
+  Timeout default_timeout() const override;
+  // Checks that some endpoint answers (with retries until the deadline):
+  // StoreError naming every endpoint when none does.
+  void connect(Timeout timeout = kDefaultTimeout);
+  // Deletes every key under "<prefix>/" (every client's keys and markers):
+  // the end of a job. Returns how many etcd keys it deleted.
+  int64_t clear(Timeout timeout = kDefaultTimeout);
+  // The endpoint the next request goes to, and how many times this client
+  // moved on to the next one (for tests and diagnostics).
+  std::string current_endpoint() const;
+  uint64_t failovers() const;
+  // The get()/wait() calls of this client blocked polling; a look is one poll.
+  StoreWaitStats wait_stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 // Options of the TCP store, client and server side.

@@ -186,8 +186,10 @@ void check_job(Store& store, const LaunchEnvironment& env, const std::string& wh
   const std::string mine = fmt::format("{} job {} size {}", env.launcher, env.job_id, env.size);
   // With a store of its own a job owns the key; a shared store (external)
   // keeps one key per job.
-  const std::string key =
-      env.serve_store ? "weft/launch/job" : fmt::format("weft/launch/job/{}", env.job_id);
+  // So does a job under an etcd prefix (etcd://HOSTS/PREFIX).
+  const std::string key = env.serve_store || !env.store_url.empty()
+                              ? "weft/launch/job"
+                              : fmt::format("weft/launch/job/{}", env.job_id);
   auto r = store.compare_set(key, std::nullopt, mine);
   if (r.swapped || r.current == mine) return;
   const std::string theirs = r.current.value_or("?");
@@ -200,8 +202,27 @@ void check_job(Store& store, const LaunchEnvironment& env, const std::string& wh
   }
   throw InvalidArgument(fmt::format(
       "the rendezvous store at {} ({}) belongs to another job ('{}'; this is '{}'): two jobs were "
-      "given the same store address; give each job a port of its own",
-      where, env.store_variable, theirs, mine));
+      "given the same store address; give each job {} of its own",
+      where, env.store_variable, theirs, mine,
+      env.store_url.empty() ? "a port" : "an etcd PREFIX (etcd://HOSTS/PREFIX)"));
+}
+
+// The etcd cluster of WEFT_STORE=etcd://...: a client of every endpoint,
+// checked to answer (and, outside weft run, to hold no other job's keys).
+std::shared_ptr<Store> connect_etcd(const LaunchEnvironment& env, Timeout timeout) {
+  EtcdStoreOptions o = parse_etcd_url(env.store_url, "WEFT_STORE");
+  o.timeout = timeout;
+  auto etcd = std::make_shared<EtcdStore>(o);
+  WEFT_INFO("connecting to the rendezvous store: etcd at {} (WEFT_STORE)",
+            fmt::join(o.endpoints, ", "));
+  try {
+    etcd->connect();
+  } catch (const StoreError& e) {
+    throw StoreError(fmt::format("rank {}: cannot reach the etcd cluster of WEFT_STORE: {}",
+                                 env.rank, e.what()));
+  }
+  if (env.launcher != "weft") check_job(*etcd, env, env.store_url);
+  return etcd;
 }
 
 }  // namespace
@@ -253,6 +274,14 @@ LaunchEnvironment detect_launch_environment() {
     return env;
   }
   const bool external = settings::get(settings::kStoreExternal);
+  if (auto store = settings::get("WEFT_STORE"); store && is_etcd_url(*store)) {
+    auto etcd = parse_etcd_url(*store, "WEFT_STORE");
+    std::tie(env.store_host, env.store_port) =
+        net::split_host_port(etcd.endpoints.front(), "WEFT_STORE");
+    env.store_url = *store;
+    env.store_variable = "WEFT_STORE";
+    return env;  // an etcd cluster: nobody serves it
+  }
   if (auto store = settings::get("WEFT_STORE")) {
     auto [host, port] = net::split_host_port(*store, "WEFT_STORE");
     env.store_host = host;
@@ -318,6 +347,10 @@ std::shared_ptr<Store> connect_launch_store(const LaunchEnvironment& env, CommOp
   }
   if (env.launcher != "weft" && options.job_token.empty() && !options.allow_unauthenticated) {
     throw InvalidArgument(token_advice(env.launcher));
+  }
+  if (!env.store_url.empty()) {
+    // WEFT_STORE names an etcd cluster: nobody serves the store.
+    return connect_etcd(env, settings::get(settings::kStoreTimeout));
   }
   TcpStoreOptions so;
   so.timeout = settings::get(settings::kStoreTimeout);

@@ -285,6 +285,8 @@ std::string problem(const Setting& s, std::string_view v) {
       return is_choice(s.choices, v) ? std::string()
                                      : fmt::format("expected {}", list_choices(s.choices));
     case Type::HostPort:
+      // WEFT_STORE may name an etcd cluster instead (parse_etcd_url checks it).
+      if (v.starts_with("etcd://") && v.size() > 7) return {};
       try {
         net::split_host_port(v, s.env);
         return {};

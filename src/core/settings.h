@@ -110,7 +110,8 @@ inline constexpr StringSetting kElastic{
 inline constexpr StringSetting kStore{
     "WEFT_STORE",
     "host:port of the rendezvous store (set by weft run, which serves it; under "
-    "mpirun/srun/torchrun rank 0 serves it there)",
+    "mpirun/srun/torchrun rank 0 serves it there), or etcd://HOST:PORT[,HOST:PORT...]/PREFIX: "
+    "an etcd cluster, served by nobody in the job",
     kNoDefault, 0, Type::HostPort};
 inline constexpr BoolSetting kStoreExternal{
     "WEFT_STORE_EXTERNAL", false,

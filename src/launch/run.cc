@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -83,63 +84,79 @@ std::vector<std::string> wait_keys(Store& store, const std::vector<std::string>&
   return missing;
 }
 
-// On a node that does not serve the store: polls weft/evict/<member> for
-// the live workers of `launcher` every kEvictPoll, in a thread of its own,
-// and evicts those that have one.
-class EvictionWatcher {
- public:
-  EvictionWatcher(LocalLauncher& launcher, std::string host, uint16_t port, TcpStoreOptions options)
-      : launcher_(launcher) {
-    options.timeout = kEvictCallTimeout;
-    thread_ = std::thread([this, host = std::move(host), port, options] {
-      TcpStore store(host, port, options);
-      std::set<std::string> done;
-      while (!stop_) {
-        for (const auto& member : launcher_.live_members()) {
-          if (stop_) break;
-          if (done.count(member)) continue;
-          try {
-            if (auto reason = store.try_get(std::string(kEvictPrefix) + member)) {
-              done.insert(member);
-              launcher_.evict(member, *reason);
+// A launcher's client of the job's store: the etcd cluster of an etcd://
+// URL, or the TcpStore at host:port.
+std::unique_ptr<Store> store_client(const std::string& url, const std::string& host, uint16_t port,
+                                    const TcpStoreOptions& so) {
+  if (!is_etcd_url(url)) return std::make_unique<TcpStore>(host, port, so);
+  EtcdStoreOptions o = parse_etcd_url(url, "--store");
+  o.timeout = so.timeout;
+  return std::make_unique<EtcdStore>(o);
+}
+
+void connect_store(Store& store, Timeout timeout) {
+  if (auto* tcp = dynamic_cast<TcpStore*>(&store)) tcp->connect(timeout);
+  if (auto* etcd = dynamic_cast<EtcdStore*>(&store)) etcd->connect(timeout);
+
+  // On a node that does not serve the store: polls weft/evict/<member> for
+  // the live workers of `launcher` every kEvictPoll, in a thread of its own,
+  // and evicts those that have one.
+  constexpr Timeout kEvictCallTimeout = std::chrono::seconds(2);
+
+  class EvictionWatcher {
+   public:
+    // `store`: a client of the job's store whose calls end within kEvictCallTimeout.
+    EvictionWatcher(LocalLauncher& launcher, std::unique_ptr<Store> store)
+        : launcher_(launcher), store_(std::move(store)) {
+      thread_ = std::thread([this] {
+        Store& store = *store_;
+        std::set<std::string> done;
+        while (!stop_) {
+          for (const auto& member : launcher_.live_members()) {
+            if (stop_) break;
+            if (done.count(member)) continue;
+            try {
+              if (auto reason = store.try_get(std::string(kEvictPrefix) + member)) {
+                done.insert(member);
+                launcher_.evict(member, *reason);
+              }
+            } catch (const Error& e) {
+              WEFT_DEBUG("launcher: eviction poll: {}", e.what());
+              break;  // the store is unreachable: try again next round
             }
-          } catch (const Error& e) {
-            WEFT_DEBUG("launcher: eviction poll: {}", e.what());
-            break;  // the store is unreachable: try again next round
           }
+          std::unique_lock<std::mutex> lk(mu_);
+          cv_.wait_for(lk, kEvictPoll, [this] { return stop_.load(); });
         }
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait_for(lk, kEvictPoll, [this] { return stop_.load(); });
+      });
+    }
+    ~EvictionWatcher() {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        stop_ = true;
       }
+      cv_.notify_all();
+      thread_.join();
+    }
+    EvictionWatcher(const EvictionWatcher&) = delete;
+    EvictionWatcher& operator=(const EvictionWatcher&) = delete;
+
+   private:
+    LocalLauncher& launcher_;
+    std::unique_ptr<Store> store_;
+    std::atomic<bool> stop_{false};
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::thread thread_;
+  };
+
+  // Where this launcher serves the store, eviction keys are seen as they are
+  // written, without polling.
+  void watch_evictions(TcpStoreServer & server, LocalLauncher & launcher) {
+    server.on_write(kEvictPrefix, [&launcher](const std::string& key, const std::string& value) {
+      launcher.evict(key.substr(std::string_view(kEvictPrefix).size()), value);
     });
   }
-  ~EvictionWatcher() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  EvictionWatcher(const EvictionWatcher&) = delete;
-  EvictionWatcher& operator=(const EvictionWatcher&) = delete;
-
- private:
-  static constexpr Timeout kEvictCallTimeout = std::chrono::seconds(2);
-  LocalLauncher& launcher_;
-  std::atomic<bool> stop_{false};
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::thread thread_;
-};
-
-// Where this launcher serves the store, eviction keys are seen as they are
-// written, without polling.
-void watch_evictions(TcpStoreServer& server, LocalLauncher& launcher) {
-  server.on_write(kEvictPrefix, [&launcher](const std::string& key, const std::string& value) {
-    launcher.evict(key.substr(std::string_view(kEvictPrefix).size()), value);
-  });
-}
 
 }  // namespace
 
@@ -202,28 +219,53 @@ void check_worker_env(const std::vector<std::pair<std::string, std::string>>& en
   }
 }
 
-int run_local(WorkerOptions options) {
+int run_local(WorkerOptions options, const std::string& store_url) {
   const int nproc = options.nproc;
   const bool elastic = options.elastic_min > 0;
+  std::optional<EtcdStoreOptions> etcd;
+  if (!store_url.empty()) {
+    try {
+      etcd = parse_etcd_url(store_url, "--store");
+    } catch (const Error& e) {
+      throw LaunchError(e.what(), 2);
+    }
+  }
   // First: it blocks the signals, which the store's thread then inherits.
   LocalLauncher launcher(std::move(options));
 
   TcpStoreOptions store_options;
   store_options.job_token = auth::generate_token();
   const std::string host = "127.0.0.1";
-  TcpStoreServer server(host, 0, store_options);
-  // Evictions are seen as they are written (the store is served here).
-  watch_evictions(server, launcher);
+  // The launcher serves the store, unless it is an etcd cluster.
+  std::unique_ptr<TcpStoreServer> server;
+  if (!etcd) server = std::make_unique<TcpStoreServer>(host, 0, store_options);
+  const uint16_t port = server ? server->port() : 0;
+  // Evictions are seen as they are written where the store is served here.
+  if (server) watch_evictions(*server, launcher);
 
   JobLayout job;
   job.world_size = nproc;
-  job.store = net::join_host_port(host, server.port());
+  job.store = net::join_host_port(host, port);
+  if (etcd) {
+    // A key space of this job's own under the given prefix.
+    job.store = fmt::format("etcd://{}/{}/{}", fmt::join(etcd->endpoints, ","), etcd->prefix,
+                            auth::generate_token().substr(0, 16));
+  }
   job.job_token = store_options.job_token;
+  // Without a store served here (etcd), evictions are polled for.
+  std::unique_ptr<EvictionWatcher> evictions;
+  if (!server) {
+    TcpStoreOptions eo = store_options;
+    eo.timeout = kEvictCallTimeout;
+    evictions =
+        std::make_unique<EvictionWatcher>(launcher, store_client(job.store, host, port, eo));
+  }
 
   launcher.on_failure([&](const WorkerExit& e) {
     TcpStoreOptions client_options = store_options;
     client_options.timeout = kAbortRecordTimeout;
-    TcpStore store(host, server.port(), client_options);
+    auto client = store_client(job.store, host, port, client_options);
+    Store& store = *client;
     store.compare_set(
         kAbortKey, std::nullopt,
         fmt::format("rank {} (host {}, pid {}) {}", e.rank, hostname(), e.pid, e.describe()));
@@ -232,11 +274,21 @@ int run_local(WorkerOptions options) {
     launcher.on_member_failed([&](const WorkerExit& e) {
       TcpStoreOptions client_options = store_options;
       client_options.timeout = kAbortRecordTimeout;
-      TcpStore store(host, server.port(), client_options);
-      store.set(std::string(kDeadPrefix) + e.member, e.death());
+      auto store = store_client(job.store, host, port, client_options);
+      store->set(std::string(kDeadPrefix) + e.member, e.death());
     });
   }
-  return launcher.run(job);
+  const int code = launcher.run(job);
+  if (etcd) {
+    // The job's keys in etcd are of no use after it (best effort).
+    try {
+      EtcdStoreOptions o = parse_etcd_url(job.store, "--store");
+      EtcdStore(o).clear(kAbortRecordTimeout);
+    } catch (const Error& e) {
+      WEFT_WARN("could not delete the job's keys from etcd: {}", e.what());
+    }
+  }
+  return code;
 }
 
 }  // namespace weft::launch
@@ -258,12 +310,15 @@ int run_node(WorkerOptions options, NodeOptions node) {
         2);
   }
   std::pair<std::string, uint16_t> master;
+  const bool etcd = !node.store.empty();
   try {
-    master = net::split_host_port(node.master, "--master");
+    if (etcd) parse_etcd_url(node.store, "--store");
+    if (!etcd) master = net::split_host_port(node.master, "--master");
   } catch (const Error& e) {
     throw LaunchError(e.what(), 2);
   }
-  if (master.second == 0) throw LaunchError("--master needs a port other than 0", 2);
+  if (!etcd && master.second == 0) throw LaunchError("--master needs a port other than 0", 2);
+  if (etcd) node.master = node.store;  // for messages
   if (node.job_token.empty()) options.env.emplace_back("WEFT_ALLOW_UNAUTHENTICATED", "1");
 
   // First: it blocks the signals, which the store's threads then inherit.
@@ -276,7 +331,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
   so.timeout = node.rendezvous_timeout;
   std::unique_ptr<TcpStoreServer> server;
   std::unique_ptr<EvictionWatcher> evictions;
-  if (node.node_rank == 0) {
+  if (node.node_rank == 0 && !etcd) {
     try {
       server = std::make_unique<TcpStoreServer>(master.first, master.second, so);
     } catch (const Error& e) {
@@ -284,11 +339,15 @@ int run_node(WorkerOptions options, NodeOptions node) {
           fmt::format("cannot serve the rendezvous store at {}: {}", node.master, e.what()), 1);
     }
   }
-  TcpStore store(master.first, master.second, so);
+  auto store_owner = store_client(node.store, master.first, master.second, so);
+  Store& store = *store_owner;
   if (server) {
     watch_evictions(*server, launcher);
   } else {
-    evictions = std::make_unique<EvictionWatcher>(launcher, master.first, master.second, so);
+    TcpStoreOptions eo = so;
+    eo.timeout = kEvictCallTimeout;
+    evictions = std::make_unique<EvictionWatcher>(
+        launcher, store_client(node.store, master.first, master.second, eo));
   }
 
   // Launcher rendezvous: register, check the job's shape, wait for every node.
@@ -303,7 +362,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
     for (;;) {
       if ((sig = take_stop_signal()) != 0) return 128 + sig;
       try {
-        store.connect(left(deadline, kPoll));
+        connect_store(store, left(deadline, kPoll));
         break;
       } catch (const Error& e) {
         if (deadline.expired()) {
@@ -390,12 +449,12 @@ int run_node(WorkerOptions options, NodeOptions node) {
   // client are serialized).
   std::atomic<bool> done{false};
   std::thread watcher([&] {
-    TcpStore w(master.first, master.second, so);
+    auto w = store_client(node.store, master.first, master.second, so);
     while (!done) {
       try {
-        w.wait({kAbortKey}, kPoll);
+        w->wait({kAbortKey}, kPoll);
         if (!recorded) {
-          launcher.stop("the job failed on another node: " + w.get(kAbortKey, kPoll), 1);
+          launcher.stop("the job failed on another node: " + w->get(kAbortKey, kPoll), 1);
         }
         return;
       } catch (const Error&) {

@@ -36,7 +36,9 @@ inline constexpr const char* kDeadPrefix = "weft/elastic/dead/";
 // launch cannot start. Elastic mode (options.elastic_min > 0): failures are
 // recorded under kDeadPrefix and restarted (LocalLauncher), not published
 // as the abort record.
-int run_local(WorkerOptions options);
+// With store = "etcd://HOST:PORT[,...]/PREFIX" the store is that etcd
+// cluster instead (under PREFIX/<a fresh job id>) and the launcher serves none.
+int run_local(WorkerOptions options, const std::string& store = {});
 
 // One node of a multi-node job (torchrun style: one `weft run` per node).
 struct NodeOptions {
@@ -44,6 +46,10 @@ struct NodeOptions {
   int node_rank = 0;  // 0..nnodes-1; node 0 serves the store
   // "host:port" of the store: node 0 binds it, every node connects to it.
   std::string master;
+  // "etcd://HOST:PORT[,...]/PREFIX": the store is that etcd cluster (the same
+  // on every node, a PREFIX of the job's own); no node serves one, and
+  // master is not used.
+  std::string store;
   // The job's shared secret: the same on every node (nodes cannot agree on
   // a fresh one before they can authenticate each other). Empty only with
   // allow_unauthenticated.

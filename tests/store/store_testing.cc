@@ -1,11 +1,18 @@
 #include "store/store_testing.h"
 
+#include <fmt/format.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "core/auth.h"
@@ -18,6 +25,7 @@ std::string backend_name(Backend b) {
     case Backend::File: return "File";
     case Backend::Tcp: return "Tcp";
     case Backend::PrefixTcp: return "PrefixTcp";
+    case Backend::Etcd: return "Etcd";
   }
   return "?";
 }
@@ -37,6 +45,10 @@ StoreBackend::StoreBackend(Backend kind) : kind_(kind), options_(tcp_options()) 
     case Backend::Tcp:
     case Backend::PrefixTcp:
       server_ = std::make_unique<TcpStoreServer>("127.0.0.1", 0, options_);
+      break;
+    case Backend::Etcd:
+      etcd_ = shared_etcd_cluster();
+      if (etcd_) etcd_options_ = etcd_->options();
       break;
   }
 }
@@ -60,6 +72,14 @@ std::shared_ptr<Store> StoreBackend::client(Timeout default_timeout) {
     case Backend::PrefixTcp:
       return std::make_shared<PrefixStore>(
           "job/gen1", std::make_shared<TcpStore>("127.0.0.1", server_->port(), o));
+    case Backend::Etcd: {
+      EtcdStoreOptions eo = etcd_options_;
+      eo.timeout = default_timeout;
+      auto etcd = std::make_shared<EtcdStore>(eo);
+      std::lock_guard lock(files_mu_);
+      etcds_.push_back(etcd);
+      return etcd;
+    }
   }
   return nullptr;
 }
@@ -81,6 +101,18 @@ StoreWaitStats StoreBackend::wait_stats() {
     }
     case Backend::Tcp:
     case Backend::PrefixTcp: return server_->wait_stats();
+    case Backend::Etcd: {
+      StoreWaitStats sum;
+      std::lock_guard lock(files_mu_);
+      for (const auto& weak : etcds_) {
+        if (auto etcd = weak.lock()) {
+          auto s = etcd->wait_stats();
+          sum.waiting += s.waiting;
+          sum.looks += s.looks;
+        }
+      }
+      return sum;
+    }
   }
   return {};
 }
@@ -90,8 +122,8 @@ bool StoreBackend::wait_blocked(size_t n) {
 }
 
 bool StoreBackend::write_then_wait_for_a_look(const std::function<void()>& write) {
-  if (kind_ == Backend::File) {
-    // The FileStore polls: two looks ending after the write returned, the
+  if (kind_ == Backend::File || kind_ == Backend::Etcd) {
+    // The FileStore and the EtcdStore poll: two looks ending after the write returned, the
     // second of which began after it.
     write();
     const uint64_t before = wait_stats().looks;
@@ -111,6 +143,141 @@ bool StoreBackend::write_then_wait_for_a_look(const std::function<void()>& write
     return s.looks > before || s.waiting == 0;  // looked, or released
   });
   return wait_stats().looks > before;
+}
+
+std::string EtcdCluster::binary() {
+  if (const char* env = std::getenv("WEFT_TEST_ETCD"); env != nullptr && *env != '\0') return env;
+  const char* path = std::getenv("PATH");
+  std::stringstream dirs(path != nullptr ? path : "/usr/bin:/bin");
+  for (std::string dir; std::getline(dirs, dir, ':');) {
+    std::string candidate = (dir.empty() ? "." : dir) + "/etcd";
+    if (access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
+EtcdCluster::EtcdCluster(int members) : dir_(std::make_unique<testing::TempDir>()) {
+  const std::string etcd = binary();
+  if (etcd.empty()) throw std::runtime_error("etcd is not installed (Debian: etcd-server)");
+  std::string initial;
+  std::vector<int> taken;
+  auto port = [&] {
+    // free_port() may hand out a port twice: every member needs two of its own.
+    for (;;) {
+      int p = testing::free_port();
+      if (std::find(taken.begin(), taken.end(), p) == taken.end()) {
+        taken.push_back(p);
+        return p;
+      }
+    }
+  };
+  for (int i = 0; i < members; ++i) {
+    Member m;
+    m.name = fmt::format("m{}", i);
+    m.client_port = port();
+    m.peer_port = port();
+    initial += fmt::format("{}{}=http://127.0.0.1:{}", i == 0 ? "" : ",", m.name, m.peer_port);
+    members_.push_back(m);
+  }
+  for (auto& m : members_) {
+    const std::string client = fmt::format("http://127.0.0.1:{}", m.client_port);
+    const std::string peer = fmt::format("http://127.0.0.1:{}", m.peer_port);
+    std::vector<std::string> args = {
+        etcd, "--name=" + m.name, "--data-dir=" + dir_->path() + "/" + m.name,
+        "--listen-client-urls=" + client, "--advertise-client-urls=" + client,
+        "--listen-peer-urls=" + peer, "--initial-advertise-peer-urls=" + peer,
+        "--initial-cluster=" + initial, "--initial-cluster-state=new",
+        "--initial-cluster-token=weft-test",
+        // Fast elections: a killed leader is replaced in about 1 s.
+        "--heartbeat-interval=50", "--election-timeout=500", "--log-level=warn"};
+    const std::string log = dir_->path() + "/" + m.name + ".log";
+    std::fflush(nullptr);
+    pid_t pid = fork();
+    if (pid == 0) {
+      FILE* f = std::freopen(log.c_str(), "w", stdout);
+      if (f != nullptr) dup2(fileno(stdout), 2);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    m.pid = pid;
+  }
+  // Up when a client of every member gets an answer.
+  for (int i = 0; i < members; ++i) {
+    EtcdStoreOptions o;
+    o.endpoints = {endpoint(i)};
+    o.prefix = "probe";
+    try {
+      EtcdStore(o).connect(30s);
+    } catch (const std::exception& e) {
+      std::string logs;
+      for (auto& m : members_) {
+        std::ifstream in(dir_->path() + "/" + m.name + ".log");
+        std::stringstream ss;
+        ss << in.rdbuf();
+        logs += "\n--- " + m.name + ".log:\n" + ss.str().substr(0, 4000);
+      }
+      for (int j = 0; j < size(); ++j) kill(j);
+      throw std::runtime_error(
+          fmt::format("etcd member {} did not come up: {}{}", i, e.what(), logs));
+    }
+  }
+}
+
+EtcdCluster::~EtcdCluster() {
+  for (int i = 0; i < size(); ++i) kill(i);
+}
+
+std::string EtcdCluster::endpoint(int i) const {
+  return fmt::format("127.0.0.1:{}", members_.at(static_cast<size_t>(i)).client_port);
+}
+
+std::vector<std::string> EtcdCluster::endpoints() const {
+  std::vector<std::string> out;
+  for (int i = 0; i < size(); ++i) out.push_back(endpoint(i));
+  return out;
+}
+
+int EtcdCluster::member_of(const std::string& e) const {
+  for (int i = 0; i < size(); ++i) {
+    if (endpoint(i) == e) return i;
+  }
+  return -1;
+}
+
+void EtcdCluster::kill(int i) {
+  Member& m = members_.at(static_cast<size_t>(i));
+  if (m.pid <= 0) return;
+  ::kill(m.pid, SIGKILL);
+  int status = 0;
+  waitpid(m.pid, &status, 0);
+  m.pid = -1;
+}
+
+void EtcdCluster::signal(int i, int sig) {
+  const Member& m = members_.at(static_cast<size_t>(i));
+  if (m.pid > 0) ::kill(m.pid, sig);
+}
+
+bool EtcdCluster::alive(int i) const { return members_.at(static_cast<size_t>(i)).pid > 0; }
+
+EtcdStoreOptions EtcdCluster::options(Timeout timeout) const {
+  static std::atomic<int> next{0};
+  EtcdStoreOptions o;
+  o.endpoints = endpoints();
+  o.prefix = fmt::format("test{}/{}", getpid(), next++);
+  o.timeout = timeout;
+  return o;
+}
+
+std::shared_ptr<EtcdCluster> shared_etcd_cluster() {
+  static std::mutex mu;
+  static std::shared_ptr<EtcdCluster> cluster;
+  std::lock_guard lock(mu);
+  if (!cluster && !EtcdCluster::binary().empty()) cluster = std::make_shared<EtcdCluster>(3);
+  return cluster;
 }
 
 pid_t fork_child(const std::function<int()>& fn) {

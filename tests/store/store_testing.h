@@ -19,8 +19,49 @@ namespace weft::store_test {
 
 using namespace std::chrono_literals;
 
-enum class Backend { Memory, File, Tcp, PrefixTcp };
+enum class Backend { Memory, File, Tcp, PrefixTcp, Etcd };
 std::string backend_name(Backend b);
+
+// A cluster of etcd members on loopback (random free ports, data in a
+// temporary directory), killed when destroyed.
+class EtcdCluster {
+ public:
+  // The etcd binary (WEFT_TEST_ETCD, or etcd on PATH), or "" when there is none.
+  static std::string binary();
+  // Starts `members` members and waits until the cluster answers (throws
+  // naming the member logs otherwise).
+  explicit EtcdCluster(int members = 3);
+  ~EtcdCluster();
+  EtcdCluster(const EtcdCluster&) = delete;
+  EtcdCluster& operator=(const EtcdCluster&) = delete;
+  int size() const { return static_cast<int>(members_.size()); }
+  // "127.0.0.1:PORT" of member i's client endpoint, and all of them.
+  std::string endpoint(int i) const;
+  std::vector<std::string> endpoints() const;
+  // The index of the member whose client endpoint is `endpoint`.
+  int member_of(const std::string& endpoint) const;
+  // SIGKILLs member i and reaps it.
+  void kill(int i);
+  // Sends sig to member i (SIGSTOP: a member that stops answering).
+  void signal(int i, int sig);
+  bool alive(int i) const;
+  // Options of a client of every member, under a prefix no other test uses.
+  EtcdStoreOptions options(Timeout timeout = 30s) const;
+
+ private:
+  struct Member {
+    std::string name;
+    int client_port = 0;
+    int peer_port = 0;
+    pid_t pid = -1;
+  };
+  std::unique_ptr<testing::TempDir> dir_;
+  std::vector<Member> members_;
+};
+
+// One cluster shared by the contract tests of a process (started on first
+// use; nullptr when etcd is not installed).
+std::shared_ptr<EtcdCluster> shared_etcd_cluster();
 
 // A store of one kind, and clients of it.
 class StoreBackend {
@@ -30,6 +71,12 @@ class StoreBackend {
   // A new client of the same store (the MemoryStore itself for Memory).
   std::shared_ptr<Store> client(Timeout default_timeout = 30s);
   Backend kind() const { return kind_; }
+  // False when the backend cannot run here (Etcd without etcd installed).
+  bool available() const { return kind_ != Backend::Etcd || etcd_ != nullptr; }
+  // The largest value the backend stores.
+  size_t max_value_bytes() const {
+    return kind_ == Backend::Etcd ? kMaxEtcdValueBytes : kMaxStoreValueBytes;
+  }
   TcpStoreServer* server() { return server_.get(); }
 
   // The get()/wait() calls blocked on the store: the MemoryStore's, the
@@ -49,6 +96,9 @@ class StoreBackend {
   std::shared_ptr<MemoryStore> memory_;
   std::mutex files_mu_;
   std::vector<std::weak_ptr<FileStore>> files_;  // the clients, for wait_stats()
+  std::shared_ptr<EtcdCluster> etcd_;
+  EtcdStoreOptions etcd_options_;
+  std::vector<std::weak_ptr<EtcdStore>> etcds_;  // the clients, for wait_stats()
   TcpStoreOptions options_;
 };
 

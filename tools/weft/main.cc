@@ -18,6 +18,7 @@
 #include "core/settings.h"
 #include "launch/run.h"
 #include "weft/errors.h"
+#include "weft/store.h"
 #include "weft/version.h"
 
 namespace {
@@ -118,6 +119,7 @@ struct RunArgs {
   int max_restarts = 3;
   bool oversubscribe = false;
   std::string master;
+  std::string store;  // etcd://...
   int nproc_per_node = 0;
   std::string token_file;
   bool allow_unauthenticated = false;
@@ -154,6 +156,19 @@ void add_run_options(CLI::App* run, RunArgs& a) {
   run->add_option("--master", a.master,
                   "Multi-node: address and port of the rendezvous store, which node 0 serves")
       ->type_name("ADDR:PORT");
+  run->add_option("--store", a.store,
+                  "The rendezvous store is this etcd cluster (it survives the loss of any host; "
+                  "give each job a PREFIX of its own) instead of one served by the launcher "
+                  "(node 0's under --nnodes)")
+      ->type_name("etcd://HOST:PORT[,HOST:PORT...]/PREFIX")
+      ->check([](const std::string& s) -> std::string {
+        try {
+          weft::parse_etcd_url(s, "--store");
+          return {};
+        } catch (const weft::Error& e) {
+          return e.what();
+        }
+      });
   run->add_option("--token-file", a.token_file,
                   "Multi-node: file holding the job token (the same on every node, at least 16 "
                   "bytes); default: WEFT_JOB_TOKEN of the launcher's environment")
@@ -289,7 +304,7 @@ int do_run(RunArgs& a, const CLI::App* run) {
         throw weft::launch::LaunchError("-n N (the number of workers) is required", 2);
       }
       if (a.node_rank != 0) throw weft::launch::LaunchError("--node-rank needs --nnodes", 2);
-      return weft::launch::run_local(std::move(w));
+      return weft::launch::run_local(std::move(w), a.store);
     }
     if (has_n) {
       throw weft::launch::LaunchError(
@@ -299,7 +314,7 @@ int do_run(RunArgs& a, const CLI::App* run) {
     if (a.nproc_per_node == 0) {
       throw weft::launch::LaunchError("a multi-node job needs --nproc-per-node L", 2);
     }
-    if (a.master.empty()) {
+    if (a.master.empty() && a.store.empty()) {
       throw weft::launch::LaunchError(
           "a multi-node job needs --master ADDR:PORT (an address of node 0)", 2);
     }
@@ -308,6 +323,7 @@ int do_run(RunArgs& a, const CLI::App* run) {
     node.nnodes = nnodes;
     node.node_rank = a.node_rank;
     node.master = a.master;
+    node.store = a.store;
     node.allow_unauthenticated = a.allow_unauthenticated;
     node.rendezvous_timeout =
         std::chrono::milliseconds(static_cast<int64_t>(a.rdzv_timeout * 1000));

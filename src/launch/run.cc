@@ -97,66 +97,67 @@ std::unique_ptr<Store> store_client(const std::string& url, const std::string& h
 void connect_store(Store& store, Timeout timeout) {
   if (auto* tcp = dynamic_cast<TcpStore*>(&store)) tcp->connect(timeout);
   if (auto* etcd = dynamic_cast<EtcdStore*>(&store)) etcd->connect(timeout);
+}
 
-  // On a node that does not serve the store: polls weft/evict/<member> for
-  // the live workers of `launcher` every kEvictPoll, in a thread of its own,
-  // and evicts those that have one.
-  constexpr Timeout kEvictCallTimeout = std::chrono::seconds(2);
+// On a node that does not serve the store: polls weft/evict/<member> for
+// the live workers of `launcher` every kEvictPoll, in a thread of its own,
+// and evicts those that have one.
+constexpr Timeout kEvictCallTimeout = std::chrono::seconds(2);
 
-  class EvictionWatcher {
-   public:
-    // `store`: a client of the job's store whose calls end within kEvictCallTimeout.
-    EvictionWatcher(LocalLauncher& launcher, std::unique_ptr<Store> store)
-        : launcher_(launcher), store_(std::move(store)) {
-      thread_ = std::thread([this] {
-        Store& store = *store_;
-        std::set<std::string> done;
-        while (!stop_) {
-          for (const auto& member : launcher_.live_members()) {
-            if (stop_) break;
-            if (done.count(member)) continue;
-            try {
-              if (auto reason = store.try_get(std::string(kEvictPrefix) + member)) {
-                done.insert(member);
-                launcher_.evict(member, *reason);
-              }
-            } catch (const Error& e) {
-              WEFT_DEBUG("launcher: eviction poll: {}", e.what());
-              break;  // the store is unreachable: try again next round
+class EvictionWatcher {
+ public:
+  // `store`: a client of the job's store whose calls end within kEvictCallTimeout.
+  EvictionWatcher(LocalLauncher& launcher, std::unique_ptr<Store> store)
+      : launcher_(launcher), store_(std::move(store)) {
+    thread_ = std::thread([this] {
+      Store& client = *store_;
+      std::set<std::string> done;
+      while (!stop_) {
+        for (const auto& member : launcher_.live_members()) {
+          if (stop_) break;
+          if (done.count(member)) continue;
+          try {
+            if (auto reason = client.try_get(std::string(kEvictPrefix) + member)) {
+              done.insert(member);
+              launcher_.evict(member, *reason);
             }
+          } catch (const Error& e) {
+            WEFT_DEBUG("launcher: eviction poll: {}", e.what());
+            break;  // the store is unreachable: try again next round
           }
-          std::unique_lock<std::mutex> lk(mu_);
-          cv_.wait_for(lk, kEvictPoll, [this] { return stop_.load(); });
         }
-      });
-    }
-    ~EvictionWatcher() {
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        stop_ = true;
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait_for(lk, kEvictPoll, [this] { return stop_.load(); });
       }
-      cv_.notify_all();
-      thread_.join();
-    }
-    EvictionWatcher(const EvictionWatcher&) = delete;
-    EvictionWatcher& operator=(const EvictionWatcher&) = delete;
-
-   private:
-    LocalLauncher& launcher_;
-    std::unique_ptr<Store> store_;
-    std::atomic<bool> stop_{false};
-    std::mutex mu_;
-    std::condition_variable cv_;
-    std::thread thread_;
-  };
-
-  // Where this launcher serves the store, eviction keys are seen as they are
-  // written, without polling.
-  void watch_evictions(TcpStoreServer & server, LocalLauncher & launcher) {
-    server.on_write(kEvictPrefix, [&launcher](const std::string& key, const std::string& value) {
-      launcher.evict(key.substr(std::string_view(kEvictPrefix).size()), value);
     });
   }
+  ~EvictionWatcher() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  EvictionWatcher(const EvictionWatcher&) = delete;
+  EvictionWatcher& operator=(const EvictionWatcher&) = delete;
+
+ private:
+  LocalLauncher& launcher_;
+  std::unique_ptr<Store> store_;
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread thread_;
+};
+
+// Where this launcher serves the store, eviction keys are seen as they are
+// written, without polling.
+void watch_evictions(TcpStoreServer& server, LocalLauncher& launcher) {
+  server.on_write(kEvictPrefix, [&launcher](const std::string& key, const std::string& value) {
+    launcher.evict(key.substr(std::string_view(kEvictPrefix).size()), value);
+  });
+}
 
 }  // namespace
 

@@ -82,6 +82,7 @@ RankInfo parse_rank_info(int rank, const std::string& text) {
       throw std::runtime_error("field out of bounds");
     }
     if (std::string why = member_problem(info.member); !why.empty()) throw std::runtime_error(why);
+    if (!info.heartbeat.empty()) net::split_host_port(info.heartbeat, "hb");
     return info;
   } catch (const std::exception& e) {
     throw StoreError(fmt::format("the rendezvous record of rank {} is invalid ({}): '{}'", rank,

@@ -112,6 +112,57 @@ TEST(FashionMnist, BalancedRunTrainsEverySampleOnceAndLearns) {
   EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.75);
 }
 
+// The pid of the worker of launcher `launcher` whose WEFT_MEMBER is
+// `member` (workers are the launcher's children), or -1.
+pid_t worker_of(pid_t launcher, const std::string& member) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    const auto close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 1));
+    std::string state;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid != launcher) continue;
+    std::ifstream env(entry.path() / "environ");
+    std::string var;
+    while (std::getline(env, var, '\0')) {
+      if (var == "WEFT_MEMBER=" + member) return static_cast<pid_t>(std::stoi(name));
+    }
+  }
+  return -1;
+}
+
+// Elastic: a worker SIGKILLed in the middle of the first epoch. The
+// survivors go on in the same processes from the last commit, the launcher
+// restarts the worker, which joins again; every sample of every epoch is
+// trained exactly once (the ledger's count) and the job learns.
+TEST(FashionMnist, ElasticRunSurvivesAKilledWorker) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  Process p({weft_bin(), "run", "-n", "3", "--elastic", "2:3", "--max-restarts", "1", "--",
+             job_bin(), "--json", "--train-samples", "12000", "--test-samples", "2000",
+             "--epochs", "2", "--batch-size", "32", "--seed", "5"});
+  ASSERT_TRUE(testing::wait_until(
+      [&] { return p.output().find("\"event\": \"replan\"") != std::string::npos; }, 300s))
+      << p.output();
+  const pid_t victim = worker_of(p.pid(), "n0.s1.r0");
+  ASSERT_GT(victim, 0) << p.output();
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+  ASSERT_TRUE(p.wait(420s)) << "training did not finish:\n" << p.output();
+  EXPECT_EQ(p.exit_code(), 0) << p.output();
+  const std::string out = p.output();
+  EXPECT_NE(out.find("left [n0.s1.r0]"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"event\": \"membership\""), std::string::npos) << out;
+  auto epochs = epochs_of(out);
+  ASSERT_EQ(epochs.size(), 2u) << out;
+  for (const auto& e : epochs) EXPECT_EQ(e["samples"], 12000) << out;  // each sample once
+  EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.7) << out;
+}
+
 TEST(FashionMnist, ShortLocalSgdRunLearns) {
   if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
   auto epochs =

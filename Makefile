@@ -14,7 +14,7 @@ SMALL_BUILD := -DWEFT_BUILD_BENCH=OFF -DWEFT_BUILD_EXAMPLES=OFF $(LAUNCHER)
 # What the sanitizer builds run: the transport, collective and fault tests (ctest labels, see
 # tests/CMakeLists.txt), and under ASan the reduction kernels too (single-threaded: not for TSan).
 SAN_TARGETS := engine_test matching_test shm_transport_test shm_p2p_test shm_process_test shm_worker \
-  collectives_test coll_worker comm_fault_test comm_worker weft_cli
+  collectives_test coll_worker comm_fault_test comm_worker weft_cli elastic_test
 # Also the engine's, the balancer's, the shard queue's and the checkpoints' tests (threads with
 # in-process worlds, the queue's state parser and the checkpoint image fed every truncation and
 # flipped byte, the checkpoint writer's thread), selected by suite name.

@@ -3,8 +3,8 @@
 #pragma once
 
 #include "weft/communicator.h"  // IWYU pragma: export
-#include "weft/errors.h"        // IWYU pragma: export
 #include "weft/elastic.h"       // IWYU pragma: export
+#include "weft/errors.h"        // IWYU pragma: export
 #include "weft/init.h"          // IWYU pragma: export
 #include "weft/options.h"       // IWYU pragma: export
 #include "weft/store.h"         // IWYU pragma: export

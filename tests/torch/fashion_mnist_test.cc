@@ -143,9 +143,27 @@ pid_t worker_of(pid_t launcher, const std::string& member) {
 // trained exactly once (the ledger's count) and the job learns.
 TEST(FashionMnist, ElasticRunSurvivesAKilledWorker) {
   if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
-  Process p({weft_bin(), "run", "-n", "3", "--elastic", "2:3", "--max-restarts", "1", "--",
-             job_bin(), "--json", "--train-samples", "12000", "--test-samples", "2000",
-             "--epochs", "2", "--batch-size", "32", "--seed", "5"});
+  Process p({weft_bin(),
+             "run",
+             "-n",
+             "3",
+             "--elastic",
+             "2:3",
+             "--max-restarts",
+             "1",
+             "--",
+             job_bin(),
+             "--json",
+             "--train-samples",
+             "12000",
+             "--test-samples",
+             "2000",
+             "--epochs",
+             "2",
+             "--batch-size",
+             "32",
+             "--seed",
+             "5"});
   ASSERT_TRUE(testing::wait_until(
       [&] { return p.output().find("\"event\": \"replan\"") != std::string::npos; }, 300s))
       << p.output();

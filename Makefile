@@ -58,7 +58,8 @@ format-check:
 
 ci-thread-safety: deps
 	CXX=clang++ CC=clang cmake -S . -B build-clang -G Ninja -DCMAKE_BUILD_TYPE=Debug \
-	  -DWEFT_BUILD_TESTS=OFF -DWEFT_WERROR=ON -DCMAKE_CXX_FLAGS=-DWEFT_RK_GENERIC_ONLY $(SMALL_BUILD)
+	  -DWEFT_BUILD_TESTS=OFF -DWEFT_WERROR=ON -DCMAKE_CXX_FLAGS=-DWEFT_RK_GENERIC_ONLY \
+	  -DWEFT_TORCH_STATE=OFF $(SMALL_BUILD)
 	cmake --build build-clang -j $(JOBS)
 
 ci-asan: deps

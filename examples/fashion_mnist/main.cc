@@ -610,10 +610,15 @@ int run(const Args& a) {
       std::fflush(stdout);
     }
   };
+  // Time the training thread spends on commits and checkpoint snapshots
+  // (the per-epoch JSON's "commit_s" and "checkpoint_s": their cost).
+  double commit_seconds = 0, checkpoint_seconds = 0;
   auto commit = [&](int epoch) {
+    const auto t = Clock::now();
     ck_step = steps_done;
     ck_epoch = epoch;
     commits->commit(*comm, ++commit_id);
+    commit_seconds += since(t);
   };
   if (group) {
     if (joiner) regroup(true);
@@ -621,6 +626,7 @@ int run(const Args& a) {
   }
   auto checkpoint = [&](int epoch, int64_t completed_steps) {
     if (!writer) return;
+    const auto t = Clock::now();
     ck_step = completed_steps;
     ck_epoch = epoch;
     weft::train::CheckpointMeta meta;
@@ -628,6 +634,7 @@ int run(const Args& a) {
     meta.epoch = epoch;
     meta.world_size = world;
     writer->write(state.snapshot(meta), meta);
+    checkpoint_seconds += since(t);
   };
   // A failure (elastic): the survivors form the next generation and go on
   // from the last commit; a join: the same, without the failure.
@@ -770,11 +777,12 @@ int run(const Args& a) {
                 "\"comm_wait_s\": {:.3f}, \"samples\": {}, \"balance\": \"{}\", \"global_batch\": "
                 "{}, "
                 "\"shares\": [{}], \"rates\": [{}], \"rebalances\": {}, \"worker_figures\": {}, "
-                "\"samples_this_run\": {}}}\n",
+                "\"samples_this_run\": {}, \"commit_s\": {:.3f}, \"checkpoint_s\": {:.3f}}}\n",
                 epoch + 1, rate, rate_all, acc, train_loss, test_loss, seconds, world, a.batch_size,
                 a.sync, a.seed, dp.engine().stats().wait_seconds, queue.trained(), a.balance,
                 global_batch, fmt::join(balancer->shares(), ", "), rates_json(*balancer),
-                balancer->decisions().size(), figures_json(*balancer), samples);
+                balancer->decisions().size(), figures_json(*balancer), samples, commit_seconds,
+                checkpoint_seconds);
           } else {
             fmt::print(
                 "epoch {}/{}: train loss {:.4f}, test accuracy {:.4f} (loss {:.4f}), {:.0f} "

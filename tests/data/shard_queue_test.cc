@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "testing/expect_error.h"
 #include "weft/data.h"
 #include "weft/errors.h"
 
@@ -26,20 +27,7 @@ namespace {
 
 using HandOut = std::vector<std::vector<int64_t>>;
 
-template <typename E>
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception";
-  } catch (const E& e) {
-    const std::string what = e.what();
-    for (const auto& part : parts) {
-      EXPECT_NE(what.find(part), std::string::npos) << "'" << part << "' not in: " << what;
-    }
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-  }
-}
+using testing::expect_error;
 
 std::vector<int64_t> permutation_of(int64_t n, const ShardQueueOptions& o, int64_t epoch) {
   if (o.shuffle) return shuffled_indices(n, o.seed, epoch);

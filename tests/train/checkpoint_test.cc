@@ -17,6 +17,7 @@
 #include <random>
 #include <thread>
 
+#include "testing/expect_error.h"
 #include "testing/testing.h"
 #include "weft/errors.h"
 #include "weft/shard_queue.h"
@@ -31,20 +32,7 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-template <typename E>
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception";
-  } catch (const E& e) {
-    const std::string what = e.what();
-    for (const auto& part : parts) {
-      EXPECT_NE(what.find(part), std::string::npos) << "'" << part << "' not in: " << what;
-    }
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-  }
-}
+using testing::expect_error;
 
 // A small model's worth of live state: two tensors, a counter, a data
 // ledger (the shard queue) and an opaque blob.

@@ -24,6 +24,7 @@ set(WEFT_PUBLIC_HEADERS
   train.h=train
   elastic_state.h=train
   checkpoint.h=train
+  compress.h=train
   balance.h=balance
   host.h=balance
   torch.h=torch)

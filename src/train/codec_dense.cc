@@ -68,6 +68,46 @@ const float* half_table() {
   return table.data();
 }
 
+// weft::float_to_half of f clamped to [-65504, 65504] (the finite fp16
+// range; NaN stays NaN), round to nearest even, bit-exact with it (tested).
+// Written with masks instead of branches and selects, so that GCC neither
+// branches around the float addition (which -ftrapping-math then forbids
+// to if-convert) nor keeps the loop scalar.
+uint16_t half_bits_saturated(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a0 = u & 0x7fffffffu;
+  const uint32_t a = a0 > 0x477fe000u ? 0x477fe000u : a0;  // 65504
+  // Normal: rebias the exponent 127 -> 15 and round the 13 dropped bits.
+  const uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  // Subnormal (|f| < 2^-14): adding 0.5 lines the half's last bit up with
+  // the float's, and the FPU rounds to nearest even.
+  float af;
+  std::memcpy(&af, &a, sizeof af);
+  const float shifted = af + 0.5f;
+  uint32_t su;
+  std::memcpy(&su, &shifted, sizeof su);
+  const uint32_t sub = su - 0x3f000000u;
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(a < 0x38800000u);
+  const uint32_t h = (sub & is_sub) | (normal & ~is_sub);
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(a0 > 0x7f800000u);
+  return static_cast<uint16_t>(sign | (h & ~is_nan) | (0x7e00u & is_nan));
+}
+
+// weft::float_to_bfloat16 of f clamped to the finite bfloat16 range (NaN
+// stays NaN), bit-exact with it, branch-free like half_bits_saturated().
+uint16_t bfloat16_bits_saturated(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a0 = u & 0x7fffffffu;
+  const uint32_t a = a0 > 0x7f7f0000u ? 0x7f7f0000u : a0;  // the largest finite bfloat16
+  const uint32_t h = (a + 0x7fffu + ((a >> 16) & 1u)) >> 16;
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(a0 > 0x7f800000u);
+  return static_cast<uint16_t>(sign | (h & ~is_nan) | (((u >> 16) | 0x40u) & is_nan));
+}
+
 class HalfCodec final : public GradientCodec {
  public:
   HalfCodec(const CodecLayout& layout, bool bf16)
@@ -82,27 +122,22 @@ class HalfCodec final : public GradientCodec {
     float* g = grad.data();
     float* r = residual_.data();
     uint16_t* w = wire_.data();
+    // Rounded to 16 bits, clamped to the finite range so that nothing
+    // becomes inf; the rounding error stays in the residual.
     if (bf16_) {
-      // The largest finite bfloat16 (0x7f7f): a larger x would round to inf.
-      const float max = 3.38953139e38f;
+      for (size_t i = 0; i < n; ++i) w[i] = bfloat16_bits_saturated(g[i] + r[i]);
       for (size_t i = 0; i < n; ++i) {
-        const float x = std::clamp(g[i] + r[i], -max, max);
-        const BFloat16 h = float_to_bfloat16(x);
-        const float d = bfloat16_to_float(h);
+        const float d = bfloat16_to_float(BFloat16{w[i]});
         r[i] = (g[i] + r[i]) - d;
         g[i] = d;
-        w[i] = h.bits;
       }
     } else {
-      const float max = 65504.0f;
+      for (size_t i = 0; i < n; ++i) w[i] = half_bits_saturated(g[i] + r[i]);
       const float* table = half_table();
       for (size_t i = 0; i < n; ++i) {
-        const float x = std::clamp(g[i] + r[i], -max, max);
-        const Half h = float_to_half(x);
-        const float d = table[h.bits];
+        const float d = table[w[i]];
         r[i] = (g[i] + r[i]) - d;
         g[i] = d;
-        w[i] = h.bits;
       }
     }
     stats_.codec_seconds += watch.lap();
@@ -158,20 +193,60 @@ inline float uniform01(uint32_t key, uint32_t i) {
   return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
 }
 
+// The largest |x[i]|, in 8 lanes so that the loop vectorizes; *finite:
+// whether every x[i] is finite (x * 0 is NaN for inf and NaN).
+float abs_max(const float* __restrict x, size_t len, bool* finite) {
+  float m[8] = {};
+  float z[8] = {};
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    for (size_t k = 0; k < 8; ++k) {
+      const float a = std::fabs(x[i + k]);
+      m[k] = m[k] < a ? a : m[k];
+      z[k] += x[i + k] * 0.0f;
+    }
+  }
+  for (; i < len; ++i) {
+    m[0] = std::max(m[0], std::fabs(x[i]));
+    z[0] += x[i] * 0.0f;
+  }
+  float r = 0.0f;
+  float zs = 0.0f;
+  for (size_t k = 0; k < 8; ++k) {
+    r = std::max(r, m[k]);
+    zs += z[k];
+  }
+  *finite = zs == 0.0f;
+  return r;
+}
+
 // int8: scale = absmax / 127, q = round(x / scale) in [-127, 127].
 struct Int8Scheme {
   static constexpr const char* kName = "int8";
   // Bytes of the values of a chunk of len values.
   static size_t value_bytes(size_t len) { return len; }
 
+  static int clamp127(int q) {
+    q = q < -127 ? -127 : q;
+    return q > 127 ? 127 : q;
+  }
+
   // Compresses x[0, len) (one chunk) into out (value bytes) and returns the
-  // scale; dec[i] receives the decoded value. stochastic: rounding with
-  // probability proportional to the distance (key, first: the stream), else
-  // to nearest.
-  static float encode(const float* x, size_t len, uint8_t* out, float* dec, bool stochastic,
+  // scale; x becomes x - decoded. stochastic: rounding up with probability
+  // the fraction (key, first: the random stream), else to nearest.
+  static float encode(float* __restrict x, size_t len, uint8_t* __restrict out, bool stochastic,
                       uint32_t key, uint32_t first) {
-    float absmax = 0.0f;
-    for (size_t i = 0; i < len; ++i) absmax = std::max(absmax, std::fabs(x[i]));
+    bool finite = true;
+    const float absmax = abs_max(x, len, &finite);
+    if (!finite) {
+      // A non-finite gradient: the scale is infinite and the values 0, so
+      // that the average is NaN there, as an uncompressed allreduce's
+      // would be (and so is the residual).
+      std::memset(out, 0, len);
+      const float inf = std::numeric_limits<float>::infinity();
+      for (size_t i = 0; i < len; ++i) x[i] -= 0.0f * inf;
+      return inf;
+    }
     float scale = absmax / 127.0f;
     const float inv = 127.0f / absmax;
     // 127 * scale may round above the largest float: take the float below.
@@ -180,82 +255,117 @@ struct Int8Scheme {
       // Zeros, or values so small (subnormal) that no scale represents
       // them: all of x stays in the residual.
       std::memset(out, 0, len);
-      std::fill(dec, dec + len, 0.0f);
       return 0.0f;
     }
-    for (size_t i = 0; i < len; ++i) {
-      const float add = stochastic ? uniform01(key, first + static_cast<uint32_t>(i)) : 0.5f;
-      float q = std::floor(x[i] * inv + add);
-      // Written so that NaN (from a non-finite gradient) becomes -127, not
-      // an undefined conversion.
-      q = q > 127.0f ? 127.0f : q;
-      q = q >= -127.0f ? q : -127.0f;
-      const int8_t v = static_cast<int8_t>(q);
-      out[i] = static_cast<uint8_t>(v);
-      dec[i] = static_cast<float>(v) * scale;
+    // |x * inv| <= 127 (and a rounding): floor(v + u) is the truncation of
+    // v + u + 128 >= 0, then clamped to [-127, 127] as an integer.
+    if (stochastic) {
+      for (size_t i = 0; i < len; ++i) {
+        const float u = uniform01(key, first + static_cast<uint32_t>(i));
+        const int q = clamp127(static_cast<int>(x[i] * inv + u + 128.0f) - 128);
+        out[i] = static_cast<uint8_t>(q);
+        x[i] -= static_cast<float>(q) * scale;
+      }
+    } else {
+      for (size_t i = 0; i < len; ++i) {
+        const int q = clamp127(static_cast<int>(x[i] * inv + 128.5f) - 128);
+        out[i] = static_cast<uint8_t>(q);
+        x[i] -= static_cast<float>(q) * scale;
+      }
     }
     return scale;
   }
 
   // out[i] (+)= decoded value i; returns false when a value is malformed.
   template <bool kAdd>
-  static bool decode(const uint8_t* in, size_t len, float scale, float* out) {
-    bool bad = false;
+  static bool decode(const uint8_t* __restrict in, size_t len, float scale, float* __restrict out) {
+    unsigned bad = 0;
     for (size_t i = 0; i < len; ++i) {
-      const int8_t v = static_cast<int8_t>(in[i]);
-      bad |= v == -128;
-      const float d = static_cast<float>(v) * scale;
+      bad |= in[i] == 0x80u;
+      const float d = static_cast<float>(static_cast<int8_t>(in[i])) * scale;
       if constexpr (kAdd) {
         out[i] += d;
       } else {
         out[i] = d;
       }
     }
-    return !bad;
+    return bad == 0;
   }
 };
+
+// +1 or -1 for each bit of every byte: bit k of byte b is table[b][k].
+const std::array<std::array<float, 8>, 256>& sign_table() {
+  static const auto table = [] {
+    std::array<std::array<float, 8>, 256> t{};
+    for (size_t b = 0; b < 256; ++b) {
+      for (size_t k = 0; k < 8; ++k) t[b][k] = ((b >> k) & 1u) ? 1.0f : -1.0f;
+    }
+    return t;
+  }();
+  return table;
+}
 
 // sign: scale = mean |x|, one bit per value (1: +scale, 0: -scale).
 struct SignScheme {
   static constexpr const char* kName = "sign";
   static size_t value_bytes(size_t len) { return (len + 7) / 8; }
 
-  static float encode(const float* x, size_t len, uint8_t* out, float* dec, bool, uint32_t,
+  static float encode(float* __restrict x, size_t len, uint8_t* __restrict out, bool, uint32_t,
                       uint32_t) {
-    double sum = 0.0;
-    for (size_t i = 0; i < len; ++i) sum += std::fabs(x[i]);
-    const float scale = len == 0 ? 0.0f : static_cast<float>(sum / static_cast<double>(len));
+    // Four double lanes: exact enough for any chunk, and no long chain.
+    double sum[4] = {};
+    size_t i = 0;
+    for (; i + 4 <= len; i += 4) {
+      for (size_t k = 0; k < 4; ++k) sum[k] += std::fabs(x[i + k]);
+    }
+    for (; i < len; ++i) sum[0] += std::fabs(x[i]);
+    const double total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    const float scale = len == 0 ? 0.0f : static_cast<float>(total / static_cast<double>(len));
     const size_t full = len / 8;
     for (size_t b = 0; b < full; ++b) {
+      const float* xb = x + b * 8;
       unsigned byte = 0;
-      for (unsigned k = 0; k < 8; ++k) {
-        const bool pos = x[8 * b + k] >= 0.0f;
-        byte |= static_cast<unsigned>(pos) << k;
-        dec[8 * b + k] = pos ? scale : -scale;
-      }
+      for (unsigned k = 0; k < 8; ++k) byte |= static_cast<unsigned>(xb[k] >= 0.0f) << k;
       out[b] = static_cast<uint8_t>(byte);
     }
     if (full * 8 < len) {
       unsigned byte = 0;
-      for (size_t i = full * 8; i < len; ++i) {
-        const bool pos = x[i] >= 0.0f;
-        byte |= static_cast<unsigned>(pos) << (i - full * 8);
-        dec[i] = pos ? scale : -scale;
+      for (size_t k = 0; full * 8 + k < len; ++k) {
+        byte |= static_cast<unsigned>(x[full * 8 + k] >= 0.0f) << k;
       }
       out[full] = static_cast<uint8_t>(byte);
+    }
+    const float neg = -scale;
+    for (size_t e = 0; e < len; ++e) {
+      const float d = x[e] >= 0.0f ? scale : neg;  // a select: the loop vectorizes
+      x[e] -= d;
     }
     return scale;
   }
 
   template <bool kAdd>
-  static bool decode(const uint8_t* in, size_t len, float scale, float* out) {
-    for (size_t i = 0; i < len; ++i) {
-      const bool pos = (in[i / 8] >> (i % 8)) & 1u;
-      const float d = pos ? scale : -scale;
-      if constexpr (kAdd) {
-        out[i] += d;
-      } else {
-        out[i] = d;
+  static bool decode(const uint8_t* __restrict in, size_t len, float scale, float* __restrict out) {
+    const auto& table = sign_table();
+    const size_t full = len / 8;
+    for (size_t b = 0; b < full; ++b) {
+      const std::array<float, 8>& t = table[in[b]];
+      float* o = out + b * 8;
+      for (size_t k = 0; k < 8; ++k) {
+        if constexpr (kAdd) {
+          o[k] += t[k] * scale;
+        } else {
+          o[k] = t[k] * scale;
+        }
+      }
+    }
+    if (full * 8 < len) {
+      const std::array<float, 8>& t = table[in[full]];
+      for (size_t k = 0; full * 8 + k < len; ++k) {
+        if constexpr (kAdd) {
+          out[full * 8 + k] += t[k] * scale;
+        } else {
+          out[full * 8 + k] = t[k] * scale;
+        }
       }
     }
     return true;
@@ -335,7 +445,6 @@ class TwoStageCodec final : public GradientCodec {
     const float* g = grad.data();
     for (size_t i = 0; i < grad.size(); ++i) r[i] += g[i];
     send_.resize(std::max<size_t>(p.total(), 1));
-    dec_.resize(std::min(chunk_, std::max<size_t>(residual_.size(), 1)));
     for (int j = 0; j < n; ++j) {
       encode_slice(p, j, r + p.elem_begin(j), send_.data() + p.block_offset[j], key, true);
     }
@@ -413,12 +522,10 @@ class TwoStageCodec final : public GradientCodec {
     for (size_t c = 0; c < nch; ++c) {
       const size_t begin = (c0 + c) * chunk_;
       const size_t len = std::min(chunk_, p.numel - begin);
-      float* xc = x + (begin - b);
       const float scale =
-          Scheme::encode(xc, len, values + c * Scheme::value_bytes(chunk_), dec_.data(),
+          Scheme::encode(x + (begin - b), len, values + c * Scheme::value_bytes(chunk_),
                          stochastic && stochastic_, key, static_cast<uint32_t>(begin));
       std::memcpy(out + c * sizeof(float), &scale, sizeof scale);
-      for (size_t i = 0; i < len; ++i) xc[i] -= dec_[i];
     }
   }
 
@@ -460,7 +567,7 @@ class TwoStageCodec final : public GradientCodec {
   // Kept across calls: no allocation once the sizes are known.
   std::vector<uint8_t> send_, recv_, mine_, gather_;
   std::vector<size_t> recv_counts_;
-  std::vector<float> avg_, dec_;
+  std::vector<float> avg_;
   CodecStats stats_;
 };
 

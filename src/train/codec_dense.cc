@@ -37,9 +37,11 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "train/codecs.h"
 #include "weft/errors.h"
@@ -382,8 +384,12 @@ struct SlicePlan {
       chunk_begin;            // n + 1: slice j holds chunks [chunk_begin[j], chunk_begin[j+1])
   std::vector<size_t> block;  // n: bytes of slice j's block (scales, then values)
   std::vector<size_t> block_offset;  // n + 1: offset of block j in a buffer of all the blocks
-  size_t elem_begin(int j) const { return std::min(chunk_begin[j] * chunk, numel); }
-  size_t elem_end(int j) const { return std::min(chunk_begin[j + 1] * chunk, numel); }
+  size_t chunks = 0;
+  // (A chunk index below `chunks` times chunk is below numel: no overflow.)
+  size_t elem_begin(int j) const {
+    return chunk_begin[j] >= chunks ? numel : chunk_begin[j] * chunk;
+  }
+  size_t elem_end(int j) const { return elem_begin(j + 1); }
   size_t total() const { return block_offset.back(); }
 };
 
@@ -394,6 +400,7 @@ SlicePlan make_plan(size_t numel, size_t chunk, int n) {
   p.numel = numel;
   p.chunk = chunk;
   const size_t chunks = numel == 0 ? 0 : (numel - 1) / chunk + 1;
+  p.chunks = chunks;
   const auto un = static_cast<size_t>(n);
   p.chunk_begin.resize(un + 1);
   for (size_t j = 0; j <= un; ++j) {
@@ -415,6 +422,15 @@ SlicePlan make_plan(size_t numel, size_t chunk, int n) {
   return p;
 }
 
+// What is left of `timeout` (one deadline for the whole average(), over
+// its two collectives) since `start`; at least 1 ms, so that a late second
+// collective fails by its own deadline rather than being given none.
+Timeout remaining(Timeout timeout, std::chrono::steady_clock::time_point start) {
+  if (timeout < Timeout::zero()) return timeout;  // kDefaultTimeout: the communicator's
+  const auto spent = std::chrono::duration_cast<Timeout>(std::chrono::steady_clock::now() - start);
+  return std::max(timeout - spent, Timeout(1));
+}
+
 template <typename Scheme>
 class TwoStageCodec final : public GradientCodec {
  public:
@@ -430,6 +446,7 @@ class TwoStageCodec final : public GradientCodec {
 
   void average(Communicator& comm, std::span<float> grad, Timeout timeout) override {
     check_grad(name(), grad, residual_.size());
+    const auto start = std::chrono::steady_clock::now();
     Stopwatch watch;
     const int n = comm.size();
     const int me = comm.rank();
@@ -468,9 +485,16 @@ class TwoStageCodec final : public GradientCodec {
     const size_t b = p.elem_begin(me);
     const size_t len = p.elem_end(me) - b;
     avg_.assign(std::max<size_t>(len, 1), 0.0f);
-    for (int src = 0; src < n; ++src) {
-      decode_slice<true>(p, me, recv + mine * static_cast<size_t>(src), avg_.data(), src,
-                         "alltoallv");
+    try {
+      for (int src = 0; src < n; ++src) {
+        decode_slice<true>(p, me, recv + mine * static_cast<size_t>(src), avg_.data(), src,
+                           "alltoallv");
+      }
+    } catch (const DataError& e) {
+      // The peers would wait for this rank's slice in the allgatherv: fail
+      // them now, naming the reason.
+      if (n > 1) comm.abort(e.what());
+      throw;
     }
     const auto nf = static_cast<float>(n);
     for (size_t i = 0; i < len; ++i) avg_[i] /= nf;
@@ -485,7 +509,7 @@ class TwoStageCodec final : public GradientCodec {
       gather_.resize(std::max<size_t>(p.total(), 1));
       comm.allgatherv(ConstBuffer(mine_.data(), mine, DType::UInt8),
                       Buffer(gather_.data(), p.total(), DType::UInt8), p.block,
-                      CollectiveOptions{timeout});
+                      CollectiveOptions{remaining(timeout, start)});
       stats_.comm_seconds += watch.lap();
       all = gather_.data();
     }

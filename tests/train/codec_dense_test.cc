@@ -412,6 +412,7 @@ void check_malformed(CodecKind kind, bool bad_scale, const std::vector<std::stri
   const size_t value_bytes = kind == CodecKind::Int8 ? chunk : chunk / 8;
   const size_t block = sizeof(float) + value_bytes;
   auto store = std::make_shared<MemoryStore>();
+  std::string peer_error;
   auto errors = testing::run_ranks(2, [&](int r) {
     auto comm = make_comm(r, 2, store);
     if (r == 0) {
@@ -428,7 +429,21 @@ void check_malformed(CodecKind kind, bool bad_scale, const std::vector<std::stri
     const std::vector<size_t> counts = {block, block};
     comm->alltoallv(ConstBuffer(send.data(), send.size(), DType::UInt8), counts,
                     Buffer(recv.data(), recv.size(), DType::UInt8), counts);
+    // Rank 0 fails its communicator rather than leave this rank waiting
+    // for its slice in the allgatherv.
+    std::vector<uint8_t> gathered(2 * block);
+    try {
+      comm->allgatherv(ConstBuffer(send.data(), block, DType::UInt8),
+                       Buffer(gathered.data(), gathered.size(), DType::UInt8), counts,
+                       CollectiveOptions{Timeout(20s)});
+      ADD_FAILURE() << "the allgatherv succeeded";
+    } catch (const TimeoutError& e) {
+      ADD_FAILURE() << "rank 1 waited until its deadline: " << e.what();
+    } catch (const CommError& e) {
+      peer_error = e.what();
+    }
   });
+  EXPECT_NE(peer_error.find("rank 0"), std::string::npos) << peer_error;
   ASSERT_TRUE(errors[0]);
   testing::expect_error<DataError>([&] { std::rethrow_exception(errors[0]); }, parts);
 }

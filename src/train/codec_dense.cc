@@ -23,6 +23,9 @@
 // and steps of the gradients. Stage 1 leaves sum_r residual_r = sum_r x_r -
 // n * avg; stage 2 adds n * (avg - decoded2), so that sum_r residual_r =
 // sum_r x_r - n * decoded2, and decoded2 is what grad becomes.
+// fp16 and bf16 keep it up to one more rounding: the allreduce rounds the
+// float32 average back to 16 bits, an error no rank sees (half a unit in the
+// last place of each average).
 //
 // A block of the wire (one slice of one rank) is the slice's chunk scales
 // (float32, native byte order like every float Weft sends) followed by its

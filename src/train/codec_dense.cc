@@ -325,7 +325,10 @@ struct SignScheme {
     }
     for (; i < len; ++i) sum[0] += std::fabs(x[i]);
     const double total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
-    const float scale = len == 0 ? 0.0f : static_cast<float>(total / static_cast<double>(len));
+    float scale = len == 0 ? 0.0f : static_cast<float>(total / static_cast<double>(len));
+    // A NaN gradient: an infinite scale (as int8 gives), not a NaN one, which
+    // the owner would take for a malformed block.
+    if (std::isnan(scale)) scale = std::numeric_limits<float>::infinity();
     const size_t full = len / 8;
     for (size_t b = 0; b < full; ++b) {
       const float* xb = x + b * 8;

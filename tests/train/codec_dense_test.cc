@@ -208,6 +208,35 @@ TEST(CodecDense, HugeValuesStayFinite) {
   }
 }
 
+// A non-finite gradient on one rank gives a non-finite average where it
+// is, as an uncompressed allreduce would (except an infinity that fp16 and
+// bf16 clamp), and no error (it is not a malformed payload).
+TEST(CodecDense, NonFiniteGradientsPropagate) {
+  for (CodecKind kind : kDense) {
+    for (float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      SCOPED_TRACE(fmt::format("{} {}", codec_kind_name(kind), bad));
+      const size_t numel = 64;
+      std::vector<std::vector<float>> out(2);
+      auto store = std::make_shared<MemoryStore>();
+      run_ranks_ok(2, [&](int r) {
+        auto comm = make_comm(r, 2, store);
+        auto codec = make_codec(options_of(kind, 16), layout_of(numel), 2);
+        std::vector<float> g = random_values(numel, 40 + r);
+        if (r == 1) g[5] = bad;
+        codec->average(*comm, g, Timeout(30s));
+        out[r] = g;
+      });
+      // fp16 and bf16 clamp an infinity to the largest finite value (what
+      // is left stays in the residual, infinite); NaN stays NaN.
+      const bool clamped = std::isinf(bad) && (kind == CodecKind::Fp16 || kind == CodecKind::Bf16);
+      EXPECT_EQ(std::isfinite(out[0][5]), clamped);
+      EXPECT_EQ(std::isfinite(out[1][5]), clamped);
+      EXPECT_TRUE(std::isfinite(out[0][40]));  // another chunk
+    }
+  }
+}
+
 TEST(CodecDense, ResetDropsTheResidual) {
   for (CodecKind kind : kDense) {
     auto codec = make_codec(options_of(kind, 16), layout_of(50), 1);

@@ -134,11 +134,16 @@ class TopKCodec final : public GradientCodec {
   CodecStats stats() const override { return stats_; }
 
  private:
-  // The payload of k pairs by the model: a varint of the count, a gap of
-  // about twice the mean spacing, and 2 bytes of value per pair.
+  // The payload of k pairs by the model: a varint of the count, 2 bytes of
+  // value per pair and the expected varint size of the gaps, taken as
+  // geometric with mean numel / k: a gap takes 1 + the number of powers of
+  // 128 it reaches, P(gap >= 128^j) = exp(-128^j k / numel).
   uint64_t expected_payload() const {
-    const uint64_t gap = 2 * ((numel_ + k_ - 1) / std::max<size_t>(k_, 1));
-    return varint_size(k_) + k_ * (varint_size(gap) + sizeof(uint16_t));
+    const double mean = static_cast<double>(numel_) / static_cast<double>(std::max<size_t>(k_, 1));
+    double gap_bytes = 1.0;
+    for (double t = 128.0; t < 1e19; t *= 128.0) gap_bytes += std::exp(-t / mean);
+    return varint_size(k_) +
+           static_cast<uint64_t>(std::ceil(static_cast<double>(k_) * (2.0 + gap_bytes)));
   }
   // The cost model: sparse while n - 1 ranks' pairs (and the size exchange)
   // are fewer bytes than a ring allreduce of the float32 bucket. One rank

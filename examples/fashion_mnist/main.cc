@@ -105,6 +105,7 @@ struct Args {
   double momentum = 0.9;
   double weight_decay = 0.0;
   std::string sync = "bsp";
+  std::string compress = "auto";
   int64_t local_steps = 8;
   int64_t sync_warmup_steps = 0;
   int threads = 1;
@@ -133,6 +134,30 @@ struct Args {
 struct BadCheckpoint : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// A flag that the model refuses (e.g. a PowerSGD rank larger than any of its
+// matrices allows): exit code 2 before training starts, like a bad flag.
+struct BadFlag : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The engine's compression from --compress: the gradients' codec (BSP, and
+// local SGD's BSP warm-up); with local SGD a named codec also carries the
+// parameter deltas. Top-k under BSP takes the SGD momentum into its DGC
+// momentum correction (the optimizer then runs without momentum).
+void set_compression(const Args& a, weft::train::DataParallelOptions& opts) {
+  opts.compression = weft::train::parse_compression(a.compress);
+  opts.compression.seed = a.seed ^ 0x5eedULL;
+  const bool named =
+      !opts.compression.automatic && opts.compression.codec != weft::train::CodecKind::None;
+  if (opts.sync == weft::train::SyncMode::LocalSGD && named) {
+    opts.parameter_compression = opts.compression;
+  }
+  if (opts.compression.codec == weft::train::CodecKind::TopK &&
+      opts.sync == weft::train::SyncMode::BSP) {
+    opts.compression.momentum = a.momentum;
+  }
+}
 
 // ---- Checks of the command line ----------------------------------------
 // Every flag is checked when the command line is parsed, before anything
@@ -396,10 +421,20 @@ int run(const Args& a) {
   opts.warmup_steps = a.sync_warmup_steps;
   opts.buckets.bucket_bytes = mib_to_bytes(a.bucket_mb);
   opts.buckets.first_bucket_bytes = mib_to_bytes(a.first_bucket_mb);
-  weft::torch::DataParallel dp(model, comm, opts);
+  set_compression(a, opts);
+  std::optional<weft::torch::DataParallel> dp_holder;
+  try {
+    dp_holder.emplace(model, comm, opts);
+  } catch (const weft::InvalidArgument& e) {
+    if (std::string_view(e.what()).starts_with("--compress")) throw BadFlag(e.what());
+    throw;
+  }
+  weft::torch::DataParallel& dp = *dp_holder;
+  // DGC: top-k's momentum correction replaces the optimizer's momentum.
+  const double sgd_momentum = opts.compression.momentum > 0 ? 0.0 : a.momentum;
   torch::optim::SGD opt(
       model->parameters(),
-      torch::optim::SGDOptions(a.lr).momentum(a.momentum).weight_decay(a.weight_decay));
+      torch::optim::SGDOptions(a.lr).momentum(sgd_momentum).weight_decay(a.weight_decay));
 
   // What a checkpoint holds, and the resume (before anything else: a
   // checkpoint that cannot be used ends the job before training starts).
@@ -512,8 +547,8 @@ int run(const Args& a) {
         "Fashion-MNIST: {} train / {} test samples from {}\n"
         "CNN, {} parameters in {} bucket(s) ({}); {} worker(s) x batch {} (global {}), {} "
         "steps/epoch, {} epoch(s)\n"
-        "sync {}, SGD lr {} ({}, warm-up {} steps) momentum {}, {} intra-op thread(s) per worker, "
-        "seed {}\n"
+        "sync {}, compress {}, SGD lr {} ({}, warm-up {} steps) momentum {}, {} intra-op "
+        "thread(s) per worker, seed {}\n"
         "balance {}: shares [{}] of the global batch\n",
         train_n, test_n, a.data_dir,
         [&] {
@@ -522,8 +557,9 @@ int run(const Args& a) {
           return n;
         }(),
         dp.engine().buckets().size(), buckets, world, a.batch_size, a.batch_size * world, steps,
-        a.epochs, dp.engine().policy().name(), a.lr, a.lr_schedule, schedule.warmup_steps,
-        a.momentum, a.threads, a.seed, a.balance, fmt::join(balancer->shares(), " "));
+        a.epochs, dp.engine().policy().name(), dp.engine().compression(), a.lr, a.lr_schedule,
+        schedule.warmup_steps, a.momentum, a.threads, a.seed, a.balance,
+        fmt::join(balancer->shares(), " "));
     std::fflush(stdout);
   }
 
@@ -777,12 +813,18 @@ int run(const Args& a) {
                 "\"comm_wait_s\": {:.3f}, \"samples\": {}, \"balance\": \"{}\", \"global_batch\": "
                 "{}, "
                 "\"shares\": [{}], \"rates\": [{}], \"rebalances\": {}, \"worker_figures\": {}, "
-                "\"samples_this_run\": {}, \"commit_s\": {:.3f}, \"checkpoint_s\": {:.3f}}}\n",
+                "\"samples_this_run\": {}, \"commit_s\": {:.3f}, \"checkpoint_s\": {:.3f}, "
+                "\"compress\": {}, \"wire_bytes_per_step\": {:.0f}}}\n",
                 epoch + 1, rate, rate_all, acc, train_loss, test_loss, seconds, world, a.batch_size,
                 a.sync, a.seed, dp.engine().stats().wait_seconds, queue.trained(), a.balance,
                 global_batch, fmt::join(balancer->shares(), ", "), rates_json(*balancer),
                 balancer->decisions().size(), figures_json(*balancer), samples, commit_seconds,
-                checkpoint_seconds);
+                checkpoint_seconds, json_string(dp.engine().compression()), [&] {
+                  const auto st = dp.engine().stats();
+                  return st.steps > 0
+                             ? static_cast<double>(st.wire_bytes) / static_cast<double>(st.steps)
+                             : 0.0;
+                }());
           } else {
             fmt::print(
                 "epoch {}/{}: train loss {:.4f}, test accuracy {:.4f} (loss {:.4f}), {:.0f} "
@@ -812,12 +854,12 @@ int run(const Args& a) {
     const auto st = dp.engine().stats();
     fmt::print(
         "done: {} epoch(s) in {} ({} training), final test accuracy {:.4f} (best {:.4f} after "
-        "epoch {}), {:.0f} samples/s on average; {} worker(s), sync {}; rank 0 waited {:.1f} s "
-        "for communication ({} allreduces, {:.1f} MB)\n",
+        "epoch {}), {:.0f} samples/s on average; {} worker(s), sync {}, compress {}; rank 0 "
+        "waited {:.1f} s for communication ({} allreduces, {:.1f} MB on the wire)\n",
         a.epochs, duration(since(start)), duration(train_seconds), last_acc, best_acc, best_epoch,
         a.epochs > 0 ? rate_sum / a.epochs : 0.0, world, dp.engine().policy().name(),
-        st.wait_seconds, st.bucket_allreduces + st.parameter_averages,
-        static_cast<double>(st.bytes_allreduced) / 1e6);
+        dp.engine().compression(), st.wait_seconds, st.bucket_allreduces + st.parameter_averages,
+        static_cast<double>(st.wire_bytes) / 1e6);
   }
   return 0;
 }
@@ -856,6 +898,20 @@ int main(int argc, char** argv) {
   app.add_option("--sync", a.sync, "bsp (gradients averaged every step) or local-sgd")
       ->capture_default_str()
       ->check(CLI::IsMember({"bsp", "local-sgd"}));
+  app.add_option("--compress", a.compress,
+                 "Gradient compression: auto (measure the link and the codecs, compress only "
+                 "where it shortens the step), none, fp16, bf16, int8, topk:FRACTION (with DGC "
+                 "momentum correction in place of SGD momentum), sign or powersgd:RANK; with "
+                 "local-sgd a named codec sends the parameter deltas")
+      ->capture_default_str()
+      ->check([](const std::string& v) {
+        try {
+          weft::train::parse_compression(v);
+          return std::string();
+        } catch (const weft::InvalidArgument& e) {
+          return std::string(e.what());
+        }
+      });
   app.add_option("--local-steps", a.local_steps, "Local SGD: average the parameters every H steps")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
@@ -952,6 +1008,10 @@ int main(int argc, char** argv) {
   }
   try {
     return run(a);
+  } catch (const BadFlag& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "\nfashion_mnist: error: {}\n", e.what());
+    return 2;
   } catch (const BadCheckpoint& e) {
     std::fflush(stdout);
     fmt::print(stderr, "\nfashion_mnist: error: {}\n", e.what());

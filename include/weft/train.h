@@ -75,6 +75,7 @@
 #include <vector>
 
 #include "weft/communicator.h"
+#include "weft/compress.h"
 #include "weft/timeout.h"
 #include "weft/types.h"
 #include "weft/work.h"
@@ -249,6 +250,21 @@ struct DataParallelOptions {
   bool broadcast_initial = true;
   // Deadline of each collective the engine waits for.
   Timeout timeout = kDefaultTimeout;
+  // Gradient compression (weft/compress.h): a codec per float32 bucket,
+  // with error feedback, or `automatic` (measured at construction and every
+  // compression.recheck_steps steps). Compressed buckets are reduced on the
+  // engine's codec thread, in bucket order, while backward goes on; other
+  // buckets (float64, float16, bfloat16) are sent as they are. Checked at
+  // construction (weft::InvalidArgument naming the option), and compared
+  // across ranks with the model.
+  CompressionOptions compression;
+  // Parameter averaging (local SGD, average_parameters()) as compressed
+  // deltas: each rank sends the change of its float32 parameters since the
+  // last average through this codec, whose residual carries forward what
+  // was not sent; every rank then sets its parameters to the last average
+  // plus the averaged deltas, so they are equal again. A named codec (not
+  // automatic); none: the parameters themselves are averaged.
+  CompressionOptions parameter_compression;
 };
 
 // Counters since construction.
@@ -258,7 +274,12 @@ struct DataParallelStats {
   int64_t bucket_allreduces = 0;   // gradient buckets reduced
   int64_t parameter_averages = 0;  // average_parameters() calls
   uint64_t bytes_allreduced = 0;   // payload of every allreduce the engine issued
-  double wait_seconds = 0;         // time spent blocked on communication
+  // Bytes this rank put on the wire for gradient buckets and parameter
+  // averages, by the model of each codec (a float32 ring allreduce of B
+  // bytes on n ranks sends 2 (n - 1) / n * B).
+  uint64_t wire_bytes = 0;
+  int64_t codec_switches = 0;  // changes of the automatic choice (after the first)
+  double wait_seconds = 0;     // time spent blocked on communication
 };
 
 // The data-parallel engine for one model replica per rank.
@@ -394,6 +415,11 @@ class DataParallel {
   Communicator& communicator() const { return *comm_; }
   const DataParallelOptions& options() const { return options_; }
   DataParallelStats stats() const;
+  // The gradient codec in use: "none", "int8(chunk=1024)"; with automatic
+  // compression "auto->" and the choice, e.g. "auto->powersgd:4".
+  std::string compression() const;
+  // The measurements behind the last automatic choice (empty otherwise).
+  std::vector<CodecTiming> compression_timings() const;
 
  private:
   // Idle: between end_step() and the first call of the next step; Open:
@@ -410,6 +436,7 @@ class DataParallel {
   struct State;
 
   void check_model();
+  void check_options();
   // Throws unless the step is idle; returns the completed steps.
   int64_t check_idle(const char* what) const;
   void* slot_data(size_t index) const;
@@ -436,6 +463,31 @@ class DataParallel {
 
   std::unique_ptr<Flat> param_flat_;   // all parameters, for averaging/broadcast
   std::unique_ptr<Flat> buffer_flat_;  // floating-point buffers
+
+  // Gradient and parameter codecs, the codec thread and the automatic
+  // choice (src/train/engine_compression.h); null without compression.
+  struct Compression;
+  // Checks the options and builds the codecs (construction, before the
+  // model check).
+  void setup_compression();
+  // After the initial broadcast (construction, rebind): the codecs, the
+  // parameter codecs and their anchor; the automatic choice (collective).
+  void start_compression();
+  // A new communicator (rebind): drops the codecs (start_compression()
+  // builds them for its size).
+  void drop_codecs();
+  // After end_step(): drops codecs the automatic choice left behind, and
+  // measures again every recheck_steps steps (collective).
+  void after_step_compression(int64_t steps);
+  // Whether this step's buckets go through the codec thread.
+  bool runs_codecs() const;
+  // average_parameters() with parameter codecs: each group as a delta from
+  // the anchor, one after the other.
+  void average_parameter_deltas(uint64_t* bytes, double* waited);
+  // Measures the candidates on the current communicator and switches to
+  // the choice (collective; automatic compression only).
+  void choose_compression();
+  std::unique_ptr<Compression> compression_;
 
   // The per-step state (grad_ready may be concurrent) and the lock that
   // guards it, behind a pointer: its lock is a weft::Mutex whose use clang's

@@ -20,9 +20,15 @@ namespace {
 class NoneCodec final : public GradientCodec {
  public:
   explicit NoneCodec(const CodecLayout& layout) : residual_(layout.numel, 0.0f) {}
+  // A residual moved here from another codec (the automatic choice switched
+  // to none) is sent with the next call's gradient.
   std::string name() const override { return "none"; }
   void average(Communicator& comm, std::span<float> grad, Timeout timeout) override {
     codecs::Stopwatch watch;
+    for (size_t i = 0; i < grad.size(); ++i) {
+      grad[i] += residual_[i];
+      residual_[i] = 0.0f;
+    }
     comm.allreduce(Buffer(grad.data(), grad.size(), DType::Float32),
                    AllreduceOptions{ReduceOp::Avg, timeout});
     stats_.calls += 1;
@@ -32,8 +38,7 @@ class NoneCodec final : public GradientCodec {
   uint64_t wire_bytes(int world_size) const override {
     return codecs::ring_allreduce_bytes(residual_.size() * sizeof(float), world_size);
   }
-  // Nothing is ever left behind; a residual moved here from another codec
-  // is sent with the next step's gradient.
+  // Nothing is ever left behind.
   std::span<float> residual() override { return residual_; }
   void reset() override { std::fill(residual_.begin(), residual_.end(), 0.0f); }
   CodecStats stats() const override { return stats_; }

@@ -14,6 +14,8 @@
 #include "core/log.h"
 #include "core/mutex.h"
 #include "core/thread_annotations.h"
+#include "train/codecs.h"
+#include "train/engine_compression.h"
 #include "weft/errors.h"
 #include "weft/train.h"
 
@@ -128,6 +130,7 @@ struct DataParallel::Flat {
     void* data = nullptr;
     size_t offset = 0;  // bytes into storage
     size_t bytes = 0;
+    const Parameter* tensor = nullptr;  // name and shape (parameters only: see make())
   };
   struct Group {
     DType dtype = DType::Float32;
@@ -137,6 +140,7 @@ struct DataParallel::Flat {
   };
   std::vector<Group> groups;
   std::shared_ptr<void> storage;
+  size_t total = 0;  // bytes of storage
 
   std::byte* at(size_t offset) const { return static_cast<std::byte*>(storage.get()) + offset; }
   void copy_in(const Group& g) const {
@@ -151,8 +155,10 @@ struct DataParallel::Flat {
   }
 
   // Packs tensors (as Parameters: dtype, shape, data) into groups of about
-  // group_bytes each.
-  static std::unique_ptr<Flat> make(std::vector<Parameter> tensors, size_t group_bytes) {
+  // group_bytes each. `names` (the engine's parameter list, which outlives
+  // the Flat) gives each entry its name and shape, for codecs.
+  static std::unique_ptr<Flat> make(std::vector<Parameter> tensors, size_t group_bytes,
+                                    const std::vector<Parameter>* names = nullptr) {
     for (Parameter& t : tensors) t.trainable = true;
     auto flat = std::make_unique<Flat>();
     size_t total = 0;
@@ -160,12 +166,14 @@ struct DataParallel::Flat {
       Group g{b.dtype, total, b.numel, {}};
       for (size_t k = 0; k < b.params.size(); ++k) {
         const Parameter& t = tensors[b.params[k]];
-        g.entries.push_back({t.data, total + b.offsets[k] * dtype_size(b.dtype), t.bytes()});
+        g.entries.push_back({t.data, total + b.offsets[k] * dtype_size(b.dtype), t.bytes(),
+                             names != nullptr ? &(*names)[b.params[k]] : nullptr});
       }
       total += align_up(b.bytes());
       flat->groups.push_back(std::move(g));
     }
     flat->storage = allocate_zeroed(total);
+    flat->total = total;
     return flat;
   }
 };
@@ -259,15 +267,17 @@ DataParallel::DataParallel(std::shared_ptr<Communicator> comm, std::vector<Param
     state_->works.resize(buckets_.size());
   }
 
-  param_flat_ = Flat::make(params_, options_.buckets.bucket_bytes);
+  param_flat_ = Flat::make(params_, options_.buckets.bucket_bytes, &params_);
   std::vector<Parameter> floating;
   for (const StateBuffer& b : buffers_) {
     if (dtype_is_floating(b.dtype)) floating.push_back({b.name, b.dtype, b.shape, b.data});
   }
   buffer_flat_ = Flat::make(std::move(floating), options_.buckets.bucket_bytes);
 
+  setup_compression();
   check_model();
   if (options_.broadcast_initial) broadcast_model(0);
+  start_compression();
 }
 
 DataParallel::~DataParallel() { drain(); }
@@ -279,7 +289,7 @@ DataParallel::~DataParallel() { drain(); }
 // hanging until their deadline) before the bucket memory is released.
 void DataParallel::drain() noexcept {
   MutexLock lock(&state_->mu);
-  bool in_flight = false;
+  bool in_flight = compression_ && compression_->busy();
   for (WorkPtr& w : state_->works) in_flight = in_flight || (w && !w->test());
   if (in_flight) {
     const int64_t step = state_->step;
@@ -287,6 +297,7 @@ void DataParallel::drain() noexcept {
     comm_->abort(
         fmt::format("DataParallel destroyed with gradient allreduces of step {} in flight", step));
   }
+  if (compression_) compression_->wait_quietly();
   for (WorkPtr& w : state_->works) {
     if (!w) continue;
     try {
@@ -324,7 +335,10 @@ void DataParallel::check_model() {
   int64_t key = first == n ? std::numeric_limits<int64_t>::max()
                            : static_cast<int64_t>(first) * size + comm_->rank();
   comm_->allreduce(Buffer(&key, 1, DType::Int64), ReduceOp::Min);
-  if (key == std::numeric_limits<int64_t>::max()) return;
+  if (key == std::numeric_limits<int64_t>::max()) {
+    check_options();
+    return;
+  }
 
   const int bad_rank = static_cast<int>(key % size);
   const auto k = static_cast<size_t>(key / size);
@@ -340,6 +354,25 @@ void DataParallel::check_model() {
       "rank 0 has {}, rank {} has {} (every rank must build the same model: the same parameters "
       "and buffers, in the same order, with the same names, dtypes and shapes)",
       k, at_root, bad_rank, theirs));
+}
+
+// The options every rank must share (the codecs exchange what they encode
+// with the same codec on every rank), compared like the model.
+void DataParallel::check_options() {
+  const std::string mine =
+      fmt::format("compress={} parameter-compress={}", compression_name(options_.compression),
+                  compression_name(options_.parameter_compression));
+  const std::string ref = broadcast_string(*comm_, mine, 0);
+  int64_t bad = mine == ref ? std::numeric_limits<int64_t>::max() : comm_->rank();
+  comm_->allreduce(Buffer(&bad, 1, DType::Int64), ReduceOp::Min);
+  if (bad == std::numeric_limits<int64_t>::max()) return;
+  const int bad_rank = static_cast<int>(bad);
+  const std::string theirs =
+      broadcast_string(*comm_, comm_->rank() == bad_rank ? mine : "", bad_rank);
+  throw InvalidArgument(fmt::format(
+      "DataParallel: the options differ across ranks: rank 0 has {}, rank {} has {} (every rank "
+      "must pass the same compression options)",
+      ref, bad_rank, theirs));
 }
 
 void* DataParallel::slot_data(size_t index) const {
@@ -411,9 +444,15 @@ void DataParallel::State::launch_in_order() {
     const Bucket& b = dp.buckets_[next_launch];
     void* data = static_cast<std::byte*>(dp.grad_storage_.get()) + dp.bucket_offset_[next_launch];
     if (weight != 1.0) scale_in_place(data, b.numel, b.dtype, weight);
-    works[next_launch] = dp.comm_->allreduce_async(Buffer(data, b.numel, b.dtype), opts);
+    if (dp.runs_codecs()) {
+      dp.compression_->submit(
+          {next_launch, data, b.numel, b.dtype, dp.comm_.get(), dp.options_.timeout});
+    } else {
+      works[next_launch] = dp.comm_->allreduce_async(Buffer(data, b.numel, b.dtype), opts);
+      stats.bytes_allreduced += b.bytes();
+      stats.wire_bytes += codecs::ring_allreduce_bytes(b.bytes(), dp.comm_->size());
+    }
     stats.bucket_allreduces += 1;
-    stats.bytes_allreduced += b.bytes();
     ++next_launch;
   }
 }
@@ -462,8 +501,10 @@ void DataParallel::rebind(std::shared_ptr<Communicator> comm) {
     state_->phase = Phase::Idle;
   }
   comm_ = std::move(comm);
+  if (compression_) drop_codecs();
   check_model();
   if (options_.broadcast_initial) broadcast_model(0);
+  start_compression();
 }
 
 void DataParallel::set_step(int64_t step) {
@@ -502,6 +543,9 @@ void DataParallel::finish_gradients() {
     }
   }
   st.launch_in_order();
+  // Compressed buckets first: their codec thread issues collectives, which
+  // must all be issued before the buffers' on every rank alike.
+  if (compression_) st.stats.wait_seconds += compression_->wait(&st.stats.wire_bytes);
   std::vector<WorkPtr> buffer_works;
   DrainGuard guard(buffer_works);
   if (options_.sync_buffers) {
@@ -528,9 +572,12 @@ void DataParallel::end_step() {
   }
   // Not under the lock: the policy may average the parameters.
   policy_->after_update(step, *this);
-  MutexLock lock(&state_->mu);
-  state_->step = step + 1;
-  state_->stats.steps += 1;
+  {
+    MutexLock lock(&state_->mu);
+    state_->step = step + 1;
+    state_->stats.steps += 1;
+  }
+  if (compression_) after_step_compression(step + 1);
 }
 
 int64_t DataParallel::check_idle(const char* what) const {
@@ -563,17 +610,127 @@ void DataParallel::average_parameters() {
   }
   if (comm_->size() == 1) return;
   uint64_t bytes = 0;
+  uint64_t wire = 0;
   double waited = 0;
-  auto works = start_flat(*param_flat_, true, 0, &bytes);
-  DrainGuard guard(works);
-  std::vector<WorkPtr> buffer_works;
-  DrainGuard buffer_guard(buffer_works);
-  if (options_.sync_buffers) buffer_works = start_buffer_sync(true, 0, &bytes);
-  waited += finish_flat(*param_flat_, works, true, 0);
-  if (options_.sync_buffers) waited += finish_buffer_sync(buffer_works, true, 0);
+  if (compression_ && !compression_->param_codecs.empty()) {
+    average_parameter_deltas(&wire, &waited);
+    std::vector<WorkPtr> buffer_works;
+    DrainGuard buffer_guard(buffer_works);
+    if (options_.sync_buffers) {
+      buffer_works = start_buffer_sync(true, 0, &bytes);
+      waited += finish_buffer_sync(buffer_works, true, 0);
+    }
+  } else {
+    auto works = start_flat(*param_flat_, true, 0, &bytes);
+    DrainGuard guard(works);
+    std::vector<WorkPtr> buffer_works;
+    DrainGuard buffer_guard(buffer_works);
+    if (options_.sync_buffers) buffer_works = start_buffer_sync(true, 0, &bytes);
+    waited += finish_flat(*param_flat_, works, true, 0);
+    if (options_.sync_buffers) waited += finish_buffer_sync(buffer_works, true, 0);
+  }
   MutexLock lock(&state_->mu);
   state_->stats.bytes_allreduced += bytes;
+  state_->stats.wire_bytes += wire + codecs::ring_allreduce_bytes(bytes, comm_->size());
   state_->stats.wait_seconds += waited;
+}
+
+// Each group of the parameter Flat in turn: its values minus the anchor
+// (the last average) through its codec, plus the anchor again, which then
+// becomes the new average; groups without a codec are averaged as they are.
+void DataParallel::average_parameter_deltas(uint64_t* wire, double* waited) {
+  Compression& c = *compression_;
+  Flat& flat = *param_flat_;
+  auto* anchor = static_cast<std::byte*>(c.anchor.get());
+  for (size_t k = 0; k < flat.groups.size(); ++k) {
+    const Flat::Group& g = flat.groups[k];
+    flat.copy_in(g);
+    GradientCodec* codec = c.param_codecs[k].get();
+    codecs::Stopwatch watch;
+    if (codec == nullptr) {
+      Buffer buf(flat.at(g.offset), g.numel, g.dtype);
+      comm_->allreduce(buf, AllreduceOptions{ReduceOp::Avg, options_.timeout});
+      *wire += codecs::ring_allreduce_bytes(buf.bytes(), comm_->size());
+    } else {
+      auto* x = reinterpret_cast<float*>(flat.at(g.offset));
+      const auto* a = reinterpret_cast<const float*>(anchor + g.offset);
+      for (size_t i = 0; i < g.numel; ++i) x[i] -= a[i];
+      const uint64_t before = codec->stats().bytes_sent;
+      codec->average(*comm_, std::span<float>(x, g.numel), options_.timeout);
+      *wire += codec->stats().bytes_sent - before;
+      for (size_t i = 0; i < g.numel; ++i) x[i] += a[i];
+    }
+    *waited += watch.lap();
+    std::memcpy(anchor + g.offset, flat.at(g.offset), g.numel * dtype_size(g.dtype));
+    flat.copy_out(g);
+  }
+}
+
+bool DataParallel::runs_codecs() const {
+  if (!compression_) return false;
+  for (const auto& codec : compression_->codecs) {
+    if (codec) return true;
+  }
+  return false;
+}
+
+// After the model check (which compares the options across ranks), so that
+// every rank builds the same codecs or fails alike.
+void DataParallel::start_compression() {
+  if (!compression_) return;
+  Compression& c = *compression_;
+  if (!c.options.automatic && c.options.codec != CodecKind::None) {
+    for (size_t b = 0; b < buckets_.size(); ++b) {
+      if (c.layouts[b].dtype == DType::Float32) {
+        c.codecs[b] = make_codec(c.options, c.layouts[b], comm_->size());
+      }
+    }
+  }
+  if (c.parameter_options.codec != CodecKind::None) {
+    c.param_codecs.clear();
+    for (const Flat::Group& g : param_flat_->groups) {
+      std::unique_ptr<GradientCodec> codec;
+      if (g.dtype == DType::Float32) {
+        CodecLayout layout{g.dtype, g.numel, {}};
+        for (const Flat::Entry& e : g.entries) {
+          layout.tensors.push_back(
+              {e.tensor->name, (e.offset - g.offset) / sizeof(float), e.tensor->shape});
+        }
+        codec = make_codec(c.parameter_options, layout, comm_->size());
+      }
+      c.param_codecs.push_back(std::move(codec));
+    }
+    for (const Flat::Group& g : param_flat_->groups) param_flat_->copy_in(g);
+    c.anchor = allocate_zeroed(param_flat_->total);
+    std::memcpy(c.anchor.get(), param_flat_->storage.get(), param_flat_->total);
+  }
+  // Local SGD without BSP warm-up never averages gradients: nothing to choose.
+  const auto* local = dynamic_cast<const LocalSgdPolicy*>(policy_.get());
+  const bool averages_gradients = local == nullptr || local->warmup_steps() > 0;
+  if (c.options.automatic && averages_gradients) choose_compression();
+}
+
+// The residuals belong to the old communicator's average: start_compression()
+// builds fresh codecs for the new one.
+void DataParallel::drop_codecs() {
+  Compression& c = *compression_;
+  for (auto& codec : c.codecs) codec.reset();
+  c.param_codecs.clear();
+}
+
+void DataParallel::after_step_compression(int64_t steps) {
+  Compression& c = *compression_;
+  if (c.current.codec == CodecKind::None) {
+    // The automatic choice went back to none: the codecs that carried the
+    // residual into this step's gradient are done.
+    for (auto& codec : c.codecs) codec.reset();
+  }
+  const auto* local = dynamic_cast<const LocalSgdPolicy*>(policy_.get());
+  const bool averages_gradients = local == nullptr || local->warmup_steps() > steps;
+  if (c.options.automatic && c.options.recheck_steps > 0 && averages_gradients &&
+      steps % c.options.recheck_steps == 0) {
+    choose_compression();
+  }
 }
 
 void DataParallel::sync_buffers() {
@@ -604,6 +761,9 @@ void DataParallel::broadcast_model(int root) {
   DrainGuard buffer_guard(buffer_works);
   double waited = finish_flat(*param_flat_, works, false, root);
   waited += finish_buffer_sync(buffer_works, false, root);
+  if (compression_ && compression_->anchor) {
+    std::memcpy(compression_->anchor.get(), param_flat_->storage.get(), param_flat_->total);
+  }
   MutexLock lock(&state_->mu);
   state_->stats.wait_seconds += waited;
 }
@@ -674,7 +834,9 @@ double DataParallel::wait_all(std::vector<WorkPtr>& works) {
 
 DataParallelStats DataParallel::stats() const {
   MutexLock lock(&state_->mu);
-  return state_->stats;
+  DataParallelStats out = state_->stats;
+  if (compression_) out.codec_switches = compression_->switches;
+  return out;
 }
 
 }  // namespace weft::train

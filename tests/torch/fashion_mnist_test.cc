@@ -201,6 +201,39 @@ std::string run_failing(const std::string& dir, const std::vector<std::string>& 
   return p.output();
 }
 
+// Compressed gradients still learn: PowerSGD rank 4, and top-k 1% with DGC's
+// momentum correction (in place of SGD's momentum). Each JSON epoch names
+// the codec and what a step sent.
+TEST(FashionMnist, CompressedRunsLearn) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  for (const char* spec : {"powersgd:4", "topk:0.01"}) {
+    SCOPED_TRACE(spec);
+    auto epochs = train(2, {"--batch-size", "32", "--seed", "3", "--compress", spec});
+    ASSERT_EQ(epochs.size(), 2u);
+    const std::string codec = epochs[1]["compress"];
+    EXPECT_EQ(codec.rfind(std::string(spec).substr(0, 4), 0), 0u) << codec;
+    EXPECT_GT(epochs[1]["wire_bytes_per_step"].get<double>(), 0.0);
+    EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.7);
+  }
+  // The uncompressed run sends far more per step.
+  auto plain = train(2, {"--batch-size", "32", "--seed", "3", "--compress", "none"});
+  ASSERT_EQ(plain.size(), 2u);
+  EXPECT_EQ(plain[1]["compress"], "none");
+  EXPECT_GT(plain[1]["wire_bytes_per_step"].get<double>(), 1e6);
+}
+
+// A codec the model cannot take is refused before training, naming the flag.
+TEST(FashionMnist, CompressionTheModelRefusesExitsBeforeTraining) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  Process p(
+      {job_bin(), "--train-samples", "256", "--test-samples", "64", "--compress", "powersgd:200"});
+  ASSERT_TRUE(p.wait(120s)) << p.output();
+  EXPECT_EQ(p.exit_code(), 2) << p.output();
+  EXPECT_NE(p.output().find("--compress powersgd:200"), std::string::npos) << p.output();
+  EXPECT_NE(p.output().find("allows 128"), std::string::npos) << p.output();
+  EXPECT_EQ(p.output().find("epoch"), std::string::npos) << p.output();
+}
+
 TEST(FashionMnist, BadDatasetsFailNamingTheFile) {
   testing::TempDir dir;
   // Missing directory.
@@ -273,6 +306,12 @@ TEST(FashionMnist, BadFlagsAreRefusedAtStartNamingTheFlag) {
       {"--checkpoint-keep", "0"},
       {"--checkpoint-dir", "/proc/version/ckpt"},  // cannot be created
       {"--resume", "/nonexistent/ckpt"},
+      {"--compress", "zip"},
+      {"--compress", "topk:0"},
+      {"--compress", "topk:2"},
+      {"--compress", "topk:x"},
+      {"--compress", "powersgd:0"},
+      {"--compress", "fp16:2"},
   };
   const std::string nowhere = "/nonexistent/weft-fashion-mnist";
   for (const auto& c : cases) {

@@ -19,8 +19,10 @@
 #      epoch granularity (the job evaluates once per epoch).
 #  (2) timing runs, per link: every setting for a short run (--max-steps N, a
 #      256-sample test set), the settings alternating A B C A B C over
-#      --rounds rounds (default 2); odd rounds run N steps, even rounds N + D,
-#      so that the bytes of start-up cancel out:
+#      --rounds rounds (default 2); odd rounds run N steps (--steps, default
+#      30; --slow-steps, default 24, at 10 Mbit/s), even rounds N + D
+#      (--extra-steps, default N/2 rounded up to a multiple of local SGD's
+#      H = 8), so that the bytes of start-up cancel out:
 #        step time  Weft: global batch / samples_per_s (its steps after the
 #                   first 20); DDP: the same window of its step end times
 #                   (bench/compression_ddp.py records them);
@@ -46,7 +48,8 @@
 #       [--quick] [--no-e2e] [--balance MODE] [--quiet-wait S] [--build DIR]
 #       [--anchors DIR] [--out DIR] [--png-dir DIR]
 # --quick: 10 Mbit/s and unshaped, settings none topk:0.01 auto ddp-fp16, accuracy runs
-#   of 12 steps, timing runs of 22/26 steps, 2 rounds, no end-to-end run (~5 min).
+#   of 12 steps, timing runs of 22/30 steps, 2 rounds, no end-to-end run (~5-8 min on a
+#   quiet machine).
 # BENCH_NO_COMPRESS=1 leaves out --compress (a build without it: only none,
 # local-sgd and the DDP settings are run). Re-make the report of a run:
 #   /usr/bin/python3 bench/compression_report.py OUT [--png-dir DIR]
@@ -57,8 +60,8 @@ rounds=2
 epochs=3
 links="10mbit 100mbit 1gbit unshaped"
 settings="none fp16 bf16 int8 topk:0.01 sign powersgd:4 auto local-sgd ddp ddp-fp16"
-steps=40
-slow_steps=30
+steps=30
+slow_steps=24
 extra_steps=""
 quick=0
 e2e=1
@@ -70,6 +73,15 @@ anchors="$root/../shared/anchors"  # or ../../shared/anchors from a worktree und
 out=""
 png_dir=""
 acc_max_steps=0
+# --quick sets its defaults first; the other arguments override them.
+for a in "$@"; do
+  if [ "$a" = --quick ]; then
+    quick=1
+    links="10mbit unshaped"
+    settings="none topk:0.01 auto ddp-fp16"
+    epochs=1; acc_max_steps=12; steps=22; slow_steps=22; extra_steps=8; e2e=0; quiet_wait=2
+  fi
+done
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -79,7 +91,7 @@ while [ $# -gt 0 ]; do
     --steps) steps=$2; shift 2 ;;
     --slow-steps) slow_steps=$2; shift 2 ;;
     --extra-steps) extra_steps=$2; shift 2 ;;
-    --quick) quick=1; shift ;;
+    --quick) shift ;;
     --no-e2e) e2e=0; shift ;;
     --balance) balance=$2; shift 2 ;;
     --quiet-wait) quiet_wait=$2; shift 2 ;;
@@ -87,16 +99,11 @@ while [ $# -gt 0 ]; do
     --anchors) anchors=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --png-dir) png_dir=$2; shift 2 ;;
-    -h|--help) sed -n '2,53p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "compression.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
   esac
 done
-if [ "$quick" = 1 ]; then
-  links="10mbit unshaped"
-  settings="none topk:0.01 auto ddp-fp16"
-  epochs=1; acc_max_steps=12; steps=22; slow_steps=22; extra_steps=4; e2e=0; quiet_wait=2
-  out=${out:-$build/compression-quick}
-fi
+[ "$quick" = 1 ] && out=${out:-$build/compression-quick}
 out=${out:-$build/compression}
 png_dir=${png_dir:-$([ "$quick" = 1 ] && echo "$out" || echo "$root/bench/results")}
 for v in rounds epochs steps slow_steps; do
@@ -104,7 +111,7 @@ for v in rounds epochs steps slow_steps; do
 done
 [ "$steps" -gt 20 ] && [ "$slow_steps" -gt 20 ] ||
   { echo "compression.sh: --steps and --slow-steps must be above 20 (the first 20 are warm-up)" >&2; exit 2; }
-extra_steps=${extra_steps:-$((steps / 2))}
+[ -z "$extra_steps" ] || case "$extra_steps" in *[!0-9]* | 0) echo "compression.sh: --extra-steps must be a positive number" >&2; exit 2 ;; esac
 weft="$build/bin/weft"
 job="$build/bin/fashion_mnist"
 py=/usr/bin/python3
@@ -308,7 +315,8 @@ for l in $links; do
   link "$l"
   for r in $(seq 1 "$rounds"); do
     n=$(steps_of "$l")
-    [ $((r % 2)) = 0 ] && n=$((n + extra_steps))
+    # D: a multiple of local SGD's H = 8, so that both runs' extra steps hold whole periods.
+    [ $((r % 2)) = 0 ] && n=$((n + ${extra_steps:-$(((n / 2 + 7) / 8 * 8))}))
     for s in $settings; do
       echo "== timing: $l, round $r/$rounds, $s, $n steps" >&2
       tag="time-$l-$r-${s//[:.]/_}"

@@ -189,9 +189,10 @@ def timing_table(rows):
 
 
 def chosen(codec):
-    """The codec auto chose, from "auto->int8" (or None)."""
+    """The codec auto chose, from "auto->int8" or "auto->powersgd:4(... values in 2 matrices)"
+    (or None)."""
     if codec and "->" in codec:
-        return codec.split("->", 1)[1].strip()
+        return codec.split("->", 1)[1].split("(", 1)[0].strip()
     return None
 
 
@@ -241,7 +242,7 @@ def plots(acc, timing, png_dir):
     import matplotlib.pyplot as plt
     links = links_in_order(timing)
     files = []
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     settings = sorted({s for l in links for s in timing[l]} | set(acc), key=order_key)
     weft = [s for s in settings if not is_ddp(s)]
@@ -265,8 +266,11 @@ def plots(acc, timing, png_dir):
                         ls="--" if is_ddp(s) else "-", label=s)
             ax.axhline(TARGET, color="grey", lw=0.8, ls=":")
             ax.set_xscale("log")
+            lo, hi = ax.get_xlim()
+            subs = (1.0, 2.0, 5.0) if hi / lo > 8 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
             ax.xaxis.set_major_formatter(plain)
-            ax.xaxis.set_minor_formatter(plain)
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"links {LINK_NAMES.get(link, link)}", fontsize=9)
             ax.set_xlabel("computed time, s (start-up + steps x step time)", fontsize=8)
             ax.set_ylabel("test accuracy", fontsize=8)
@@ -283,8 +287,9 @@ def plots(acc, timing, png_dir):
         plt.close(fig)
         files.append(p)
     if links:
-        fig, ax = plt.subplots(figsize=(7, 0.45 * len(settings) + 1.2))
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(settings) + 1.4))
         h = 0.8 / len(links)
+        mx, my = [], []
         for j, link in enumerate(links):
             ys, vs = [], []
             for i, s in enumerate(settings):
@@ -292,26 +297,25 @@ def plots(acc, timing, png_dir):
                 if f and f["bytes_per_step"] and f["bytes_per_step"] > 0:
                     ys.append(i + j * h)
                     vs.append(f["bytes_per_step"])
+                if f and f["wire"]:
+                    mx.append(f["wire"])
+                    my.append(i + j * h)
             ax.barh(ys, vs, height=h, label=f"measured, {LINK_NAMES.get(link, link)}")
-        mx, my = [], []
-        for i, s in enumerate(settings):
-            w = median([timing[l][s]["wire"] for l in links if s in timing[l]])
-            if w:
-                mx.append(w)
-                my.append(i + 0.4 - h / 2)
         if mx:
-            ax.plot(mx, my, "k|", ms=12, label="Weft's model (wire_bytes_per_step)")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v)))
+            ax.plot(mx, my, "k|", ms=9, mew=1.5, label="Weft's model (wire_bytes_per_step)")
         ax.set_yticks([i + 0.4 - h / 2 for i in range(len(settings))])
         ax.set_yticklabels(settings, fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         vals = [timing[l][s]["bytes_per_step"] for l in links for s in timing[l]
                 if timing[l][s]["bytes_per_step"] and timing[l][s]["bytes_per_step"] > 0]
         if vals:
-            ax.set_xlim(left=min(vals + mx) / 3, right=max(vals + mx) * 1.5)
-        ax.set_xlabel("bytes sent per host per step (tx_bytes of the host's link)", fontsize=8)
-        ax.legend(fontsize=7)
+            ax.set_xlim(left=min(vals + mx) / 3, right=max(vals + mx) * 2)
+        ax.set_xlabel("bytes sent per host per step (tx_bytes of the host's eth0)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
         ax.grid(alpha=0.3, axis="x", which="both")
         fig.tight_layout()
         p = os.path.join(png_dir, "compression_bytes.png")

@@ -66,7 +66,7 @@ extra_steps=""
 quick=0
 e2e=1
 balance=none
-quiet_wait=20
+quiet_wait=5
 build="$root/build"
 anchors="$root/../shared/anchors"  # or ../../shared/anchors from a worktree under wt/
 [ -d "$anchors" ] || [ ! -d "$root/../../shared/anchors" ] || anchors=$(cd "$root/../../shared/anchors" && pwd)
@@ -295,6 +295,9 @@ EOF
 # (not a JSON line: stamped "- -"), which record() reads.
 
 start_all=$(date +%s)
+took() {  # the last run's wall time, the CPU share others took, the time so far
+  echo "   $(awk "BEGIN { printf \"%.0f\", $t_end - $t_start }") s, foreign CPU $foreign_share, $(($(date +%s) - start_all)) s in all" >&2
+}
 steps_of() { case "$1" in 10mbit | 1mbit | *kbit) echo "$slow_steps" ;; *) echo "$steps" ;; esac; }
 echo "# compression benchmark: settings [$settings], links [$links], $rounds round(s), $epochs epoch(s) of accuracy runs" >&2
 
@@ -308,6 +311,7 @@ for s in $settings; do
   if launch "$tag" "$s" "${a[@]}"; then
     record accuracy unshaped 1 "$s" "$acc_max_steps"
   fi
+  took
 done
 
 # (2) Timing runs per link, settings alternating.
@@ -325,6 +329,7 @@ for l in $links; do
       if launch "$tag" "$s" "${a[@]}"; then
         record timing "$l" "$r" "$s" "$n"
       fi
+      took
     done
   done
 done

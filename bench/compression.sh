@@ -20,7 +20,7 @@
 #  (2) timing runs, per link: every setting for a short run (--max-steps N, a
 #      256-sample test set), the settings alternating A B C A B C over
 #      --rounds rounds (default 2); odd rounds run N steps (--steps, default
-#      30; --slow-steps, default 24, at 10 Mbit/s), even rounds N + D
+#      24; --slow-steps, default 24, at 10 Mbit/s), even rounds N + D
 #      (--extra-steps, default N/2 rounded up to a multiple of local SGD's
 #      H = 8), so that the bytes of start-up cancel out:
 #        step time  Weft: global batch / samples_per_s (its steps after the
@@ -37,7 +37,9 @@
 #  (3) time to 88% per (setting, link) = start-up + steps to 88% (from 1) x
 #      step time (from 2): computed, not measured (evaluation time excluded).
 #      For auto, the steps are those of the codec auto chose on that link
-#      (its "compress" field) when that codec had an accuracy run. Then
+#      (its "compress" field) when that codec had an accuracy run (auto's own
+#      accuracy run is left out when none, fp16, int8 and powersgd:4, its
+#      candidates, all have one; --acc-auto runs it). Then
 #      (unless --no-e2e) the Weft setting with the shortest computed time at
 #      10 Mbit/s is run end to end there to 88%, as a cross-check.
 # Output: OUT/report.md (tables, method, CPU model), OUT/results.jsonl (every
@@ -45,7 +47,7 @@
 #
 #   bench/compression.sh [--rounds R] [--epochs E] [--links "10mbit 100mbit 1gbit unshaped"]
 #       [--settings "none fp16 ..."] [--steps N] [--slow-steps N] [--extra-steps D]
-#       [--quick] [--no-e2e] [--balance MODE] [--quiet-wait S] [--build DIR]
+#       [--quick] [--no-e2e] [--acc-auto] [--balance MODE] [--quiet-wait S] [--build DIR]
 #       [--anchors DIR] [--out DIR] [--png-dir DIR]
 # --quick: 10 Mbit/s and unshaped, settings none topk:0.01 auto ddp-fp16, accuracy runs
 #   of 12 steps, timing runs of 22/30 steps, 2 rounds, no end-to-end run (~5-8 min on a
@@ -60,7 +62,7 @@ rounds=2
 epochs=3
 links="10mbit 100mbit 1gbit unshaped"
 settings="none fp16 bf16 int8 topk:0.01 sign powersgd:4 auto local-sgd ddp ddp-fp16"
-steps=30
+steps=24
 slow_steps=24
 extra_steps=""
 quick=0
@@ -73,6 +75,7 @@ anchors="$root/../shared/anchors"  # or ../../shared/anchors from a worktree und
 out=""
 png_dir=""
 acc_max_steps=0
+acc_auto=0
 # --quick sets its defaults first; the other arguments override them.
 for a in "$@"; do
   if [ "$a" = --quick ]; then
@@ -93,6 +96,7 @@ while [ $# -gt 0 ]; do
     --extra-steps) extra_steps=$2; shift 2 ;;
     --quick) shift ;;
     --no-e2e) e2e=0; shift ;;
+    --acc-auto) acc_auto=1; shift ;;
     --balance) balance=$2; shift 2 ;;
     --quiet-wait) quiet_wait=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
@@ -301,9 +305,18 @@ took() {  # the last run's wall time, the CPU share others took, the time so far
 steps_of() { case "$1" in 10mbit | 1mbit | *kbit) echo "$slow_steps" ;; *) echo "$steps" ;; esac; }
 echo "# compression benchmark: settings [$settings], links [$links], $rounds round(s), $epochs epoch(s) of accuracy runs" >&2
 
-# (1) Accuracy runs, unshaped links.
+# (1) Accuracy runs, unshaped links. auto's choice is one of none, fp16, int8 and
+# powersgd:4 (weft/compress.h): when each of them has an accuracy run, auto's
+# time to 88% takes the steps of the one it chose, and its own run is left out
+# (--acc-auto runs it).
+acc_settings=$settings
+if [ "$acc_auto" = 0 ] && [[ " $settings " == *" auto "* ]]; then
+  all=1
+  for c in none fp16 int8 powersgd:4; do [[ " $settings " == *" $c "* ]] || all=0; done
+  [ $all = 1 ] && acc_settings=$(echo " $settings " | sed 's/ auto / /; s/^ //; s/ $//')
+fi
 link unshaped
-for s in $settings; do
+for s in $acc_settings; do
   echo "== accuracy: $s, $epochs epoch(s)" >&2
   tag="acc-${s//[:.]/_}"
   a=(--epochs "$epochs")

@@ -406,6 +406,10 @@ def report(out, png_dir, rows, meta):
                               for s in sorted(acc, key=order_key) if s != "none" and acc[s]["acc"])
             p(f"Final accuracy against uncompressed BSP, percentage points (one seed): {diffs}.")
             p("")
+    if "auto" not in acc and any("auto" in timing[l] for l in links):
+        p("auto had no accuracy run of its own (each of its candidates had one): its time to 88% "
+          "takes the steps of the codec it chose on each link.")
+        p("")
     for link in links:
         fig = timing[link]
         p(f"### Links {LINK_NAMES.get(link, link)}")

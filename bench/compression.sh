@@ -257,7 +257,7 @@ launch() {
 # record PHASE LINK ROUND SETTING STEPS: appends the last run's figures to results.jsonl.
 record() {
   "$py" - "$@" "$log" "$t_start" "$t_end" "$tx_before" "$tx_after" "$foreign_share" \
-    "$out/logs" >>"$results" <<'EOF'
+    "$out/logs" >>"$results" <<'EOF' || echo "compression.sh: could not read $log (the run is left out)" >&2
 import glob, json, os, sys
 phase, link, rnd, setting, steps, log, t0, t1, txb, txa, foreign, logs = sys.argv[1:]
 t0, t1 = float(t0), float(t1)

@@ -213,14 +213,13 @@ TEST(FashionMnist, CompressedRunsLearn) {
     ASSERT_EQ(epochs.size(), 2u);
     const std::string codec = epochs[1]["compress"];
     EXPECT_EQ(codec.rfind(std::string(spec).substr(0, 4), 0), 0u) << codec;
-    EXPECT_GT(epochs[1]["wire_bytes_per_step"].get<double>(), 0.0);
+    // Uncompressed, 2 ranks send the model's 421,642 float32 gradients
+    // once each way per step: 1.69 MB.
+    const double wire = epochs[1]["wire_bytes_per_step"].get<double>();
+    EXPECT_GT(wire, 0.0);
+    EXPECT_LT(wire, 1.69e6 / 10);
     EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.7);
   }
-  // The uncompressed run sends far more per step.
-  auto plain = train(2, {"--batch-size", "32", "--seed", "3", "--compress", "none"});
-  ASSERT_EQ(plain.size(), 2u);
-  EXPECT_EQ(plain[1]["compress"], "none");
-  EXPECT_GT(plain[1]["wire_bytes_per_step"].get<double>(), 1e6);
 }
 
 // The automatic choice on 2 emulated hosts (scripts/cluster.sh: network

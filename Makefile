@@ -18,8 +18,8 @@ SAN_TARGETS := engine_test matching_test shm_transport_test shm_p2p_test shm_pro
 # Also the engine's, the balancer's, the shard queue's and the checkpoints' tests (threads with
 # in-process worlds, the queue's state parser and the checkpoint image fed every truncation and
 # flipped byte, the checkpoint writer's thread), selected by suite name.
-SAN_UNIT_TARGETS := train_test planner_test balancer_test shard_queue_test checkpoint_test
-SAN_UNIT_TESTS := '^(DataParallel|Replan|ProportionalShares|SanitizeRates|GradientWeight|Balancer|ShardQueue|ShardQueueState|TrainState|CheckpointWriter|LoadLatest)\.'
+SAN_UNIT_TARGETS := train_test planner_test balancer_test shard_queue_test checkpoint_test compress_test codec_dense_test codec_sparse_test
+SAN_UNIT_TESTS := '^(DataParallel|Replan|ProportionalShares|SanitizeRates|GradientWeight|Balancer|ShardQueue|ShardQueueState|TrainState|CheckpointWriter|LoadLatest|CompressionOptions|CompressedDataParallel|CodecDense|TopK|PowerSgd|Convergence)\.'
 # The collective matrices run whole in the Release suite; under the sanitizers only the in-process
 # worlds of 1 and 2 ranks (the others take 4 to 6 minutes each there under ASan on 2 cores, and the
 # whole set far longer under TSan).
@@ -49,7 +49,7 @@ test-release: build
 # - format-check: every C++ file as .clang-format says (`make format` fixes);
 # - ci-thread-safety: clang with -Wthread-safety -Werror (core/thread_annotations.h), in build-clang/;
 # - ci-asan: AddressSanitizer + UBSan build of the transport, collective, fault and kernel tests and
-#   the engine, balancer and shard-queue suites, in build-asan/;
+#   the engine, balancer, shard-queue, checkpoint and compression suites, in build-asan/;
 # - ci-tsan: ThreadSanitizer build of the same, in build-tsan/ (suppressions: scripts/tsan.supp).
 ci-checks: format-check ci-thread-safety ci-asan ci-tsan
 

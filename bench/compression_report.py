@@ -177,6 +177,12 @@ def timing_table(rows):
             else:
                 bps = median([p["bytes"] / p["steps"] for p in per if p["steps"]])
                 bytes_method, startup_bytes = "whole run / steps", None
+            inproc = []  # DDP: the per-step counters its processes read, steps 21..N
+            for r in runs:
+                for d in r.get("ddp_steps", {}).values():
+                    tx = d.get("tx") or []
+                    if len(tx) > 21 and min(tx) >= 0:
+                        inproc.append((tx[-1] - tx[19]) / (len(tx) - 20))
             codecs = Counter(p["codec"] for p in per if p["codec"])
             res[link][s] = {"runs": per, "step_s": median([p["step_s"] for p in per]),
                             "startup_s": median([p["startup_s"] for p in per]),
@@ -184,7 +190,8 @@ def timing_table(rows):
                             "startup_bytes": startup_bytes,
                             "codec": codecs.most_common(1)[0][0] if codecs else None,
                             "wire": median([p["wire"] for p in per]),
-                            "foreign": median([p["foreign"] for p in per])}
+                            "foreign": median([p["foreign"] for p in per]),
+                            "inproc_bytes": median(inproc)}
     return res
 
 
@@ -437,6 +444,12 @@ def report(out, png_dir, rows, meta):
               f"{fmt_ratio_b(b_ddp16, b)} | {fmt_ratio_b(b_none, b)} | "
               f"{100 * (f['foreign'] or 0):.0f}% |")
         p("")
+        chk = [f"{s} {fmt_bytes(fig[s]['inproc_bytes'])}" for s in sorted(fig, key=order_key)
+               if fig[s].get("inproc_bytes")]
+        if chk:
+            p("Cross-check of the bytes: DDP's processes read their own counter at each step; "
+              f"over steps 21..N per host: {', '.join(chk)}.")
+            p("")
         if any(f["bytes_method"] != "difference" for f in fig.values()):
             p("\\* one step count only: the whole run's bytes over its steps, start-up traffic "
               "included.")

@@ -19,7 +19,7 @@ SAN_TARGETS := engine_test matching_test shm_transport_test shm_p2p_test shm_pro
 # in-process worlds, the queue's state parser and the checkpoint image fed every truncation and
 # flipped byte, the checkpoint writer's thread), selected by suite name.
 SAN_UNIT_TARGETS := train_test planner_test balancer_test shard_queue_test checkpoint_test compress_test codec_dense_test codec_sparse_test
-SAN_UNIT_TESTS := '^(DataParallel|Replan|ProportionalShares|SanitizeRates|GradientWeight|Balancer|ShardQueue|ShardQueueState|TrainState|CheckpointWriter|LoadLatest|CompressionOptions|CompressedDataParallel|CodecDense|TopK|PowerSgd|Convergence)\.'
+SAN_UNIT_TESTS := '^(DataParallel|Replan|ProportionalShares|SanitizeRates|GradientWeight|Balancer|ShardQueue|ShardQueueState|TrainState|CheckpointWriter|LoadLatest|CompressionOptions|CompressedDataParallel|DeltaBroadcast|CodecDense|TopK|PowerSgd|Convergence)\.'
 # The collective matrices run whole in the Release suite; under the sanitizers only the in-process
 # worlds of 1 and 2 ranks (the others take 4 to 6 minutes each there under ASan on 2 cores, and the
 # whole set far longer under TSan).

@@ -279,7 +279,10 @@ struct DataParallelStats {
   // bytes on n ranks sends 2 (n - 1) / n * B).
   uint64_t wire_bytes = 0;
   int64_t codec_switches = 0;  // changes of the automatic choice (after the first)
-  double wait_seconds = 0;     // time spent blocked on communication
+  // Parameter bytes broadcast_model() sent (construction, rebind): only the
+  // 64 KiB chunks that differed from root's on some rank.
+  uint64_t bytes_broadcast = 0;
+  double wait_seconds = 0;  // time spent blocked on communication
 };
 
 // The data-parallel engine for one model replica per rank.
@@ -384,7 +387,9 @@ class DataParallel {
   void average_parameters();
   // Averages floating-point buffers and copies the others from rank 0.
   void sync_buffers();
-  // Copies root's parameters and buffers to every rank.
+  // Copies root's parameters and buffers to every rank. The parameters go
+  // as a delta: root's chunk hashes first, then only the chunks that differ
+  // on some rank (survivors of a failure, identical already, send none).
   void broadcast_model(int root = 0);
 
   // ---- Introspection ----------------------------------------------------
@@ -484,6 +489,8 @@ class DataParallel {
   // average_parameters() with parameter codecs: each group as a delta from
   // the anchor, one after the other.
   void average_parameter_deltas(uint64_t* bytes, double* waited);
+  // broadcast_model()'s parameters: only the chunks that differ from root's.
+  double broadcast_parameter_delta(int root, uint64_t* sent_bytes);
   // Measures the candidates on the current communicator and switches to
   // the choice (collective; automatic compression only).
   void choose_compression();

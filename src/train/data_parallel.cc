@@ -11,6 +11,9 @@
 #include <new>
 #include <set>
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 #include "core/log.h"
 #include "core/mutex.h"
 #include "core/thread_annotations.h"
@@ -23,6 +26,8 @@ namespace weft::train {
 namespace {
 
 constexpr size_t kAlign = 64;
+// Bytes per hashed chunk of the parameters' delta broadcast.
+constexpr size_t kDeltaChunk = size_t{64} << 10;
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -755,17 +760,69 @@ void DataParallel::broadcast_model(int root) {
     state_->synced_at = step;
   }
   if (comm_->size() == 1) return;
-  auto works = start_flat(*param_flat_, false, root, nullptr);
-  DrainGuard guard(works);
+  uint64_t sent = 0;
+  double waited = broadcast_parameter_delta(root, &sent);
   auto buffer_works = start_buffer_sync(false, root, nullptr);
   DrainGuard buffer_guard(buffer_works);
-  double waited = finish_flat(*param_flat_, works, false, root);
   waited += finish_buffer_sync(buffer_works, false, root);
   if (compression_ && compression_->anchor) {
     std::memcpy(compression_->anchor.get(), param_flat_->storage.get(), param_flat_->total);
   }
   MutexLock lock(&state_->mu);
   state_->stats.wait_seconds += waited;
+  state_->stats.bytes_broadcast += sent;
+}
+
+// The parameters, as a delta: every rank hashes its copy chunk by chunk
+// (XXH3 of kDeltaChunk bytes of the flat storage), root broadcasts its
+// hashes, the ranks agree (allreduce Max) on the chunks that differ
+// anywhere, and only those are broadcast, in runs. Survivors rebinding after
+// a failure hold rank 0's model already and send nothing but the hashes; a
+// joiner gets the chunks it lacks (all of them, unless it loaded the same
+// values). Returns the seconds waited.
+double DataParallel::broadcast_parameter_delta(int root, uint64_t* sent_bytes) {
+  Flat& flat = *param_flat_;
+  if (flat.total == 0) return 0;
+  for (const Flat::Group& g : flat.groups) flat.copy_in(g);
+  const size_t chunks = (flat.total + kDeltaChunk - 1) / kDeltaChunk;
+  std::vector<uint64_t> mine(chunks);
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t begin = c * kDeltaChunk;
+    mine[c] = XXH3_64bits(flat.at(begin), std::min(kDeltaChunk, flat.total - begin));
+  }
+  std::vector<uint64_t> theirs = mine;
+  const auto t0 = Clock::now();
+  comm_->broadcast(Buffer(theirs.data(), chunks, DType::Int64),
+                   BroadcastOptions{root, options_.timeout});
+  std::vector<uint8_t> differs(chunks);
+  for (size_t c = 0; c < chunks; ++c) differs[c] = mine[c] != theirs[c] ? 1 : 0;
+  comm_->allreduce(Buffer(differs.data(), chunks, DType::UInt8),
+                   AllreduceOptions{ReduceOp::Max, options_.timeout});
+  std::vector<WorkPtr> works;
+  DrainGuard guard(works);
+  size_t sent = 0;
+  for (size_t c = 0; c < chunks;) {
+    if (!differs[c]) {
+      ++c;
+      continue;
+    }
+    size_t end = c;
+    while (end < chunks && differs[end]) ++end;
+    const size_t begin = c * kDeltaChunk;
+    const size_t bytes = std::min(end * kDeltaChunk, flat.total) - begin;
+    works.push_back(comm_->broadcast_async(Buffer(flat.at(begin), bytes, DType::UInt8),
+                                           BroadcastOptions{root, options_.timeout}));
+    sent += bytes;
+    c = end;
+  }
+  wait_all(works);
+  if (comm_->rank() != root && sent > 0) {
+    for (const Flat::Group& g : flat.groups) flat.copy_out(g);
+  }
+  WEFT_DEBUG("DataParallel: parameters broadcast from rank {}: {} of {} bytes differed", root, sent,
+             flat.total);
+  *sent_bytes += sent;
+  return seconds_since(t0);
 }
 
 std::vector<WorkPtr> DataParallel::start_flat(Flat& flat, bool average, int root, uint64_t* bytes) {

@@ -1,5 +1,5 @@
 // A real straggler under `weft run`: rank 1 of 2 runs in a cgroup with a
-// CPU quota of a quarter core (../shared/guide/MACHINE.md), doing real CPU
+// CPU quota of a tenth of a core (../shared/guide/MACHINE.md), doing real CPU
 // work per sample (balance_worker). Its share of the global batch must fall
 // well below the unthrottled rank's, and the balancer must see the
 // throttling. Skipped where no CPU cgroup can be made (not root, no
@@ -35,7 +35,7 @@ nlohmann::json result_of(const std::string& output) {
 TEST(BalanceUnderWeftRun, ThrottledWorkersShareFalls) {
   const std::string why = testing::CpuQuotaGroup::unavailable();
   if (!why.empty()) GTEST_SKIP() << why;
-  auto group = testing::CpuQuotaGroup::create(fmt::format("weft-balance-test-{}", getpid()), 25000);
+  auto group = testing::CpuQuotaGroup::create(fmt::format("weft-balance-test-{}", getpid()), 10000);
   Process p({testing::bin_dir() + "/weft", "run", "-n", "2", "--",
              testing::bin_dir() + "/balance_worker", "--steps", "60", "--global-batch", "64",
              "--work-per-sample", "150000", "--slow-rank", "1", "--cgroup", group->path()});
@@ -45,8 +45,10 @@ TEST(BalanceUnderWeftRun, ThrottledWorkersShareFalls) {
   ASSERT_TRUE(r.contains("shares")) << p.output();
   const auto s0 = r["shares"][0].get<int64_t>(), s1 = r["shares"][1].get<int64_t>();
   EXPECT_EQ(s0 + s1, 64);
-  // A quarter of a core against a full one: the balanced share is about a
-  // fifth of the batch; anything below 0.7 of the other's shows it moved.
+  // A tenth of a core against a full one: the balanced share is about a
+  // tenth of the batch; anything below 0.7 of the other's shows it moved.
+  // (A quarter of a core was too close: on a machine loaded by other jobs,
+  // the unthrottled rank got no more CPU than that.)
   EXPECT_LT(static_cast<double>(s1), 0.7 * static_cast<double>(s0)) << r.dump();
   EXPECT_GE(r["decisions"].get<int>(), 1) << r.dump();
   EXPECT_LT(r["rates"][1].get<double>(), r["rates"][0].get<double>()) << r.dump();

@@ -133,9 +133,15 @@ CodecRun run_random(const CompressionOptions& options, const CodecLayout& layout
         for (size_t i = 0; i < g.size(); ++i) run.sum_grads[i] += g[i];
       }
       run.codecs[static_cast<size_t>(rank)]->average(comm, g, 30s);
-      out[static_cast<size_t>(rank)] = g;
+      {
+        // The barrier orders these; the lock lets ThreadSanitizer see it (it
+        // does not see the synchronization of messages through sockets).
+        std::lock_guard<std::mutex> lock(mu);
+        out[static_cast<size_t>(rank)] = g;
+      }
       comm.barrier();
       if (rank == 0) {
+        std::lock_guard<std::mutex> lock(mu);
         for (int r = 1; r < n; ++r) {
           EXPECT_EQ(0, std::memcmp(out[0].data(), out[static_cast<size_t>(r)].data(),
                                    out[0].size() * sizeof(float)))

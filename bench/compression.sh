@@ -47,11 +47,13 @@
 #
 #   bench/compression.sh [--rounds R] [--epochs E] [--links "10mbit 100mbit 1gbit unshaped"]
 #       [--settings "none fp16 ..."] [--steps N] [--slow-steps N] [--extra-steps D]
-#       [--quick] [--no-e2e] [--acc-auto] [--balance MODE] [--quiet-wait S] [--build DIR]
+#       [--quick] [--no-e2e] [--acc-auto] [--reuse-accuracy RESULTS.jsonl] [--balance MODE] [--quiet-wait S] [--build DIR]
 #       [--anchors DIR] [--out DIR] [--png-dir DIR]
 # --quick: 10 Mbit/s and unshaped, settings none topk:0.01 auto ddp-fp16, accuracy runs
 #   of 12 steps, timing runs of 22/30 steps, 2 rounds, no end-to-end run (~5-8 min on a
 #   quiet machine).
+# --reuse-accuracy takes the accuracy runs from an earlier run's results.jsonl
+# and makes only the timing (and end-to-end) runs.
 # BENCH_NO_COMPRESS=1 leaves out --compress (a build without it: only none,
 # local-sgd and the DDP settings are run). Re-make the report of a run:
 #   /usr/bin/python3 bench/compression_report.py OUT [--png-dir DIR]
@@ -76,6 +78,7 @@ out=""
 png_dir=""
 acc_max_steps=0
 acc_auto=0
+reuse=""
 # --quick sets its defaults first; the other arguments override them.
 for a in "$@"; do
   if [ "$a" = --quick ]; then
@@ -97,6 +100,7 @@ while [ $# -gt 0 ]; do
     --quick) shift ;;
     --no-e2e) e2e=0; shift ;;
     --acc-auto) acc_auto=1; shift ;;
+    --reuse-accuracy) reuse=$2; shift 2 ;;
     --balance) balance=$2; shift 2 ;;
     --quiet-wait) quiet_wait=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
@@ -315,7 +319,15 @@ if [ "$acc_auto" = 0 ] && [[ " $settings " == *" auto "* ]]; then
   for c in none fp16 int8 powersgd:4; do [[ " $settings " == *" $c "* ]] || all=0; done
   [ $all = 1 ] && acc_settings=$(echo " $settings " | sed 's/ auto / /; s/^ //; s/ $//')
 fi
-link unshaped
+if [ -n "$reuse" ]; then
+  # The accuracy runs of an earlier run (its results.jsonl): only the timing runs are made.
+  [ -r "$reuse" ] || { echo "compression.sh: --reuse-accuracy $reuse: cannot read it" >&2; exit 2; }
+  grep '^{"phase": "accuracy"' "$reuse" >>"$results" ||
+    { echo "compression.sh: --reuse-accuracy $reuse: no accuracy runs in it" >&2; exit 2; }
+  acc_settings=""
+  echo "== accuracy runs taken from $reuse" >&2
+fi
+[ -n "$acc_settings" ] && link unshaped
 for s in $acc_settings; do
   echo "== accuracy: $s, $epochs epoch(s)" >&2
   tag="acc-${s//[:.]/_}"
@@ -376,6 +388,7 @@ cluster_rate=""
   echo "balance $balance"
   echo "quick $quick"
   echo "has_compress $has_compress"
+  [ -z "$reuse" ] || echo "accuracy_from $reuse"
 } >"$out/meta.txt"
 "$py" "$here/compression_report.py" "$out" --png-dir "$png_dir"
 echo "compression.sh: report in $out/report.md, plots in $png_dir" >&2

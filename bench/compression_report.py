@@ -392,6 +392,10 @@ def report(out, png_dir, rows, meta):
       "(start-up traffic cancels); medians over rounds;")
     p("3. time to 88% = start-up + steps to 88% (1) x step time (2): **computed**, not measured; "
       "evaluation time left out. For auto, the steps of the codec it chose on that link.")
+    if meta.get("accuracy_from"):
+        p("")
+        p(f"The accuracy runs (1) are those of an earlier run ({meta['accuracy_from']}); "
+          "this run made the timing runs.")
     p("")
     if acc:
         ne = max(len(a["acc"]) for a in acc.values())

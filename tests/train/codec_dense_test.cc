@@ -453,12 +453,13 @@ void check_malformed(CodecKind kind, bool bad_scale, const std::vector<std::stri
     std::memcpy(send.data(), &scale, sizeof scale);
     if (!bad_scale) send[sizeof(float) + 3] = 0x80;  // int8 -128
     const std::vector<size_t> counts = {block, block};
-    comm->alltoallv(ConstBuffer(send.data(), send.size(), DType::UInt8), counts,
-                    Buffer(recv.data(), recv.size(), DType::UInt8), counts);
     // Rank 0 fails its communicator rather than leave this rank waiting
-    // for its slice in the allgatherv.
+    // for its slice in the allgatherv (rank 0 may abort before this rank's
+    // alltoallv has completed: then that fails the same way).
     std::vector<uint8_t> gathered(2 * block);
     try {
+      comm->alltoallv(ConstBuffer(send.data(), send.size(), DType::UInt8), counts,
+                      Buffer(recv.data(), recv.size(), DType::UInt8), counts);
       comm->allgatherv(ConstBuffer(send.data(), block, DType::UInt8),
                        Buffer(gathered.data(), gathered.size(), DType::UInt8), counts,
                        CollectiveOptions{Timeout(20s)});

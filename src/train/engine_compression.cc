@@ -21,7 +21,7 @@ namespace {
 constexpr int kTimedReps = 3;
 // A candidate whose warm-up call takes this many times the best median so
 // far is not timed further (on a slow link, the uncompressed allreduce
-// alone takes seconds).
+// alone takes seconds: measured last, it costs one call).
 constexpr double kGiveUpFactor = 4.0;
 
 // A gradient that was not finite (an overflow, which dynamic loss scaling
@@ -226,7 +226,11 @@ void DataParallel::choose_compression() {
   const bool first_choice = c.timings.empty();
   c.timings.clear();
   double best = std::numeric_limits<double>::infinity();
-  for (const CompressionOptions& o : candidates) {
+  // Measured from the fewest bytes to the most (the reverse of fidelity),
+  // so that on a slow link the first candidate sets a low best and the
+  // slow ones are given up after their warm-up call.
+  for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
+    const CompressionOptions& o = *it;
     std::vector<std::unique_ptr<GradientCodec>> trial;
     uint64_t bytes = 0;
     for (size_t i = 0; i < float_buckets.size(); ++i) {
@@ -267,7 +271,7 @@ void DataParallel::choose_compression() {
       throw;
     }
     best = std::min(best, median);
-    c.timings.push_back({o, median, bytes});
+    c.timings.insert(c.timings.begin(), {o, median, bytes});  // back in order of fidelity
   }
 
   const size_t pick = choose_codec(c.timings);

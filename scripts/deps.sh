@@ -21,7 +21,7 @@ packages=(
 # etcdctl, in etcd-client) run the 3-member clusters of tests/store
 # (EtcdStore, the etcd:// rendezvous backend, which libcurl4-openssl-dev serves).
 if [ "${1:-}" = bench ]; then
-  packages+=(libgloo-dev libopenmpi-dev libbenchmark-dev)
+  packages+=(libgloo-dev libopenmpi-dev libbenchmark-dev python3-matplotlib)
 fi
 missing=()
 for p in "${packages[@]}"; do

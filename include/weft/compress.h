@@ -36,7 +36,8 @@
 // Parameters can also be averaged as compressed deltas (local SGD, see
 // DataParallelOptions::parameter_compression): each rank sends the change
 // of its parameters since the last average through a codec whose residual
-// carries forward what was not sent, so nothing is dropped for good.
+// carries forward what was not sent, so nothing is dropped for good (the
+// first average after construction, a restore or BSP steps is sent whole).
 #pragma once
 
 #include <cstddef>
@@ -152,17 +153,19 @@ class GradientCodec {
 // communicator of `world_size` ranks. Throws weft::InvalidArgument naming
 // the option when it cannot apply: a bucket of a dtype other than float32
 // (an integer bucket is refused; float64, float16 and bfloat16 buckets are
-// sent uncompressed by the engine, not through a codec), a top-k fraction
-// that keeps no element, a PowerSGD rank that no matrix of the bucket
-// allows (larger than its smaller side).
+// sent uncompressed by the engine, not through a codec), a fraction
+// outside (0, 1], a rank below 1, a chunk of 0. Top-k sends at least one
+// value; a bucket without a matrix PowerSGD can shrink is sent
+// uncompressed by it (validate_compression() checks the whole model).
 std::unique_ptr<GradientCodec> make_codec(const CompressionOptions& options,
                                           const CodecLayout& layout, int world_size);
 
 // Checks options against a whole model before training starts (the layouts
-// of its float32 buckets): the same errors as make_codec(), raised once
-// with the option's name, e.g. "--compress powersgd:200: rank 200 is larger
-// than any matrix of the model allows (the largest, fc1.weight [128, 3136],
-// allows 128)".
+// of its float32 buckets), raising weft::InvalidArgument with the option's
+// name, e.g. "--compress powersgd:200: rank 200 is larger than any matrix of
+// the model allows (the largest, fc1.weight [128, 3136], allows 122: ...)":
+// a PowerSGD rank must leave some matrix's factors smaller than the matrix,
+// r (rows + cols) < rows cols.
 void validate_compression(const CompressionOptions& options, std::span<const CodecLayout> layouts);
 
 // One candidate of the automatic choice, measured on the real link.

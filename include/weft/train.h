@@ -273,7 +273,8 @@ struct DataParallelStats {
   int64_t averaged_steps = 0;      // steps whose gradients were averaged
   int64_t bucket_allreduces = 0;   // gradient buckets reduced
   int64_t parameter_averages = 0;  // average_parameters() calls
-  uint64_t bytes_allreduced = 0;   // payload of every allreduce the engine issued
+  uint64_t bytes_allreduced = 0;   // payload of every allreduce the engine issued (gradient
+                                   // buckets: before compression)
   // Bytes this rank put on the wire for gradient buckets and parameter
   // averages, by the model of each codec (a float32 ring allreduce of B
   // bytes on n ranks sends 2 (n - 1) / n * B).
@@ -472,9 +473,9 @@ class DataParallel {
   // Gradient and parameter codecs, the codec thread and the automatic
   // choice (src/train/engine_compression.h); null without compression.
   struct Compression;
-  // Checks the options and builds the codecs (construction, before the
-  // model check).
+  // Lays the buckets out for codecs (construction, before the model check).
   void setup_compression();
+  void validate_compression_options() const;
   // After the initial broadcast (construction, rebind): the codecs, the
   // parameter codecs and their anchor; the automatic choice (collective).
   void start_compression();

@@ -83,6 +83,7 @@ uint16_t half_bits_saturated(float f) {
   std::memcpy(&u, &f, sizeof u);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a0 = u & 0x7fffffffu;
+  // Finite values beyond 65504 saturate; inf stays inf (below).
   const uint32_t a = a0 > 0x477fe000u ? 0x477fe000u : a0;  // 65504
   // Normal: rebias the exponent 127 -> 15 and round the 13 dropped bits.
   const uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
@@ -97,7 +98,9 @@ uint16_t half_bits_saturated(float f) {
   const uint32_t is_sub = 0u - static_cast<uint32_t>(a < 0x38800000u);
   const uint32_t h = (sub & is_sub) | (normal & ~is_sub);
   const uint32_t is_nan = 0u - static_cast<uint32_t>(a0 > 0x7f800000u);
-  return static_cast<uint16_t>(sign | (h & ~is_nan) | (0x7e00u & is_nan));
+  const uint32_t is_inf = 0u - static_cast<uint32_t>(a0 == 0x7f800000u);
+  return static_cast<uint16_t>(sign | (h & ~is_nan & ~is_inf) | (0x7e00u & is_nan) |
+                               (0x7c00u & is_inf));
 }
 
 // weft::float_to_bfloat16 of f clamped to the finite bfloat16 range (NaN
@@ -107,7 +110,8 @@ uint16_t bfloat16_bits_saturated(float f) {
   std::memcpy(&u, &f, sizeof u);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a0 = u & 0x7fffffffu;
-  const uint32_t a = a0 > 0x7f7f0000u ? 0x7f7f0000u : a0;  // the largest finite bfloat16
+  // Finite values beyond the largest finite bfloat16 saturate; inf stays inf.
+  const uint32_t a = a0 > 0x7f7f0000u && a0 < 0x7f800000u ? 0x7f7f0000u : a0;
   const uint32_t h = (a + 0x7fffu + ((a >> 16) & 1u)) >> 16;
   const uint32_t is_nan = 0u - static_cast<uint32_t>(a0 > 0x7f800000u);
   return static_cast<uint16_t>(sign | (h & ~is_nan) | (((u >> 16) | 0x40u) & is_nan));
@@ -127,8 +131,9 @@ class HalfCodec final : public GradientCodec {
     float* g = grad.data();
     float* r = residual_.data();
     uint16_t* w = wire_.data();
-    // Rounded to 16 bits, clamped to the finite range so that nothing
-    // becomes inf; the rounding error stays in the residual.
+    // Rounded to 16 bits, finite values clamped to the finite range so that
+    // none becomes inf (an inf stays inf: an overflow the application must
+    // see); the rounding error stays in the residual.
     if (bf16_) {
       for (size_t i = 0; i < n; ++i) w[i] = bfloat16_bits_saturated(g[i] + r[i]);
       for (size_t i = 0; i < n; ++i) {

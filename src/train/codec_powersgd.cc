@@ -37,7 +37,10 @@ size_t powersgd_max_rank(const CodecLayout& layout, std::string* which) {
     if (t.shape.size() < 2) continue;
     const auto rows = static_cast<size_t>(t.shape[0]);
     const size_t cols = rows == 0 ? 0 : t.numel() / rows;
-    const size_t r = std::min(rows, cols);
+    if (rows == 0 || cols == 0) continue;
+    // The largest r with r (rows + cols) < rows cols (the codec sends the
+    // others uncompressed), which is also below min(rows, cols).
+    const size_t r = (rows * cols - 1) / (rows + cols);
     if (r > best) {
       best = r;
       if (which != nullptr) *which = fmt::format("{} [{}]", t.name, fmt::join(t.shape, ", "));

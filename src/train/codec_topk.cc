@@ -74,10 +74,11 @@ uint64_t get_varint(const uint8_t* data, size_t size, size_t* pos, const std::st
 // The value as sent: bfloat16 (float32's range, so only infinities need
 // clamping; a NaN stays a NaN so that a diverging run shows).
 BFloat16 encode_value(float x) {
-  constexpr float kMax = 3.38953139e38f;  // the largest finite bfloat16
-  if (std::isinf(x)) x = x > 0 ? kMax : -kMax;
   BFloat16 b = float_to_bfloat16(x);
-  if (std::isinf(bfloat16_to_float(b)))
+  // A finite value that rounds up to inf is clamped to the largest finite
+  // bfloat16; an inf (an overflowed gradient) is sent as inf, so that the
+  // application sees it.
+  if (!std::isinf(x) && std::isinf(bfloat16_to_float(b)))
     b.bits = static_cast<uint16_t>((b.bits & 0x8000u) | 0x7f7fu);
   return b;
 }
@@ -192,7 +193,7 @@ class TopKCodec final : public GradientCodec {
       values_[j] = encode_value(residual_[i]);
       const float sent = bfloat16_to_float(values_[j]);
       // x - round(x) is exact in float32: nothing is lost.
-      residual_[i] = std::isnan(sent) ? 0.0f : residual_[i] - sent;
+      residual_[i] = std::isfinite(sent) ? residual_[i] - sent : 0.0f;
       if (!velocity_.empty()) velocity_[i] = 0.0f;
     }
   }

@@ -25,9 +25,10 @@ std::unique_ptr<GradientCodec> make_topk(const CompressionOptions& options,
 // codec_powersgd.cc: PowerSGD of rank r with warm start.
 std::unique_ptr<GradientCodec> make_powersgd(const CompressionOptions& options,
                                              const CodecLayout& layout, int world_size);
-// codec_powersgd.cc: the largest rank any matrix of `layout` allows (its
-// smaller side; 0 when the bucket holds no matrix), and the name and shape
-// of that matrix (for messages).
+// codec_powersgd.cc: the largest rank any matrix of `layout` allows (the
+// largest r whose factors are smaller than the matrix: r (rows + cols) <
+// rows cols; 0 when the bucket holds no such matrix), and the name and
+// shape of that matrix (for messages).
 size_t powersgd_max_rank(const CodecLayout& layout, std::string* which = nullptr);
 
 // Bytes each rank sends in a ring allreduce of `bytes` on n ranks.

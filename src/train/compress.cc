@@ -205,24 +205,15 @@ void validate_compression(const CompressionOptions& options, std::span<const Cod
     }
     if (best == 0) {
       throw InvalidArgument(fmt::format(
-          "--compress {}: the model has no float32 matrix (tensor of 2 or more dimensions) to "
-          "approximate",
+          "--compress {}: the model has no float32 matrix (tensor of 2 or more dimensions) that a "
+          "low-rank approximation would make smaller",
           spec));
     }
     if (static_cast<size_t>(options.powersgd_rank) > best) {
       throw InvalidArgument(fmt::format(
           "--compress {}: rank {} is larger than any matrix of the model allows (the largest, "
-          "{}, allows {})",
+          "{}, allows {}: the factors of a larger rank would not be smaller than the matrix)",
           spec, options.powersgd_rank, which, best));
-    }
-  }
-  if (options.codec == CodecKind::TopK) {
-    size_t largest = 0;
-    for (const CodecLayout& l : layouts) largest = std::max(largest, l.numel);
-    if (largest > 0 && std::ceil(options.topk_fraction * static_cast<double>(largest)) < 1.0) {
-      throw InvalidArgument(fmt::format(
-          "--compress {}: the fraction keeps no element of the largest bucket ({} values)", spec,
-          largest));
     }
   }
 }

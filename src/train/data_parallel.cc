@@ -364,9 +364,14 @@ void DataParallel::check_model() {
 // The options every rank must share (the codecs exchange what they encode
 // with the same codec on every rank), compared like the model.
 void DataParallel::check_options() {
+  auto describe = [](const CompressionOptions& o) {
+    return fmt::format("{} (topk {}, rank {}, momentum {}, chunk {}, seed {}, recheck {})",
+                       compression_name(o), o.topk_fraction, o.powersgd_rank, o.momentum, o.chunk,
+                       o.seed, o.recheck_steps);
+  };
   const std::string mine =
-      fmt::format("compress={} parameter-compress={}", compression_name(options_.compression),
-                  compression_name(options_.parameter_compression));
+      fmt::format("compress={} parameter-compress={}", describe(options_.compression),
+                  describe(options_.parameter_compression));
   const std::string ref = broadcast_string(*comm_, mine, 0);
   int64_t bad = mine == ref ? std::numeric_limits<int64_t>::max() : comm_->rank();
   comm_->allreduce(Buffer(&bad, 1, DType::Int64), ReduceOp::Min);
@@ -454,9 +459,9 @@ void DataParallel::State::launch_in_order() {
           {next_launch, data, b.numel, b.dtype, dp.comm_.get(), dp.options_.timeout});
     } else {
       works[next_launch] = dp.comm_->allreduce_async(Buffer(data, b.numel, b.dtype), opts);
-      stats.bytes_allreduced += b.bytes();
       stats.wire_bytes += codecs::ring_allreduce_bytes(b.bytes(), dp.comm_->size());
     }
+    stats.bytes_allreduced += b.bytes();  // the payload before compression
     stats.bucket_allreduces += 1;
     ++next_launch;
   }
@@ -515,6 +520,7 @@ void DataParallel::rebind(std::shared_ptr<Communicator> comm) {
 void DataParallel::set_step(int64_t step) {
   if (step < 0) throw InvalidArgument(fmt::format("DataParallel::set_step: {} is negative", step));
   check_idle("set_step");
+  if (compression_) compression_->anchor_valid = false;
   MutexLock lock(&state_->mu);
   state_->step = step;
   state_->synced_at = step;
@@ -550,11 +556,19 @@ void DataParallel::finish_gradients() {
   st.launch_in_order();
   // Compressed buckets first: their codec thread issues collectives, which
   // must all be issued before the buffers' on every rank alike.
-  if (compression_) st.stats.wait_seconds += compression_->wait(&st.stats.wire_bytes);
+  if (compression_) {
+    st.stats.wait_seconds += compression_->wait(&st.stats.wire_bytes);
+    // Every rank applies the same update now: the parameters move away from
+    // the anchor of compressed parameter averages.
+    compression_->anchor_valid = false;
+  }
   std::vector<WorkPtr> buffer_works;
   DrainGuard guard(buffer_works);
   if (options_.sync_buffers) {
-    buffer_works = start_buffer_sync(true, 0, &st.stats.bytes_allreduced);
+    uint64_t bytes = 0;
+    buffer_works = start_buffer_sync(true, 0, &bytes);
+    st.stats.bytes_allreduced += bytes;
+    st.stats.wire_bytes += codecs::ring_allreduce_bytes(bytes, comm_->size());
   }
   st.stats.wait_seconds += wait_all(st.works);
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -647,10 +661,13 @@ void DataParallel::average_parameter_deltas(uint64_t* wire, double* waited) {
   Compression& c = *compression_;
   Flat& flat = *param_flat_;
   auto* anchor = static_cast<std::byte*>(c.anchor.get());
+  // Without a valid anchor (see Compression::anchor_valid) this average is
+  // sent uncompressed: it makes the replicas equal and becomes the anchor.
+  const bool deltas = c.anchor_valid;
   for (size_t k = 0; k < flat.groups.size(); ++k) {
     const Flat::Group& g = flat.groups[k];
     flat.copy_in(g);
-    GradientCodec* codec = c.param_codecs[k].get();
+    GradientCodec* codec = deltas ? c.param_codecs[k].get() : nullptr;
     codecs::Stopwatch watch;
     if (codec == nullptr) {
       Buffer buf(flat.at(g.offset), g.numel, g.dtype);
@@ -669,6 +686,7 @@ void DataParallel::average_parameter_deltas(uint64_t* wire, double* waited) {
     std::memcpy(anchor + g.offset, flat.at(g.offset), g.numel * dtype_size(g.dtype));
     flat.copy_out(g);
   }
+  c.anchor_valid = true;
 }
 
 bool DataParallel::runs_codecs() const {
@@ -683,6 +701,7 @@ bool DataParallel::runs_codecs() const {
 // every rank builds the same codecs or fails alike.
 void DataParallel::start_compression() {
   if (!compression_) return;
+  validate_compression_options();
   Compression& c = *compression_;
   if (!c.options.automatic && c.options.codec != CodecKind::None) {
     for (size_t b = 0; b < buckets_.size(); ++b) {
@@ -705,9 +724,8 @@ void DataParallel::start_compression() {
       }
       c.param_codecs.push_back(std::move(codec));
     }
-    for (const Flat::Group& g : param_flat_->groups) param_flat_->copy_in(g);
     c.anchor = allocate_zeroed(param_flat_->total);
-    std::memcpy(c.anchor.get(), param_flat_->storage.get(), param_flat_->total);
+    c.anchor_valid = false;
   }
   // Local SGD without BSP warm-up never averages gradients: nothing to choose.
   const auto* local = dynamic_cast<const LocalSgdPolicy*>(policy_.get());
@@ -765,9 +783,7 @@ void DataParallel::broadcast_model(int root) {
   auto buffer_works = start_buffer_sync(false, root, nullptr);
   DrainGuard buffer_guard(buffer_works);
   waited += finish_buffer_sync(buffer_works, false, root);
-  if (compression_ && compression_->anchor) {
-    std::memcpy(compression_->anchor.get(), param_flat_->storage.get(), param_flat_->total);
-  }
+  if (compression_) compression_->anchor_valid = false;
   MutexLock lock(&state_->mu);
   state_->stats.wait_seconds += waited;
   state_->stats.bytes_broadcast += sent;

@@ -21,8 +21,25 @@ namespace {
 constexpr int kTimedReps = 3;
 // A candidate whose warm-up call takes this many times the best median so
 // far is not timed further (on a slow link, the uncompressed allreduce
-// alone takes seconds).
+// alone takes seconds: measured last, it costs one call).
 constexpr double kGiveUpFactor = 4.0;
+
+// A gradient that was not finite (an overflow, which dynamic loss scaling
+// skips) would stay in the residual and, for PowerSGD, in the warm start,
+// and poison every later step: the codec starts afresh instead. The average
+// itself stays non-finite, so that the application sees the overflow.
+void discard_non_finite(GradientCodec& codec) {
+  for (float v : codec.residual()) {
+    if (!std::isfinite(v)) {
+      WEFT_WARN(
+          "DataParallel: a non-finite gradient reached codec {}: its residual and state "
+          "are dropped",
+          codec.name());
+      codec.reset();
+      return;
+    }
+  }
+}
 
 }  // namespace
 
@@ -77,8 +94,9 @@ void DataParallel::Compression::wait_quietly() noexcept {
 }
 
 // The codec thread: reduces the queued buckets one at a time, in order. After
-// a failure the later buckets of the step are not sent (the communicator is
-// broken: its collectives fail at once anyway).
+// a failure the later buckets of the step are not sent: the communicator is
+// broken (a failure of this rank's own aborts it), so its collectives fail
+// at once anyway.
 void DataParallel::Compression::run() {
   for (;;) {
     Task t;
@@ -106,8 +124,15 @@ void DataParallel::Compression::run() {
           t.comm->allreduce(buf, AllreduceOptions{ReduceOp::Avg, t.timeout});
           sent = codecs::ring_allreduce_bytes(buf.bytes(), t.comm->size());
         }
-      } catch (...) {
+      } catch (const std::exception& e) {
         error = std::current_exception();
+        // A failure of this rank alone (no memory, a bug) would leave the
+        // peers waiting in the bucket's collectives: fail them now.
+        if (!t.comm->error()) t.comm->abort(fmt::format("a gradient codec failed: {}", e.what()));
+      }
+      if (!error) {
+        GradientCodec* codec = codecs[t.bucket].get();
+        if (codec != nullptr) discard_non_finite(*codec);
       }
     }
     {
@@ -124,11 +149,6 @@ void DataParallel::setup_compression() {
   const CompressionOptions& g = options_.compression;
   const CompressionOptions& p = options_.parameter_compression;
   if (!g.enabled() && !p.enabled()) return;
-  if (p.automatic) {
-    throw InvalidArgument(
-        "DataParallel: parameter_compression takes a named codec (auto chooses the gradients' "
-        "codec only)");
-  }
   auto c = std::make_unique<Compression>(g, p);
   c->codecs.resize(buckets_.size());
   c->layouts.resize(buckets_.size());
@@ -142,11 +162,26 @@ void DataParallel::setup_compression() {
       const Parameter& param = params_[bucket.params[k]];
       l.tensors.push_back({param.name, bucket.offsets[k], param.shape});
     }
-    if (l.dtype == DType::Float32) float_layouts.push_back(l);
   }
-  validate_compression(g, float_layouts);
   if (g.automatic) c->current = CompressionOptions{};  // none until measured
   compression_ = std::move(c);
+}
+
+// After the model check, which compared the options across ranks: every
+// rank refuses the same options alike.
+void DataParallel::validate_compression_options() const {
+  const Compression& c = *compression_;
+  if (c.parameter_options.automatic) {
+    throw InvalidArgument(
+        "DataParallel: parameter_compression takes a named codec (auto chooses the gradients' "
+        "codec only)");
+  }
+  std::vector<CodecLayout> float_layouts;
+  for (const CodecLayout& l : c.layouts) {
+    if (l.dtype == DType::Float32) float_layouts.push_back(l);
+  }
+  validate_compression(c.options, float_layouts);
+  if (c.parameter_options.enabled()) validate_compression(c.parameter_options, float_layouts);
 }
 
 void DataParallel::choose_compression() {
@@ -191,7 +226,11 @@ void DataParallel::choose_compression() {
   const bool first_choice = c.timings.empty();
   c.timings.clear();
   double best = std::numeric_limits<double>::infinity();
-  for (const CompressionOptions& o : candidates) {
+  // Measured from the fewest bytes to the most (the reverse of fidelity),
+  // so that on a slow link the first candidate sets a low best and the
+  // slow ones are given up after their warm-up call.
+  for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
+    const CompressionOptions& o = *it;
     std::vector<std::unique_ptr<GradientCodec>> trial;
     uint64_t bytes = 0;
     for (size_t i = 0; i < float_buckets.size(); ++i) {
@@ -212,16 +251,27 @@ void DataParallel::choose_compression() {
       comm_->allreduce(Buffer(&t, 1, DType::Float64), AllreduceOptions{ReduceOp::Max});
       return t;
     };
-    const double warm = once();
-    double median = warm;
-    if (warm <= best * kGiveUpFactor) {
-      std::vector<double> reps;
-      for (int r = 0; r < kTimedReps; ++r) reps.push_back(once());
-      std::sort(reps.begin(), reps.end());
-      median = reps[reps.size() / 2];
+    double warm = 0;
+    double median = 0;
+    try {
+      warm = once();
+      median = warm;
+      if (warm <= best * kGiveUpFactor) {
+        std::vector<double> reps;
+        for (int r = 0; r < kTimedReps; ++r) reps.push_back(once());
+        std::sort(reps.begin(), reps.end());
+        median = reps[reps.size() / 2];
+      }
+    } catch (const std::exception& e) {
+      // A failure of this rank alone must not leave the others waiting.
+      if (!comm_->error()) {
+        comm_->abort(
+            fmt::format("measuring --compress {} failed: {}", compression_name(o), e.what()));
+      }
+      throw;
     }
     best = std::min(best, median);
-    c.timings.push_back({o, median, bytes});
+    c.timings.insert(c.timings.begin(), {o, median, bytes});  // back in order of fidelity
   }
 
   const size_t pick = choose_codec(c.timings);

@@ -63,6 +63,12 @@ struct DataParallel::Compression {
   // codec (null: averaged as it is), and the values of the last average.
   std::vector<std::unique_ptr<GradientCodec>> param_codecs;
   std::shared_ptr<void> anchor;
+  // Whether the anchor holds the parameters every rank had at the last
+  // average. Not after construction or rebind (the caller may restore a
+  // checkpoint or commit next), set_step(), a step whose gradients were
+  // averaged, or an explicit broadcast: the next average is then sent
+  // uncompressed (it makes the replicas equal) and becomes the anchor.
+  bool anchor_valid = false;
 
  private:
   void run();

@@ -468,8 +468,9 @@ TEST(PowerSgd, RefusesRankBelowOneAndValidateNamesTheLargestMatrix) {
   conv.numel = 800 + 128 * 3136 + 128;
   const std::vector<CodecLayout> model = {conv};
   expect_error<InvalidArgument>([&] { validate_compression(powersgd(200), model); },
-                                {"--compress powersgd:200", "fc1.weight [128, 3136]", "128"});
-  validate_compression(powersgd(128), model);
+                                {"--compress powersgd:200", "fc1.weight [128, 3136]", "122"});
+  validate_compression(powersgd(122), model);
+  EXPECT_THROW(validate_compression(powersgd(123), model), InvalidArgument);
   EXPECT_EQ(make_codec(powersgd(4), conv, 2)->name(),
             "powersgd:4(402208 of 402336 values in 2 matrices)");
 }

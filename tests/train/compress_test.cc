@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include "testing/expect_error.h"
@@ -94,14 +95,22 @@ CodecLayout fc_layout() {
 
 TEST(CompressionOptions, WholeModelChecksNameTheOption) {
   const std::vector<CodecLayout> model{fc_layout()};
-  validate_compression(parse_compression("powersgd:128"), model);
+  // 122 (128 + 3136) < 128 x 3136 <= 123 (128 + 3136).
+  validate_compression(parse_compression("powersgd:122"), model);
   testing::expect_error<InvalidArgument>(
-      [&] { validate_compression(parse_compression("powersgd:200"), model); },
-      {"--compress powersgd:200", "rank 200", "fc1.weight [128, 3136]", "allows 128"});
+      [&] { validate_compression(parse_compression("powersgd:123"), model); },
+      {"--compress powersgd:123", "rank 123", "fc1.weight [128, 3136]", "allows 122"});
   CodecLayout bias_only{DType::Float32, 10, {{"b", 0, {10}}}};
   testing::expect_error<InvalidArgument>(
       [&] {
         validate_compression(parse_compression("powersgd:1"), {&bias_only, 1});
+      },
+      {"no float32 matrix"});
+  // A matrix too small to gain from any rank: 2 x 2 (1 x (2 + 2) is not < 4).
+  CodecLayout tiny{DType::Float32, 4, {{"w", 0, {2, 2}}}};
+  testing::expect_error<InvalidArgument>(
+      [&] {
+        validate_compression(parse_compression("powersgd:1"), {&tiny, 1});
       },
       {"no float32 matrix"});
   CodecLayout ints{DType::Int32, 10, {{"counter", 0, {10}}}};
@@ -290,6 +299,30 @@ TEST(CompressedDataParallel, AutomaticChoiceMeasuresOnTheRealCommunicator) {
   });
 }
 
+// Options that shape the codecs' collectives differ (the chunk of int8):
+// every rank says so before any codec runs.
+TEST(CompressedDataParallel, CodecParametersThatDifferAreNamed) {
+  const int n = 2;
+  auto store = std::make_shared<MemoryStore>();
+  auto errors = run_ranks(n, [&](int r) {
+    auto comm = make_comm(r, n, store);
+    Regression model(r);
+    DataParallelOptions o;
+    o.compression = parse_compression("int8");
+    o.compression.chunk = r == 0 ? 64 : 128;
+    DataParallel dp(comm, model.parameters(), {}, o);
+  });
+  for (int r = 0; r < n; ++r) {
+    ASSERT_TRUE(errors[r]) << "rank " << r;
+    try {
+      std::rethrow_exception(errors[r]);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("chunk 64"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("chunk 128"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(CompressedDataParallel, OptionsThatDifferAcrossRanksAreNamed) {
   const int n = 2;
   auto store = std::make_shared<MemoryStore>();
@@ -348,6 +381,81 @@ TEST(CompressedDataParallel, LocalSgdAveragesCompressedDeltas) {
       EXPECT_LT(loss, first * 0.05) << "from " << first;
       EXPECT_EQ(dp.stats().parameter_averages, 50);
       EXPECT_GT(dp.stats().wire_bytes, 0u);
+    });
+  }
+}
+
+// Post-local SGD: BSP warm-up steps move every replica alike, away from
+// the anchor of the compressed parameter deltas; the first average after
+// them is sent whole, so it does not throw the warm-up's progress back into
+// the residuals (with top-k 1% that would set the model back to nearly
+// where it started).
+TEST(CompressedDataParallel, FirstAverageAfterWarmUpKeepsTheProgress) {
+  const int n = 2;
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(n, [&](int r) {
+    auto comm = make_comm(r, n, store);
+    Regression model(r);
+    DataParallelOptions o;
+    o.sync = SyncMode::LocalSGD;
+    o.local_steps = 2;
+    o.warmup_steps = 40;
+    o.parameter_compression = parse_compression("topk:0.01");
+    DataParallel dp(comm, model.parameters(), {}, o);
+    std::vector<float> gw(model.w.size()), gb(model.b.size());
+    double start = 0, before = 0;
+    for (int step = 0; step < 42; ++step) {
+      const double loss = model.gradient(static_cast<float*>(dp.grad_slot(0).data()),
+                                         static_cast<float*>(dp.grad_slot(1).data()));
+      if (step == 0) start = loss;
+      if (step == 41) before = loss;
+      dp.finish_gradients();
+      const float* g0 = static_cast<const float*>(dp.grad_slot(0).data());
+      const float* g1 = static_cast<const float*>(dp.grad_slot(1).data());
+      for (size_t i = 0; i < model.w.size(); ++i) model.w[i] -= 0.05f * g0[i];
+      for (size_t i = 0; i < model.b.size(); ++i) model.b[i] -= 0.05f * g1[i];
+      dp.end_step();  // step 41: the first average of local SGD
+    }
+    double after = model.gradient(gw.data(), gb.data());
+    comm->allreduce(Buffer(&after, 1, DType::Float64), ReduceOp::Avg);
+    EXPECT_LT(before, start * 0.2) << "the warm-up should have trained";
+    EXPECT_LT(after, before * 2) << "the first average threw the warm-up away: " << start << " -> "
+                                 << before << " -> " << after;
+    std::vector<float> ref = model.w;
+    comm->broadcast(Buffer(ref.data(), ref.size(), DType::Float32), 0);
+    EXPECT_EQ(std::memcmp(ref.data(), model.w.data(), ref.size() * sizeof(float)), 0);
+  });
+}
+
+// One step's gradient that is not finite (an overflow) reaches the
+// application as a non-finite average, and the codecs start afresh: the
+// next steps are finite again.
+TEST(CompressedDataParallel, ANonFiniteGradientDoesNotPoisonLaterSteps) {
+  for (const char* spec : {"fp16", "int8", "sign", "topk:0.1", "powersgd:2"}) {
+    SCOPED_TRACE(spec);
+    const int n = 2;
+    auto store = std::make_shared<MemoryStore>();
+    run_ranks_ok(n, [&](int r) {
+      auto comm = make_comm(r, n, store);
+      Regression model(r);
+      DataParallelOptions o;
+      o.compression = parse_compression(spec);
+      DataParallel dp(comm, model.parameters(), {}, o);
+      for (int step = 0; step < 6; ++step) {
+        float* gw = static_cast<float*>(dp.grad_slot(0).data());
+        float* gb = static_cast<float*>(dp.grad_slot(1).data());
+        model.gradient(gw, gb);
+        if (step == 2 && r == 1) gw[5] = std::numeric_limits<float>::infinity();
+        dp.finish_gradients();
+        bool finite = true;
+        for (size_t i = 0; i < model.w.size(); ++i) finite = finite && std::isfinite(gw[i]);
+        if (step == 2) {
+          EXPECT_FALSE(finite) << "the overflow must reach the application";
+        } else {
+          EXPECT_TRUE(finite) << "step " << step;
+        }
+        dp.end_step();  // no update: the parameters stay finite
+      }
     });
   }
 }

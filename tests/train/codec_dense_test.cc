@@ -14,6 +14,7 @@
 
 #include "testing/expect_error.h"
 #include "testing/testing.h"
+#include "train/codec_testing.h"
 #include "weft/compress.h"
 #include "weft/errors.h"
 #include "weft/weft.h"
@@ -31,12 +32,7 @@ std::shared_ptr<Communicator> make_comm(int rank, int size, const std::shared_pt
   return Communicator::create(rank, size, store, o);
 }
 
-CodecLayout layout_of(size_t numel) {
-  CodecLayout l;
-  l.numel = numel;
-  l.tensors.push_back(CodecTensor{"w", 0, {static_cast<int64_t>(numel)}});
-  return l;
-}
+CodecLayout layout_of(size_t numel) { return testing::flat_layout(numel); }
 
 CompressionOptions options_of(CodecKind kind, size_t chunk = 256) {
   CompressionOptions o;
@@ -45,13 +41,7 @@ CompressionOptions options_of(CodecKind kind, size_t chunk = 256) {
   return o;
 }
 
-std::vector<float> random_values(size_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+using testing::random_values;
 
 const CodecKind kDense[] = {CodecKind::Fp16, CodecKind::Bf16, CodecKind::Int8, CodecKind::Sign};
 

@@ -17,6 +17,7 @@
 
 #include "testing/expect_error.h"
 #include "testing/testing.h"
+#include "train/codec_testing.h"
 #include "train/codecs.h"
 #include "weft/compress.h"
 #include "weft/weft.h"
@@ -44,12 +45,7 @@ void with_ranks(int n, const std::function<void(int, Communicator&)>& fn) {
   });
 }
 
-CodecLayout flat_layout(size_t numel) {
-  CodecLayout l;
-  l.numel = numel;
-  l.tensors.push_back(CodecTensor{"flat", 0, {static_cast<int64_t>(numel)}});
-  return l;
-}
+CodecLayout flat_layout(size_t numel) { return testing::flat_layout(numel, "flat"); }
 
 CompressionOptions topk(double fraction, double momentum = 0.0) {
   CompressionOptions o;
@@ -67,11 +63,7 @@ CompressionOptions powersgd(int rank) {
 }
 
 std::vector<float> random_vector(size_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
+  return testing::random_values(n, seed, scale);
 }
 
 float bf16_round(float x) { return bfloat16_to_float(float_to_bfloat16(x)); }

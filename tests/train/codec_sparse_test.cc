@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -273,6 +274,29 @@ TEST(TopK, SendsFiftyTimesFewerBytesThanFloat32RingAllreduce) {
   }
 }
 
+// Rank 0 averages a top-k bucket of 100 values (5%) while rank 1 plays a
+// broken peer (`peer` issues its side of the collectives); returns what
+// rank 0's codec threw.
+std::exception_ptr against_broken_peer(const std::function<void(Communicator*)>& peer) {
+  auto store = std::make_shared<MemoryStore>();
+  auto codec = make_codec(topk(0.05), flat_layout(100), 2);
+  std::exception_ptr error;
+  run_ranks_ok(2, [&](int rank) {
+    auto comm = make_comm(rank, 2, store);
+    if (rank == 1) {
+      peer(comm.get());
+      return;
+    }
+    std::vector<float> g = random_vector(100, 3);
+    try {
+      codec->average(*comm, g, 10s);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  return error;
+}
+
 TEST(TopK, MalformedPayloadIsADataErrorNotACrash) {
   // Rank 1 speaks the protocol with a crafted payload; rank 0's codec must
   // refuse it by name.
@@ -291,20 +315,7 @@ TEST(TopK, MalformedPayloadIsADataErrorNotACrash) {
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);
-    auto store = std::make_shared<MemoryStore>();
-    auto codec = make_codec(topk(0.05), flat_layout(100), 2);
-    std::exception_ptr error;
-    run_ranks_ok(2, [&](int rank) {
-      auto comm = make_comm(rank, 2, store);
-      if (rank == 0) {
-        std::vector<float> g = random_vector(100, 3);
-        try {
-          codec->average(*comm, g, 10s);
-        } catch (...) {
-          error = std::current_exception();
-        }
-        return;
-      }
+    const std::exception_ptr error = against_broken_peer([&](Communicator* comm) {
       std::vector<int64_t> sizes(2);
       const auto mine = static_cast<int64_t>(c.payload.size());
       comm->allgather(ConstBuffer(&mine, 1, DType::Int64), Buffer(sizes.data(), 2, DType::Int64));
@@ -318,20 +329,7 @@ TEST(TopK, MalformedPayloadIsADataErrorNotACrash) {
                             {"topk payload of rank 1", c.what});
   }
   // An announced size beyond any payload of the bucket.
-  auto store = std::make_shared<MemoryStore>();
-  auto codec = make_codec(topk(0.05), flat_layout(100), 2);
-  std::exception_ptr error;
-  run_ranks_ok(2, [&](int rank) {
-    auto comm = make_comm(rank, 2, store);
-    if (rank == 0) {
-      std::vector<float> g = random_vector(100, 3);
-      try {
-        codec->average(*comm, g, 10s);
-      } catch (...) {
-        error = std::current_exception();
-      }
-      return;
-    }
+  const std::exception_ptr error = against_broken_peer([&](Communicator* comm) {
     std::vector<int64_t> sizes(2);
     const int64_t huge = int64_t{1} << 40;
     comm->allgather(ConstBuffer(&huge, 1, DType::Int64), Buffer(sizes.data(), 2, DType::Int64));

@@ -188,7 +188,6 @@ void DataParallel::choose_compression() {
   Compression& c = *compression_;
   const int n = comm_->size();
   const int64_t step = check_idle("choose_compression");
-  c.measured_at = step;
   if (n == 1) return;
 
   std::vector<size_t> float_buckets;

@@ -56,7 +56,6 @@ struct DataParallel::Compression {
   std::vector<CodecLayout> layouts;  // per bucket (float32 buckets only are compressed)
   CompressionOptions current;        // the codec in use (the automatic choice)
   std::vector<CodecTiming> timings;  // the last automatic measurement
-  int64_t measured_at = -1;          // step of the last automatic measurement
   int64_t switches = 0;              // changes of the automatic choice after the first
 
   // Parameter averaging: per group of the engine's parameter Flat, its

@@ -143,8 +143,10 @@ struct BadFlag : std::runtime_error {
 
 // The engine's compression from --compress: the gradients' codec (BSP, and
 // local SGD's BSP warm-up); with local SGD a named codec also carries the
-// parameter deltas. Top-k under BSP takes the SGD momentum into its DGC
-// momentum correction (the optimizer then runs without momentum).
+// parameter deltas. Top-k and sign under BSP take the SGD momentum into the
+// codec (top-k: DGC's momentum correction; sign: the velocity is what is
+// compressed), and the optimizer then runs without momentum: applied after
+// a 1-bit or sparse average, momentum amplifies its error (sign diverged).
 void set_compression(const Args& a, weft::train::DataParallelOptions& opts) {
   opts.compression = weft::train::parse_compression(a.compress);
   opts.compression.seed = a.seed ^ 0x5eedULL;
@@ -153,7 +155,8 @@ void set_compression(const Args& a, weft::train::DataParallelOptions& opts) {
   if (opts.sync == weft::train::SyncMode::LocalSGD && named) {
     opts.parameter_compression = opts.compression;
   }
-  if (opts.compression.codec == weft::train::CodecKind::TopK &&
+  const auto codec = opts.compression.codec;
+  if ((codec == weft::train::CodecKind::TopK || codec == weft::train::CodecKind::Sign) &&
       opts.sync == weft::train::SyncMode::BSP) {
     opts.compression.momentum = a.momentum;
   }
@@ -430,7 +433,7 @@ int run(const Args& a) {
     throw;
   }
   weft::torch::DataParallel& dp = *dp_holder;
-  // DGC: top-k's momentum correction replaces the optimizer's momentum.
+  // Top-k and sign apply the momentum inside the codec (set_compression).
   const double sgd_momentum = opts.compression.momentum > 0 ? 0.0 : a.momentum;
   torch::optim::SGD opt(
       model->parameters(),
@@ -900,8 +903,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"bsp", "local-sgd"}));
   app.add_option("--compress", a.compress,
                  "Gradient compression: auto (measure the link and the codecs, compress only "
-                 "where it shortens the step), none, fp16, bf16, int8, topk:FRACTION (with DGC "
-                 "momentum correction in place of SGD momentum), sign or powersgd:RANK; with "
+                 "where it shortens the step), none, fp16, bf16, int8, topk:FRACTION (DGC "
+                 "momentum correction in place of SGD momentum), sign (momentum inside the "
+                 "codec too) or powersgd:RANK; with "
                  "local-sgd a named codec sends the parameter deltas")
       ->capture_default_str()
       ->check([](const std::string& v) {

@@ -10,22 +10,28 @@
 // rank computed is sent, only later. Codecs:
 //
 //   none       the float32 allreduce (Avg) of the engine
-//   fp16, bf16 each value rounded to 16 bits, allreduced in that dtype
-//              (Weft accumulates 16-bit reductions in float32)
-//   int8       a scale per chunk of `int8_chunk` values, values rounded
-//              stochastically to int8; reduced as alltoall of int8 slices,
-//              a local sum in float32, and an allgather of the re-quantized
-//              slices (the owner of a slice keeps its own residual too)
+//   fp16, bf16 each value rounded to 16 bits; reduced in two stages: an
+//              alltoall of 16-bit slices, a local sum in float32 by the
+//              slice's owner, and an allgather of the rounded averages
+//              (the owner of a slice keeps that rounding error in its own
+//              residual), so that 16 bits per value cross the wire both
+//              ways
+//   int8       a scale per chunk of `chunk` values, values rounded
+//              stochastically to int8; reduced in two stages like fp16
 //   sign       1 bit per value and one scale per chunk (signSGD with
-//              scale and error feedback), reduced like int8
-//   topk:F     the F * numel largest magnitudes of (gradient + residual),
-//              as (index, value) pairs: allgatherv of every rank's pairs,
+//              scale and error feedback), reduced like fp16
+//   topk:F     in each tensor of the bucket, its ceil(F * numel) largest
+//              magnitudes of (gradient + residual) (per tensor, as DGC
+//              selects per layer), as (index, value) pairs: allgatherv of every rank's pairs,
 //              summed locally; the cost model falls back to a dense
 //              allreduce of the sparse vector when that sends fewer bytes.
 //              With `momentum` > 0 it applies DGC's momentum correction
 //              (the velocity is accumulated before selection and the sent
 //              entries are cleared from it): the optimizer must then not
-//              apply momentum itself.
+//              apply momentum itself. fp16, bf16, int8 and sign take
+//              `momentum` too: they compress the velocity u = m u + grad
+//              in the gradient's place (signSGD with momentum, whose 1-bit
+//              average is otherwise amplified by the optimizer's momentum).
 //   powersgd:R rank-R approximation P Q^T of each matrix of the bucket
 //              (a tensor of 2 or more dimensions, seen as shape[0] x rest)
 //              with one power iteration warm-started from the last step's
@@ -71,8 +77,10 @@ struct CompressionOptions {
   double topk_fraction = 0.01;
   // PowerSgd: the rank of the approximation, >= 1.
   int powersgd_rank = 4;
-  // TopK: DGC momentum correction factor in [0, 1); 0 for plain error
-  // feedback.
+  // Momentum applied inside the codec, before compression, in [0, 1); 0:
+  // none (the optimizer's own). TopK: DGC's momentum correction; fp16,
+  // bf16, int8, sign: the velocity is compressed. Refused for none,
+  // powersgd and auto.
   double momentum = 0.0;
   // Int8 and Sign: values per scale, >= 1.
   size_t chunk = 1024;

@@ -1,11 +1,14 @@
 // The dense codecs of weft/compress.h: fp16 and bf16 (each value rounded
-// to 16 bits and allreduced in that dtype), int8 (a scale per chunk,
-// stochastic rounding) and sign (1 bit per value, a scale per chunk). All
-// keep error feedback: what a rank rounded away stays in its residual and is
-// added to its next gradient.
+// to 16 bits), int8 (a scale per chunk, stochastic rounding) and sign (1
+// bit per value, a scale per chunk). All keep error feedback: what a rank
+// rounded away stays in its residual and is added to its next gradient.
+// With a momentum factor m > 0 each also keeps the velocity u = m u + grad
+// and compresses u (plus the residual) in the gradient's place, so that the
+// optimizer applies no momentum of its own to a compressed average.
 //
-// int8 and sign reduce in two stages so that the bytes on the wire are the
-// compressed ones in both directions:
+// All four reduce in two stages so that the bytes on the wire are the
+// compressed ones in both directions (a 16-bit allreduce would send float32
+// partial sums in its reduce-scatter):
 //   1. x = grad + residual is compressed chunk by chunk; residual = x -
 //      decoded(x). The bucket is split into n slices on chunk boundaries
 //      (slice j, owned by rank j, holds chunks [j * C / n, (j + 1) * C / n)
@@ -20,22 +23,22 @@
 //      on every rank.
 // Invariant (up to float rounding): summed over the ranks, the residuals
 // plus n times the sum over steps of the averages equal the sum over ranks
-// and steps of the gradients. Stage 1 leaves sum_r residual_r = sum_r x_r -
-// n * avg; stage 2 adds n * (avg - decoded2), so that sum_r residual_r =
-// sum_r x_r - n * decoded2, and decoded2 is what grad becomes.
-// fp16 and bf16 keep it up to one more rounding: the allreduce rounds the
-// float32 average back to 16 bits, an error no rank sees (half a unit in the
-// last place of each average).
+// and steps of the gradients (of the velocities, with momentum). Stage 1
+// leaves sum_r residual_r = sum_r x_r - n * avg; stage 2 adds n * (avg -
+// decoded2), so that sum_r residual_r = sum_r x_r - n * decoded2, and
+// decoded2 is what grad becomes.
 //
 // A block of the wire (one slice of one rank) is the slice's chunk scales
-// (float32, native byte order like every float Weft sends) followed by its
-// values chunk after chunk, each chunk starting on a byte (int8: one byte
-// each; sign: 8 per byte, bit k of byte b of a chunk is its value 8b + k, 1
-// for >= 0). Block sizes follow from the layout and the world
-// size alone, and the collectives check the counts; what is checked here is
-// the content a peer sent: every scale must be a number >= 0 (infinity is
-// allowed: it is what an infinite gradient gives, and an uncompressed
-// allreduce would spread it too) and an int8 value must not be -128.
+// (int8 and sign: float32, native byte order like every float Weft sends;
+// fp16 and bf16 have none) followed by its values chunk after chunk, each
+// chunk starting on a byte (fp16, bf16: two bytes each; int8: one; sign: 8
+// per byte, bit k of byte b of a chunk is its value 8b + k, 1 for >= 0).
+// Block sizes follow from the layout and the world size alone, and the
+// collectives check the counts; what is checked here is the content a peer
+// sent: every scale must be a number >= 0 (infinity is allowed: it is what
+// an infinite gradient gives, and an uncompressed allreduce would spread it
+// too) and an int8 value must not be -128. Every 16-bit pattern is a value
+// (NaN and inf included: what an overflowed gradient gives).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -117,72 +120,49 @@ uint16_t bfloat16_bits_saturated(float f) {
   return static_cast<uint16_t>(sign | (h & ~is_nan) | (((u >> 16) | 0x40u) & is_nan));
 }
 
-class HalfCodec final : public GradientCodec {
- public:
-  HalfCodec(const CodecLayout& layout, bool bf16)
-      : bf16_(bf16), residual_(layout.numel, 0.0f), wire_(layout.numel) {}
+// fp16 / bf16: each value rounded to 16 bits (finite values clamped to the
+// finite range, so that none becomes inf; an inf stays inf: an overflow
+// the application must see). No scale: every bit pattern is a value.
+template <bool kBf16>
+struct HalfScheme {
+  static constexpr const char* kName = kBf16 ? "bf16" : "fp16";
+  static constexpr size_t kScaleBytes = 0;
+  static size_t value_bytes(size_t len) { return 2 * len; }
 
-  std::string name() const override { return bf16_ ? "bf16" : "fp16"; }
-
-  void average(Communicator& comm, std::span<float> grad, Timeout timeout) override {
-    check_grad(name(), grad, residual_.size());
-    Stopwatch watch;
-    const size_t n = grad.size();
-    float* g = grad.data();
-    float* r = residual_.data();
-    uint16_t* w = wire_.data();
-    // Rounded to 16 bits, finite values clamped to the finite range so that
-    // none becomes inf (an inf stays inf: an overflow the application must
-    // see); the rounding error stays in the residual.
-    if (bf16_) {
-      for (size_t i = 0; i < n; ++i) w[i] = bfloat16_bits_saturated(g[i] + r[i]);
-      for (size_t i = 0; i < n; ++i) {
-        const float d = bfloat16_to_float(BFloat16{w[i]});
-        r[i] = (g[i] + r[i]) - d;
-        g[i] = d;
-      }
+  static float decode_one(uint16_t h) {
+    if constexpr (kBf16) {
+      return bfloat16_to_float(BFloat16{h});
     } else {
-      for (size_t i = 0; i < n; ++i) w[i] = half_bits_saturated(g[i] + r[i]);
-      const float* table = half_table();
-      for (size_t i = 0; i < n; ++i) {
-        const float d = table[w[i]];
-        r[i] = (g[i] + r[i]) - d;
-        g[i] = d;
-      }
+      return half_table()[h];
     }
-    stats_.codec_seconds += watch.lap();
-    const int size = comm.size();
-    if (size > 1) {
-      comm.allreduce(Buffer(w, n, bf16_ ? DType::BFloat16 : DType::Float16),
-                     AllreduceOptions{ReduceOp::Avg, timeout});
-      stats_.comm_seconds += watch.lap();
-      if (bf16_) {
-        for (size_t i = 0; i < n; ++i) g[i] = bfloat16_to_float(BFloat16{w[i]});
+  }
+
+  static float encode(float* __restrict x, size_t len, uint8_t* __restrict out, bool, uint32_t,
+                      uint32_t) {
+    for (size_t i = 0; i < len; ++i) {
+      const uint16_t h = kBf16 ? bfloat16_bits_saturated(x[i]) : half_bits_saturated(x[i]);
+      std::memcpy(out + 2 * i, &h, sizeof h);
+      x[i] -= decode_one(h);
+    }
+    return 0.0f;
+  }
+
+  template <bool kAdd>
+  static bool decode(const uint8_t* __restrict in, size_t len, float, float* __restrict out) {
+    for (size_t i = 0; i < len; ++i) {
+      uint16_t h;
+      std::memcpy(&h, in + 2 * i, sizeof h);
+      if constexpr (kAdd) {
+        out[i] += decode_one(h);
       } else {
-        const float* table = half_table();
-        for (size_t i = 0; i < n; ++i) g[i] = table[w[i]];
+        out[i] = decode_one(h);
       }
-      stats_.codec_seconds += watch.lap();
     }
-    stats_.calls += 1;
-    stats_.bytes_sent += ring_allreduce_bytes(n * 2, size);
+    return true;
   }
-
-  uint64_t wire_bytes(int world_size) const override {
-    return ring_allreduce_bytes(residual_.size() * 2, world_size);
-  }
-  std::span<float> residual() override { return residual_; }
-  void reset() override { std::fill(residual_.begin(), residual_.end(), 0.0f); }
-  CodecStats stats() const override { return stats_; }
-
- private:
-  bool bf16_;
-  std::vector<float> residual_;
-  std::vector<uint16_t> wire_;
-  CodecStats stats_;
 };
 
-// ---- int8 and sign: two stages ---------------------------------------------
+// ---- int8 and sign -----------------------------------------------------------
 
 uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -233,6 +213,7 @@ float abs_max(const float* __restrict x, size_t len, bool* finite) {
 // int8: scale = absmax / 127, q = round(x / scale) in [-127, 127].
 struct Int8Scheme {
   static constexpr const char* kName = "int8";
+  static constexpr size_t kScaleBytes = sizeof(float);
   // Bytes of the values of a chunk of len values.
   static size_t value_bytes(size_t len) { return len; }
 
@@ -318,6 +299,7 @@ const std::array<std::array<float, 8>, 256>& sign_table() {
 // sign: scale = mean |x|, one bit per value (1: +scale, 0: -scale).
 struct SignScheme {
   static constexpr const char* kName = "sign";
+  static constexpr size_t kScaleBytes = sizeof(float);
   static size_t value_bytes(size_t len) { return (len + 7) / 8; }
 
   static float encode(float* __restrict x, size_t len, uint8_t* __restrict out, bool, uint32_t,
@@ -385,6 +367,8 @@ struct SignScheme {
   }
 };
 
+// ---- the two stages --------------------------------------------------------
+
 // How a bucket of numel values in chunks of `chunk` is cut into the slices
 // of n ranks and laid out on the wire.
 struct SlicePlan {
@@ -426,7 +410,7 @@ SlicePlan make_plan(size_t numel, size_t chunk, int n) {
     const size_t nch = p.chunk_begin[j + 1] - p.chunk_begin[j];
     const size_t len = p.elem_end(j) - p.elem_begin(j);
     p.block[j] = nch == 0 ? 0
-                          : nch * sizeof(float) + (nch - 1) * Scheme::value_bytes(chunk) +
+                          : nch * Scheme::kScaleBytes + (nch - 1) * Scheme::value_bytes(chunk) +
                                 Scheme::value_bytes(len - (nch - 1) * chunk);
     p.block_offset[j + 1] = p.block_offset[j] + p.block[j];
   }
@@ -449,11 +433,18 @@ class TwoStageCodec final : public GradientCodec {
       : chunk_(options.chunk),
         seed_(options.seed),
         stochastic_(std::is_same_v<Scheme, Int8Scheme>),
-        residual_(layout.numel, 0.0f) {
+        momentum_(static_cast<float>(options.momentum)),
+        residual_(layout.numel, 0.0f),
+        velocity_(options.momentum > 0 ? layout.numel : 0, 0.0f) {
     plan_ = make_plan<Scheme>(layout.numel, chunk_, std::max(world_size, 1));
   }
 
-  std::string name() const override { return fmt::format("{}(chunk={})", Scheme::kName, chunk_); }
+  std::string name() const override {
+    std::string n = Scheme::kScaleBytes > 0 ? fmt::format("{}(chunk={})", Scheme::kName, chunk_)
+                                            : std::string(Scheme::kName);
+    if (momentum_ > 0) n += fmt::format("(momentum={})", momentum_);
+    return n;
+  }
 
   void average(Communicator& comm, std::span<float> grad, Timeout timeout) override {
     check_grad(name(), grad, residual_.size());
@@ -469,9 +460,20 @@ class TwoStageCodec final : public GradientCodec {
 
     // Stage 1: x = grad + residual (kept in the residual), compressed chunk
     // by chunk into the blocks of send_; the residual becomes x - decoded.
+    // With momentum, the velocity u = m u + grad takes the gradient's place
+    // (every value is sent each step, so no entry is masked as in top-k).
     float* r = residual_.data();
     const float* g = grad.data();
-    for (size_t i = 0; i < grad.size(); ++i) r[i] += g[i];
+    if (momentum_ > 0) {
+      float* u = velocity_.data();
+      const float m = momentum_;
+      for (size_t i = 0; i < grad.size(); ++i) {
+        u[i] = m * u[i] + g[i];
+        r[i] += u[i];
+      }
+    } else {
+      for (size_t i = 0; i < grad.size(); ++i) r[i] += g[i];
+    }
     send_.resize(std::max<size_t>(p.total(), 1));
     for (int j = 0; j < n; ++j) {
       encode_slice(p, j, r + p.elem_begin(j), send_.data() + p.block_offset[j], key, true);
@@ -538,7 +540,10 @@ class TwoStageCodec final : public GradientCodec {
     return model_bytes(make_plan<Scheme>(residual_.size(), chunk_, std::max(world_size, 1)));
   }
   std::span<float> residual() override { return residual_; }
-  void reset() override { std::fill(residual_.begin(), residual_.end(), 0.0f); }
+  void reset() override {
+    std::fill(residual_.begin(), residual_.end(), 0.0f);
+    std::fill(velocity_.begin(), velocity_.end(), 0.0f);
+  }
   CodecStats stats() const override { return stats_; }
 
  private:
@@ -552,7 +557,7 @@ class TwoStageCodec final : public GradientCodec {
                     bool stochastic) {
     const size_t c0 = p.chunk_begin[j];
     const size_t nch = p.chunk_begin[j + 1] - c0;
-    uint8_t* values = out + nch * sizeof(float);
+    uint8_t* values = out + nch * Scheme::kScaleBytes;
     const size_t b = p.elem_begin(j);
     for (size_t c = 0; c < nch; ++c) {
       const size_t begin = (c0 + c) * chunk_;
@@ -560,7 +565,9 @@ class TwoStageCodec final : public GradientCodec {
       const float scale =
           Scheme::encode(x + (begin - b), len, values + c * Scheme::value_bytes(chunk_),
                          stochastic && stochastic_, key, static_cast<uint32_t>(begin));
-      std::memcpy(out + c * sizeof(float), &scale, sizeof scale);
+      if constexpr (Scheme::kScaleBytes > 0) {
+        std::memcpy(out + c * Scheme::kScaleBytes, &scale, sizeof scale);
+      }
     }
   }
 
@@ -571,14 +578,16 @@ class TwoStageCodec final : public GradientCodec {
                     const char* op) {
     const size_t c0 = p.chunk_begin[j];
     const size_t nch = p.chunk_begin[j + 1] - c0;
-    const uint8_t* values = in + nch * sizeof(float);
+    const uint8_t* values = in + nch * Scheme::kScaleBytes;
     const size_t b = p.elem_begin(j);
     for (size_t c = 0; c < nch; ++c) {
       const size_t begin = (c0 + c) * chunk_;
       const size_t len = std::min(chunk_, p.numel - begin);
-      float scale;
-      std::memcpy(&scale, in + c * sizeof(float), sizeof scale);
-      if (!(scale >= 0.0f)) {
+      float scale = 0.0f;
+      if constexpr (Scheme::kScaleBytes > 0) {
+        std::memcpy(&scale, in + c * Scheme::kScaleBytes, sizeof scale);
+      }
+      if (Scheme::kScaleBytes > 0 && !(scale >= 0.0f)) {
         throw DataError(fmt::format(
             "{}: the {} block from rank {} (slice {}) is malformed: the scale of chunk {} is {} "
             "(expected a number >= 0)",
@@ -597,7 +606,9 @@ class TwoStageCodec final : public GradientCodec {
   size_t chunk_;
   uint64_t seed_;
   bool stochastic_;
+  float momentum_;
   std::vector<float> residual_;
+  std::vector<float> velocity_;  // u (momentum only)
   SlicePlan plan_;
   // Kept across calls: no allocation once the sizes are known.
   std::vector<uint8_t> send_, recv_, mine_, gather_;
@@ -608,9 +619,10 @@ class TwoStageCodec final : public GradientCodec {
 
 }  // namespace
 
-std::unique_ptr<GradientCodec> make_half(const CompressionOptions&, const CodecLayout& layout,
-                                         bool bf16) {
-  return std::make_unique<HalfCodec>(layout, bf16);
+std::unique_ptr<GradientCodec> make_half(const CompressionOptions& options,
+                                         const CodecLayout& layout, int world_size, bool bf16) {
+  if (bf16) return std::make_unique<TwoStageCodec<HalfScheme<true>>>(options, layout, world_size);
+  return std::make_unique<TwoStageCodec<HalfScheme<false>>>(options, layout, world_size);
 }
 
 std::unique_ptr<GradientCodec> make_int8(const CompressionOptions& options,

@@ -12,7 +12,7 @@ namespace weft::train::codecs {
 
 // codec_dense.cc: fp16 and bf16 (bf16 == true).
 std::unique_ptr<GradientCodec> make_half(const CompressionOptions& options,
-                                         const CodecLayout& layout, bool bf16);
+                                         const CodecLayout& layout, int world_size, bool bf16);
 // codec_dense.cc: int8 with a scale per chunk and stochastic rounding.
 std::unique_ptr<GradientCodec> make_int8(const CompressionOptions& options,
                                          const CodecLayout& layout, int world_size);

@@ -58,6 +58,26 @@ double parse_number(std::string_view spec, std::string_view text) {
   return v;
 }
 
+// Momentum inside the codec: a factor in [0, 1), and only for the codecs
+// that compress a velocity (top-k, fp16, bf16, int8, sign). none and
+// powersgd send the gradient as the optimizer will use it, and auto may
+// switch to either.
+void check_momentum(const CompressionOptions& options) {
+  const std::string spec = compression_name(options);
+  if (!(options.momentum >= 0.0 && options.momentum < 1.0)) {
+    throw InvalidArgument(
+        fmt::format("--compress {}: the momentum correction factor must be in [0, 1), got {}", spec,
+                    options.momentum));
+  }
+  if (options.momentum > 0.0 && (options.automatic || options.codec == CodecKind::None ||
+                                 options.codec == CodecKind::PowerSgd)) {
+    throw InvalidArgument(fmt::format(
+        "--compress {}: momentum inside the codec ({}) is for topk, fp16, bf16, int8 and sign; "
+        "with {} the optimizer applies the momentum",
+        spec, options.momentum, spec));
+  }
+}
+
 }  // namespace
 
 size_t CodecTensor::numel() const {
@@ -161,10 +181,11 @@ std::unique_ptr<GradientCodec> make_codec(const CompressionOptions& options,
     throw InvalidArgument(
         fmt::format("--compress {}: the chunk size must be >= 1", compression_name(options)));
   }
+  check_momentum(options);
   switch (options.codec) {
     case CodecKind::None: return std::make_unique<NoneCodec>(layout);
-    case CodecKind::Fp16: return codecs::make_half(options, layout, false);
-    case CodecKind::Bf16: return codecs::make_half(options, layout, true);
+    case CodecKind::Fp16: return codecs::make_half(options, layout, world_size, false);
+    case CodecKind::Bf16: return codecs::make_half(options, layout, world_size, true);
     case CodecKind::Int8: return codecs::make_int8(options, layout, world_size);
     case CodecKind::Sign: return codecs::make_sign(options, layout, world_size);
     case CodecKind::TopK: return codecs::make_topk(options, layout, world_size);
@@ -183,14 +204,10 @@ void validate_compression(const CompressionOptions& options, std::span<const Cod
     throw InvalidArgument(fmt::format("--compress {}: the PowerSGD rank must be >= 1, got {}", spec,
                                       options.powersgd_rank));
   }
-  if (!(options.momentum >= 0.0 && options.momentum < 1.0)) {
-    throw InvalidArgument(
-        fmt::format("--compress {}: the momentum correction factor must be in [0, 1), got {}", spec,
-                    options.momentum));
-  }
   if (options.chunk == 0) {
     throw InvalidArgument(fmt::format("--compress {}: the chunk size must be >= 1", spec));
   }
+  check_momentum(options);
   if (options.automatic) return;
   if (options.codec == CodecKind::PowerSgd) {
     size_t best = 0;

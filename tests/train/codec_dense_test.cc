@@ -155,6 +155,7 @@ TEST(CodecDense, HalfRoundingMatchesTheReference) {
         expected = bfloat16_to_float(float_to_bfloat16(x));
         if (std::isinf(expected)) expected = std::copysign(0x1.fep127f, x);
       }
+      expected += 0.0f;  // the owner's float32 sum starts at +0: a -0 comes back +0
       ASSERT_EQ(std::memcmp(&out[i], &expected, sizeof expected), 0)
           << codec_kind_name(kind) << " " << in[i] << ": " << out[i] << " != " << expected;
     }
@@ -251,11 +252,12 @@ TEST(CodecDense, Int8RoundingIsSeeded) {
 }
 
 // ~20 steps on n ranks: summed over the ranks, the residuals plus n times
-// the sum of the averages equal the sum of the gradients; every rank gets
-// the same bits; bytes_sent follows wire_bytes().
-void check_invariant(CodecKind kind, int n, size_t numel, size_t chunk) {
-  SCOPED_TRACE(
-      fmt::format("{} on {} ranks, numel {}, chunk {}", codec_kind_name(kind), n, numel, chunk));
+// the sum of the averages equal the sum of the gradients (with momentum m,
+// of the velocities u = m u + grad); every rank gets the same bits;
+// bytes_sent follows wire_bytes().
+void check_invariant(CodecKind kind, int n, size_t numel, size_t chunk, double momentum = 0.0) {
+  SCOPED_TRACE(fmt::format("{} on {} ranks, numel {}, chunk {}, momentum {}", codec_kind_name(kind),
+                           n, numel, chunk, momentum));
   const int steps = 20;
   std::vector<std::vector<double>> grad_sum(n, std::vector<double>(numel, 0.0));
   std::vector<std::vector<double>> avg_sum(n, std::vector<double>(numel, 0.0));
@@ -268,14 +270,18 @@ void check_invariant(CodecKind kind, int n, size_t numel, size_t chunk) {
   auto store = std::make_shared<MemoryStore>();
   run_ranks_ok(n, [&](int r) {
     auto comm = make_comm(r, n, store);
-    auto codec = make_codec(options_of(kind, chunk), layout_of(numel), n);
+    CompressionOptions o = options_of(kind, chunk);
+    o.momentum = momentum;
+    auto codec = make_codec(o, layout_of(numel), n);
+    std::vector<float> u(numel, 0.0f);
     for (int t = 0; t < steps; ++t) {
       // Gradients of very different magnitudes per rank and step.
       std::vector<float> g =
           random_values(numel, static_cast<uint64_t>(r * 1000 + t), std::pow(2.0f, (t + r) % 5));
       for (size_t i = 0; i < numel; ++i) {
-        grad_sum[r][i] += g[i];
-        grad_abs[r][i] += std::fabs(g[i]);
+        u[i] = static_cast<float>(momentum) * u[i] + g[i];  // = g without momentum
+        grad_sum[r][i] += u[i];
+        grad_abs[r][i] += std::fabs(u[i]);
       }
       codec->average(*comm, g, Timeout(30s));
       for (size_t i = 0; i < numel; ++i) {
@@ -295,12 +301,9 @@ void check_invariant(CodecKind kind, int n, size_t numel, size_t chunk) {
           << "rank " << r << " step " << t << " differs from rank 0";
     }
   }
-  // Float rounding, relative to the magnitudes involved; fp16 and bf16 also
-  // round the average itself to 16 bits (the allreduce's result), an error
-  // no rank can keep: up to half a unit in the last place of each average.
-  const double avg_rounding = kind == CodecKind::Fp16   ? 0x1p-11
-                              : kind == CodecKind::Bf16 ? 0x1p-8
-                                                        : 0.0;
+  // Float rounding, relative to the magnitudes involved (every codec keeps
+  // the second stage's rounding in the owner's residual: nothing else is
+  // lost).
   for (size_t i = 0; i < numel; ++i) {
     double lhs = static_cast<double>(n) * avg_sum[0][i];
     double rhs = 0;
@@ -310,8 +313,7 @@ void check_invariant(CodecKind kind, int n, size_t numel, size_t chunk) {
       rhs += grad_sum[r][i];
       magnitude += std::fabs(residual[r][i]) + grad_abs[r][i];
     }
-    const double tol = 1e-6 * magnitude + static_cast<double>(n) * avg_rounding * avg_abs[0][i] +
-                       (kind == CodecKind::Fp16 ? n * steps * 0x1p-25 : 0.0);
+    const double tol = 1e-6 * magnitude;
     ASSERT_NEAR(lhs, rhs, tol) << "element " << i;
   }
   for (int r = 0; r < n; ++r) {
@@ -334,11 +336,16 @@ TEST(CodecDense, ErrorFeedbackInvariantAndIdenticalResults) {
     }
   }
   check_invariant(CodecKind::Sign, 3, 1000, 13);  // chunks that do not start on a byte
+  for (CodecKind kind : kDense) check_invariant(kind, 3, 2501, 256, 0.9);
 }
 
 // Least squares on 3 ranks, each with its own data: SGD on the codec's
 // average of the gradients gets close to the loss uncompressed SGD reaches.
-double train_least_squares(CodecKind kind, int steps = 400) {
+// With momentum m, SGD with heavy-ball momentum: applied by the "optimizer"
+// after the codec's average, or (in_codec) by the codec before
+// compression, the optimizer then applying none.
+double train_least_squares(CodecKind kind, int steps = 400, double momentum = 0.0,
+                           bool in_codec = false) {
   const int n = 3;
   const size_t d = 40;
   const size_t m = 50;  // samples per rank
@@ -372,12 +379,19 @@ double train_least_squares(CodecKind kind, int steps = 400) {
   auto store = std::make_shared<MemoryStore>();
   run_ranks_ok(n, [&](int r) {
     auto comm = make_comm(r, n, store);
-    auto codec = make_codec(options_of(kind, 16), layout_of(d), n);
+    CompressionOptions o = options_of(kind, 16);
+    if (in_codec) o.momentum = momentum;
+    auto codec = make_codec(o, layout_of(d), n);
+    const auto mom = static_cast<float>(in_codec ? 0.0 : momentum);
     std::vector<float> g;
+    std::vector<float> v(d, 0.0f);
     for (int t = 0; t < steps; ++t) {
       loss_of(r, w[r], &g);
       codec->average(*comm, g, Timeout(30s));
-      for (size_t k = 0; k < d; ++k) w[r][k] -= lr * g[k];
+      for (size_t k = 0; k < d; ++k) {
+        v[k] = mom * v[k] + g[k];
+        w[r][k] -= lr * v[k];
+      }
     }
   });
   for (int r = 1; r < n; ++r) EXPECT_EQ(w[r], w[0]) << "rank " << r << " has other weights";
@@ -393,6 +407,24 @@ TEST(CodecDense, ConvergesLikeUncompressedSgd) {
   for (CodecKind kind : kDense) {
     const double loss = train_least_squares(kind);
     EXPECT_LE(loss, baseline * 1.02) << codec_kind_name(kind) << " vs none " << baseline;
+  }
+}
+
+// Momentum inside the codec (the velocity is compressed) converges like
+// uncompressed SGD with the same momentum. Sign only up to a moderate
+// momentum: at 0.9 error-feedback sign oscillates on this problem whether
+// the momentum is applied before or after it (loss 1 to 600 against
+// 0.003), so the test keeps sign at 0.5.
+TEST(CodecDense, MomentumInsideTheCodecConverges) {
+  for (double momentum : {0.5, 0.9}) {
+    const double baseline = train_least_squares(CodecKind::None, 200, momentum);
+    ASSERT_LT(baseline, train_least_squares(CodecKind::None, 0) / 100);
+    for (CodecKind kind : kDense) {
+      if (kind == CodecKind::Sign && momentum > 0.5) continue;
+      const double loss = train_least_squares(kind, 200, momentum, true);
+      EXPECT_LE(loss, baseline * 1.05)
+          << codec_kind_name(kind) << " momentum " << momentum << " vs none " << baseline;
+    }
   }
 }
 

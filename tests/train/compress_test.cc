@@ -120,6 +120,21 @@ TEST(CompressionOptions, WholeModelChecksNameTheOption) {
   bad.momentum = 1.0;
   testing::expect_error<InvalidArgument>([&] { validate_compression(bad, model); },
                                          {"momentum", "[0, 1)"});
+  // Momentum inside the codec is for the codecs that compress a velocity.
+  for (const char* spec : {"auto", "none", "powersgd:4"}) {
+    CompressionOptions m = parse_compression(spec);
+    m.momentum = 0.9;
+    testing::expect_error<InvalidArgument>([&] { validate_compression(m, model); },
+                                           {fmt::format("--compress {}", spec), "momentum"});
+    if (!m.automatic) {
+      testing::expect_error<InvalidArgument>([&] { make_codec(m, model[0], 2); }, {"momentum"});
+    }
+  }
+  for (const char* spec : {"topk:0.01", "fp16", "bf16", "int8", "sign"}) {
+    CompressionOptions m = parse_compression(spec);
+    m.momentum = 0.9;
+    EXPECT_NO_THROW(validate_compression(m, model)) << spec;
+  }
 }
 
 TEST(CompressionOptions, ChoiceIsTheMostFaithfulOfTheNearFastest) {

@@ -1,6 +1,7 @@
-// The top-k codec (see weft/compress.h): each rank sends the k largest
-// magnitudes of its gradient plus residual as (index, bfloat16 value) pairs
-// and keeps the rest, and the rounding error of what it sent, for the next
+// The top-k codec (see weft/compress.h): each rank sends, in every tensor
+// of the bucket, the fraction F of its values with the largest magnitudes
+// of its gradient plus residual as (index, bfloat16 value) pairs and keeps
+// the rest, and the rounding error of what it sent, for the next
 // step (error feedback). With momentum m > 0 it applies DGC's momentum
 // correction: u = m u + grad, v = v + u, v is what is selected from and the
 // residual, and the sent entries are cleared from v and u.
@@ -92,8 +93,23 @@ class TopKCodec final : public GradientCodec {
         world_size_(world_size),
         residual_(layout.numel, 0.0f),
         velocity_(options.momentum > 0 ? layout.numel : 0, 0.0f) {
-    const double want = std::ceil(fraction_ * static_cast<double>(numel_));
-    k_ = std::min(numel_, std::max<size_t>(1, static_cast<size_t>(want)));
+    // One segment per tensor when the tensors tile the bucket (in order,
+    // no gap), else the whole bucket as one.
+    std::vector<std::pair<size_t, size_t>> segs;
+    size_t at = 0;
+    for (const CodecTensor& t : layout.tensors) {
+      if (t.offset != at || t.numel() > numel_ - at) break;
+      if (t.numel() > 0) segs.emplace_back(at, t.numel());
+      at += t.numel();
+    }
+    if (at != numel_ || segs.empty()) segs.assign(1, {0, numel_});
+    k_ = 0;
+    for (const auto& [begin, len] : segs) {
+      const double want = std::ceil(fraction_ * static_cast<double>(len));
+      const size_t k = std::min(len, std::max<size_t>(1, static_cast<size_t>(want)));
+      segments_.push_back(Segment{begin, len, k});
+      k_ += k;
+    }
   }
 
   std::string name() const override {
@@ -168,9 +184,12 @@ class TopKCodec final : public GradientCodec {
     }
   }
 
-  // indices_: the k largest |residual_| (ties to the lower index), sorted;
-  // values_: their bfloat16 values; the residual keeps the rest and the
-  // rounding error; sent entries are cleared from the velocity.
+  // indices_: in each tensor, its k largest |residual_| (ties to the lower
+  // index), sorted; values_: their bfloat16 values; the residual keeps the
+  // rest and the rounding error; sent entries are cleared from the
+  // velocity. Per tensor, as DGC selects per layer: a layer of small
+  // gradients (a convolution next to a large fully connected layer) still
+  // sends its share every step instead of waiting in the residual.
   void select() {
     key_.resize(numel_);
     for (size_t i = 0; i < numel_; ++i) {
@@ -179,14 +198,20 @@ class TopKCodec final : public GradientCodec {
     }
     order_.resize(numel_);
     std::iota(order_.begin(), order_.end(), uint32_t{0});
-    if (k_ < numel_) {
-      std::nth_element(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(k_),
-                       order_.end(), [this](uint32_t a, uint32_t b) {
-                         return key_[a] > key_[b] || (key_[a] == key_[b] && a < b);
-                       });
+    indices_.clear();
+    for (const Segment& seg : segments_) {
+      const auto first = order_.begin() + static_cast<std::ptrdiff_t>(seg.begin);
+      const auto last = first + static_cast<std::ptrdiff_t>(seg.len);
+      const auto kth = first + static_cast<std::ptrdiff_t>(seg.k);
+      if (seg.k < seg.len) {
+        std::nth_element(first, kth, last, [this](uint32_t a, uint32_t b) {
+          return key_[a] > key_[b] || (key_[a] == key_[b] && a < b);
+        });
+      }
+      const size_t from = indices_.size();
+      indices_.insert(indices_.end(), first, kth);
+      std::sort(indices_.begin() + static_cast<std::ptrdiff_t>(from), indices_.end());
     }
-    indices_.assign(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(k_));
-    std::sort(indices_.begin(), indices_.end());
     values_.resize(k_);
     for (size_t j = 0; j < k_; ++j) {
       const uint32_t i = indices_[j];
@@ -316,7 +341,14 @@ class TopKCodec final : public GradientCodec {
   double momentum_;
   size_t numel_;
   int world_size_;
-  size_t k_ = 1;
+  // A tensor of the bucket: [begin, begin + len), k values sent per step.
+  struct Segment {
+    size_t begin = 0;
+    size_t len = 0;
+    size_t k = 0;
+  };
+  std::vector<Segment> segments_;
+  size_t k_ = 1;                 // the sum of the segments' k
   std::vector<float> residual_;  // e, or v with momentum
   std::vector<float> velocity_;  // u (momentum only)
   // Buffers kept across calls.

@@ -100,6 +100,46 @@ TEST(TopK, SelectsExactlyTheKLargest) {
   EXPECT_EQ(codec->stats().bytes_sent, 0u);  // one rank sends nothing
 }
 
+// Per tensor, as DGC selects per layer: a tensor of gradients 1000 times
+// smaller than its neighbour's still sends its own ceil(F * numel) largest
+// every step; a layout whose tensors do not tile the bucket is one tensor.
+TEST(TopK, SelectsPerTensor) {
+  CodecLayout two;
+  two.numel = 1100;
+  two.tensors = {{"fc.weight", 0, {1000}}, {"conv.bias", 1000, {100}}};
+  std::vector<float> g = random_vector(1000, 2);
+  const std::vector<float> small = random_vector(100, 3, 1e-3f);
+  g.insert(g.end(), small.begin(), small.end());
+  const std::vector<float> in = g;
+  auto codec = make_codec(topk(0.02), two, 1);  // k = 20 + 2
+  with_ranks(1, [&](int, Communicator& comm) { codec->average(comm, g, 10s); });
+  auto sent_in = [&](size_t begin, size_t end) {
+    size_t count = 0;
+    for (size_t i = begin; i < end; ++i) count += g[i] != 0.0f;
+    return count;
+  };
+  EXPECT_EQ(sent_in(0, 1000), 20u);
+  EXPECT_EQ(sent_in(1000, 1100), 2u);
+  // The two sent in the small tensor are its two largest.
+  std::vector<float> mags;
+  for (size_t i = 1000; i < 1100; ++i) mags.push_back(std::fabs(in[i]));
+  std::sort(mags.begin(), mags.end(), std::greater<>());
+  for (size_t i = 1000; i < 1100; ++i) {
+    if (g[i] != 0.0f) {
+      EXPECT_GE(std::fabs(in[i]), mags[1]) << i;
+    }
+  }
+  // Overlapping tensors: the whole bucket is one, k = ceil(0.02 * 1100) =
+  // 22, all of them in the large values.
+  CodecLayout overlap = two;
+  overlap.tensors[1].offset = 900;
+  g = in;
+  auto whole = make_codec(topk(0.02), overlap, 1);
+  with_ranks(1, [&](int, Communicator& comm) { whole->average(comm, g, 10s); });
+  EXPECT_EQ(sent_in(0, 1000), 22u);
+  EXPECT_EQ(sent_in(1000, 1100), 0u);
+}
+
 // Runs `steps` average() calls of `options` on n ranks with random
 // gradients; checks that every rank ends each step with the same bits and
 // returns, per rank, the codec.

@@ -47,13 +47,14 @@
 #
 #   bench/compression.sh [--rounds R] [--epochs E] [--links "10mbit 100mbit 1gbit unshaped"]
 #       [--settings "none fp16 ..."] [--steps N] [--slow-steps N] [--extra-steps D]
-#       [--quick] [--no-e2e] [--acc-auto] [--reuse-accuracy RESULTS.jsonl] [--balance MODE] [--quiet-wait S] [--build DIR]
+#       [--quick] [--no-e2e] [--acc-auto] [--reuse-accuracy RESULTS.jsonl] [--rerun-accuracy "S ..."] [--balance MODE] [--quiet-wait S] [--build DIR]
 #       [--anchors DIR] [--out DIR] [--png-dir DIR]
 # --quick: 10 Mbit/s and unshaped, settings none topk:0.01 auto ddp-fp16, accuracy runs
 #   of 12 steps, timing runs of 22/30 steps, 2 rounds, no end-to-end run (~5-8 min on a
 #   quiet machine).
 # --reuse-accuracy takes the accuracy runs from an earlier run's results.jsonl
-# and makes only the timing (and end-to-end) runs.
+# (for the settings it holds, except those --rerun-accuracy "S ..." names: a
+# codec changed since) and makes the others, the timing and end-to-end runs.
 # BENCH_NO_COMPRESS=1 leaves out --compress (a build without it: only none,
 # local-sgd and the DDP settings are run). Re-make the report of a run:
 #   /usr/bin/python3 bench/compression_report.py OUT [--png-dir DIR]
@@ -79,6 +80,7 @@ png_dir=""
 acc_max_steps=0
 acc_auto=0
 reuse=""
+rerun=""
 # --quick sets its defaults first; the other arguments override them.
 for a in "$@"; do
   if [ "$a" = --quick ]; then
@@ -101,6 +103,7 @@ while [ $# -gt 0 ]; do
     --no-e2e) e2e=0; shift ;;
     --acc-auto) acc_auto=1; shift ;;
     --reuse-accuracy) reuse=$2; shift 2 ;;
+    --rerun-accuracy) rerun=" $2 "; shift 2 ;;
     --balance) balance=$2; shift 2 ;;
     --quiet-wait) quiet_wait=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
@@ -320,12 +323,21 @@ if [ "$acc_auto" = 0 ] && [[ " $settings " == *" auto "* ]]; then
   [ $all = 1 ] && acc_settings=$(echo " $settings " | sed 's/ auto / /; s/^ //; s/ $//')
 fi
 if [ -n "$reuse" ]; then
-  # The accuracy runs of an earlier run (its results.jsonl): only the timing runs are made.
+  # The accuracy runs of an earlier run (its results.jsonl) for every setting it holds,
+  # except those of --rerun-accuracy; the others are run.
   [ -r "$reuse" ] || { echo "compression.sh: --reuse-accuracy $reuse: cannot read it" >&2; exit 2; }
-  grep '^{"phase": "accuracy"' "$reuse" >>"$results" ||
+  grep -q '^{"phase": "accuracy"' "$reuse" ||
     { echo "compression.sh: --reuse-accuracy $reuse: no accuracy runs in it" >&2; exit 2; }
-  acc_settings=""
-  echo "== accuracy runs taken from $reuse" >&2
+  todo=""
+  for s in $acc_settings; do
+    if [[ " $rerun " != *" $s "* ]] &&
+      grep -F "{\"phase\": \"accuracy\", \"link\": \"unshaped\", \"round\": 1, \"setting\": \"$s\"," "$reuse" >>"$results"; then
+      echo "== accuracy: $s taken from $reuse" >&2
+    else
+      todo="$todo $s"
+    fi
+  done
+  acc_settings=${todo# }
 fi
 [ -n "$acc_settings" ] && link unshaped
 for s in $acc_settings; do
@@ -389,6 +401,7 @@ cluster_rate=""
   echo "quick $quick"
   echo "has_compress $has_compress"
   [ -z "$reuse" ] || echo "accuracy_from $reuse"
+  [ -z "$reuse" ] || echo "accuracy_made ${acc_settings:--}"
 } >"$out/meta.txt"
 "$py" "$here/compression_report.py" "$out" --png-dir "$png_dir"
 echo "compression.sh: report in $out/report.md, plots in $png_dir" >&2

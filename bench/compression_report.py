@@ -394,8 +394,10 @@ def report(out, png_dir, rows, meta):
       "evaluation time left out. For auto, the steps of the codec it chose on that link.")
     if meta.get("accuracy_from"):
         p("")
-        p(f"The accuracy runs (1) are those of an earlier run ({meta['accuracy_from']}); "
-          "this run made the timing runs.")
+        made = meta.get("accuracy_made", "-")
+        p(f"The accuracy runs (1) are those of an earlier run ({meta['accuracy_from']}), "
+          + ("except " + ", ".join(made.split()) + ", made in this run; "
+             if made != "-" else "") + "this run made the timing runs.")
     p("")
     if acc:
         ne = max(len(a["acc"]) for a in acc.values())

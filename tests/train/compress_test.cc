@@ -194,6 +194,12 @@ struct Regression {
             Parameter{"b", DType::Float32, {kOut}, b.data(), nullptr}};
   }
 
+  // Plain SGD: w -= lr * gw, b -= lr * gb.
+  void sgd_step(const float* gw, const float* gb, float lr) {
+    for (size_t i = 0; i < w.size(); ++i) w[i] -= lr * gw[i];
+    for (size_t i = 0; i < b.size(); ++i) b[i] -= lr * gb[i];
+  }
+
   // Writes the mean-squared-error gradient into gw, gb; returns the loss.
   double gradient(float* gw, float* gb) const {
     std::fill(gw, gw + kOut * kIn, 0.0f);
@@ -241,8 +247,7 @@ double train(const std::string& spec, int n, int steps, DataParallelOptions base
       dp.grad_ready(1);
       dp.grad_ready(0);
       dp.finish_gradients();
-      for (size_t i = 0; i < model.w.size(); ++i) model.w[i] -= lr * gw[i];
-      for (size_t i = 0; i < model.b.size(); ++i) model.b[i] -= lr * gb[i];
+      model.sgd_step(gw, gb, lr);
       dp.end_step();
       // Identical replicas: rank 0's parameters, bit for bit.
       std::vector<float> ref = model.w;
@@ -381,8 +386,7 @@ TEST(CompressedDataParallel, LocalSgdAveragesCompressedDeltas) {
         const double loss = model.gradient(gw.data(), gb.data());
         if (step == 0) first = loss;
         dp.finish_gradients();
-        for (size_t i = 0; i < model.w.size(); ++i) model.w[i] -= 0.05f * gw[i];
-        for (size_t i = 0; i < model.b.size(); ++i) model.b[i] -= 0.05f * gb[i];
+        model.sgd_step(gw.data(), gb.data(), 0.05f);
         dp.end_step();
         if ((step + 1) % 4 == 0) {
           std::vector<float> ref = model.w;
@@ -427,8 +431,7 @@ TEST(CompressedDataParallel, FirstAverageAfterWarmUpKeepsTheProgress) {
       dp.finish_gradients();
       const float* g0 = static_cast<const float*>(dp.grad_slot(0).data());
       const float* g1 = static_cast<const float*>(dp.grad_slot(1).data());
-      for (size_t i = 0; i < model.w.size(); ++i) model.w[i] -= 0.05f * g0[i];
-      for (size_t i = 0; i < model.b.size(); ++i) model.b[i] -= 0.05f * g1[i];
+      model.sgd_step(g0, g1, 0.05f);
       dp.end_step();  // step 41: the first average of local SGD
     }
     double after = model.gradient(gw.data(), gb.data());

@@ -374,11 +374,7 @@ std::unique_ptr<GradientCodec> make_topk(const CompressionOptions& options,
     throw InvalidArgument(fmt::format("--compress {}: the top-k fraction must be in (0, 1], got {}",
                                       spec, options.topk_fraction));
   }
-  if (!(options.momentum >= 0.0 && options.momentum < 1.0)) {
-    throw InvalidArgument(
-        fmt::format("--compress {}: the momentum correction factor must be in [0, 1), got {}", spec,
-                    options.momentum));
-  }
+  // The momentum factor is checked by make_codec() (compress.cc) for every codec.
   if (layout.numel > std::numeric_limits<uint32_t>::max()) {
     throw InvalidArgument(
         fmt::format("--compress {}: a bucket of {} values is too large for 32-bit indices", spec,

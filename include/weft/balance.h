@@ -164,6 +164,11 @@ struct WorkerFigures {
   uint64_t rss_bytes = 0;
   double throttled_fraction = 0;  // of the window spent throttled by a cgroup quota
   double gpu_utilization = -1;    // 0..1, -1 where no GPU is seen
+  // Resident memory over the cgroup memory limit, 0 where there is none.
+  double memory_pressure = 0;
+  // Near its memory limit (memory_pressure >= 0.9): planned at half its
+  // rate, so that its share falls.
+  bool shedding = false;
   bool straggler = false;
 };
 

@@ -329,9 +329,11 @@ void Balancer::exchange() {
     w.rss_bytes = std::isfinite(f[kRss]) && f[kRss] > 0 ? static_cast<uint64_t>(f[kRss]) : 0;
     w.throttled_fraction = f[kThrottled];
     w.gpu_utilization = f[kGpu];
+    w.memory_pressure = std::isfinite(f[kMemoryPressure]) ? f[kMemoryPressure] : 0;
+    w.shedding = w.memory_pressure >= kMemoryPressureShed;
     rates[static_cast<size_t>(r)] = f[kRate];
     plan_rates[static_cast<size_t>(r)] = f[kRate];
-    if (f[kMemoryPressure] >= kMemoryPressureShed) {
+    if (w.shedding) {
       plan_rates[static_cast<size_t>(r)] = f[kRate] / 2;
       shedding.push_back(r);
     }

@@ -1,9 +1,13 @@
-// A real straggler under `weft run`: rank 1 of 2 runs in a cgroup with a
-// CPU quota of a tenth of a core (../shared/guide/MACHINE.md), doing real CPU
-// work per sample (balance_worker). Its share of the global batch must fall
-// well below the unthrottled rank's, and the balancer must see the
-// throttling. Skipped where no CPU cgroup can be made (not root, no
-// hierarchy).
+// Real overloaded workers under `weft run`, doing real CPU work per sample
+// (balance_worker):
+// * a straggler: rank 1 of 2 runs in a cgroup with a CPU quota of a tenth
+//   of a core (../shared/guide/MACHINE.md). Its share of the global batch
+//   must fall well below the unthrottled rank's, and the balancer must see
+//   the throttling.
+// * memory pressure: rank 1 of 2 runs in a memory cgroup whose limit its
+//   resident memory nearly fills. It must be seen shedding work and its
+//   share must fall, though it computes as fast as rank 0.
+// Skipped where no such cgroup can be made (not root, no hierarchy).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -52,6 +56,47 @@ TEST(BalanceUnderWeftRun, ThrottledWorkersShareFalls) {
   EXPECT_LT(static_cast<double>(s1), 0.7 * static_cast<double>(s0)) << r.dump();
   EXPECT_GE(r["decisions"].get<int>(), 1) << r.dump();
   EXPECT_LT(r["rates"][1].get<double>(), r["rates"][0].get<double>()) << r.dump();
+}
+
+TEST(BalanceUnderWeftRun, WorkerNearItsMemoryLimitShedsWork) {
+  const std::string why = testing::MemoryLimitGroup::unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  // No limit until the worker sets one from its own resident memory.
+  auto group = testing::MemoryLimitGroup::create(fmt::format("weft-memory-test-{}", getpid()), -1);
+  Process p({testing::bin_dir() + "/weft",
+             "run",
+             "-n",
+             "2",
+             "--",
+             testing::bin_dir() + "/balance_worker",
+             "--steps",
+             "60",
+             "--global-batch",
+             "64",
+             "--work-per-sample",
+             "20000",
+             "--slow-rank",
+             "1",
+             "--memory-cgroup",
+             group->path(),
+             "--ballast-mb",
+             "64",
+             "--memory-fill",
+             "0.93"});
+  ASSERT_TRUE(p.wait(240s)) << p.output();
+  ASSERT_EQ(p.exit_code(), 0) << p.output();
+  const auto r = result_of(p.output());
+  ASSERT_TRUE(r.contains("shedding")) << p.output();
+  EXPECT_FALSE(r["shedding"][0].get<bool>()) << r.dump();
+  EXPECT_TRUE(r["shedding"][1].get<bool>()) << r.dump();
+  EXPECT_GE(r["memory_pressure"][1].get<double>(), 0.9) << r.dump();
+  EXPECT_LT(r["memory_pressure"][1].get<double>(), 1.0) << r.dump();
+  const auto s0 = r["shares"][0].get<int64_t>(), s1 = r["shares"][1].get<int64_t>();
+  EXPECT_EQ(s0 + s1, 64);
+  // Planned at half its rate: about a third of the batch against two
+  // thirds. Equal workers without shedding stay near half each.
+  EXPECT_LT(static_cast<double>(s1), 0.8 * static_cast<double>(s0)) << r.dump();
+  EXPECT_GE(r["decisions"].get<int>(), 1) << r.dump();
 }
 
 }  // namespace

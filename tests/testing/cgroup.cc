@@ -41,9 +41,9 @@ bool file_has_word(const std::string& path, const std::string& word) {
   return false;
 }
 
-// The cpu hierarchy as this process sees it mounted: v1 with the "cpu"
-// controller, else cgroup2 whose root offers "cpu".
-Hierarchy find_hierarchy() {
+// The hierarchy of `controller` ("cpu", "memory") as this process sees it
+// mounted: v1 with that controller, else cgroup2 whose root offers it.
+Hierarchy find_hierarchy(const std::string& controller) {
   std::ifstream in("/proc/self/mountinfo");
   std::string line;
   Hierarchy v2;
@@ -55,10 +55,10 @@ Hierarchy find_hierarchy() {
     const std::string& fstype = f[dash + 1];
     if (fstype == "cgroup") {
       for (const auto& o : split(f[dash + 3], ',')) {
-        if (o == "cpu") return {f[4], 1};
+        if (o == controller) return {f[4], 1};
       }
     } else if (fstype == "cgroup2" && v2.version == 0) {
-      if (file_has_word(f[4] + "/cgroup.controllers", "cpu")) v2 = {f[4], 2};
+      if (file_has_word(f[4] + "/cgroup.controllers", controller)) v2 = {f[4], 2};
     }
   }
   return v2;
@@ -86,60 +86,101 @@ std::string quota_text(int version, int64_t quota_us, int64_t period_us) {
 
 namespace {
 
-// On v2 the cpu controller must be on in the root's subtree for a new
-// group to have cpu.max: switched on when off (and left on). Where the root
-// is a container's, whose own processes live in it, the kernel refuses
-// (EBUSY, the rule of no processes in inner groups). "" when done.
-std::string enable_cpu_controller(const Hierarchy& h) {
+// On v2 a controller must be on in the root's subtree for a new group to
+// have its files (cpu.max, memory.max): switched on when off (and left on).
+// Where the root is a container's, whose own processes live in it, the
+// kernel refuses (EBUSY, the rule of no processes in inner groups). "" when
+// done.
+std::string enable_controller(const Hierarchy& h, const std::string& controller) {
   if (h.version != 2) return "";
   const std::string file = h.mount_point + "/cgroup.subtree_control";
-  if (file_has_word(file, "cpu")) return "";
+  if (file_has_word(file, controller)) return "";
   try {
-    write_file(file, "+cpu");
+    write_file(file, "+" + controller);
   } catch (const std::exception& e) {
-    return std::string("cannot switch on the cpu controller: ") + e.what();
+    return "cannot switch on the " + controller + " controller: " + e.what();
   }
   return "";
 }
 
-}  // namespace
-
-std::string CpuQuotaGroup::unavailable() {
+// Why no group of `controller` with a writable `file` (v1 name, v2 name)
+// can be made here; "" when one can.
+std::string group_unavailable(const std::string& controller, const std::string& v1_file,
+                              const std::string& v2_file) {
   if (geteuid() != 0) {
     return "not root (euid " + std::to_string(geteuid()) + "): making a cgroup needs root";
   }
-  const Hierarchy h = find_hierarchy();
+  const Hierarchy h = find_hierarchy(controller);
   if (h.version == 0) {
-    return "no cgroup v1 'cpu' hierarchy and no cgroup2 hierarchy offering 'cpu' is mounted "
-           "(/proc/self/mountinfo)";
+    return "no cgroup v1 '" + controller + "' hierarchy and no cgroup2 hierarchy offering '" +
+           controller + "' is mounted (/proc/self/mountinfo)";
   }
-  if (std::string why = enable_cpu_controller(h); !why.empty()) return why;
-  // The real question: can a group with a quota file be made there?
+  if (std::string why = enable_controller(h, controller); !why.empty()) return why;
+  // The real question: can a group with that file be made there?
   const std::string probe = h.mount_point + "/weft-probe-" + std::to_string(getpid());
   if (::mkdir(probe.c_str(), 0755) != 0) {
     return "cannot make a cgroup under " + h.mount_point + ": " + std::strerror(errno);
   }
-  const std::string quota = probe + (h.version == 1 ? "/cpu.cfs_quota_us" : "/cpu.max");
-  const bool has_quota = ::access(quota.c_str(), W_OK) == 0;
+  const std::string file = probe + "/" + (h.version == 1 ? v1_file : v2_file);
+  const bool writable = ::access(file.c_str(), W_OK) == 0;
   ::rmdir(probe.c_str());
-  if (!has_quota) return "a new cgroup under " + h.mount_point + " has no writable " + quota;
+  if (!writable) return "a new cgroup under " + h.mount_point + " has no writable " + file;
   return "";
 }
 
-std::unique_ptr<CpuQuotaGroup> CpuQuotaGroup::create(const std::string& name, int64_t quota_us,
-                                                     int64_t period_us) {
+// Makes the group `name` at the root of the hierarchy of `controller`.
+// Throws std::runtime_error (prefixed by `who`) on any failure.
+std::pair<Hierarchy, std::string> make_group(const std::string& who, const std::string& name,
+                                             const std::string& controller,
+                                             const std::string& why_unavailable) {
   if (name.empty() || name.find('/') != std::string::npos || name[0] == '.') {
-    throw std::runtime_error("CpuQuotaGroup: bad group name '" + name + "'");
+    throw std::runtime_error(who + ": bad group name '" + name + "'");
   }
-  const Hierarchy h = find_hierarchy();
-  if (h.version == 0) throw std::runtime_error("CpuQuotaGroup: " + unavailable());
-  if (std::string why = enable_cpu_controller(h); !why.empty()) {
-    throw std::runtime_error("CpuQuotaGroup: " + why);
+  const Hierarchy h = find_hierarchy(controller);
+  if (h.version == 0) throw std::runtime_error(who + ": " + why_unavailable);
+  if (std::string why = enable_controller(h, controller); !why.empty()) {
+    throw std::runtime_error(who + ": " + why);
   }
   const std::string path = h.mount_point + "/" + name;
   if (::mkdir(path.c_str(), 0755) != 0) {
     throw std::runtime_error("cannot make cgroup " + path + ": " + std::strerror(errno));
   }
+  return {h, path};
+}
+
+// Moves the tasks still in the group to its parent and removes it: tasks
+// first (an exiting one may leave the group busy for a moment), then the
+// directory; given up after about 5 s, reported on stderr.
+void remove_group(const std::string& who, const std::string& parent, const std::string& path) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (;;) {
+    std::ifstream procs(path + "/cgroup.procs");
+    std::string pid;
+    while (procs >> pid) {
+      try {
+        write_file(parent + "/cgroup.procs", pid);
+      } catch (const std::exception&) {
+        // The task may have exited in between: only the rmdir below decides.
+      }
+    }
+    if (::rmdir(path.c_str()) == 0 || errno == ENOENT) return;
+    if (std::chrono::steady_clock::now() >= until) {
+      std::cerr << who << ": cannot remove " << path << ": " << std::strerror(errno) << "\n";
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+}  // namespace
+
+std::string CpuQuotaGroup::unavailable() {
+  return group_unavailable("cpu", "cpu.cfs_quota_us", "cpu.max");
+}
+
+std::unique_ptr<CpuQuotaGroup> CpuQuotaGroup::create(const std::string& name, int64_t quota_us,
+                                                     int64_t period_us) {
+  const auto [h, path] = make_group("CpuQuotaGroup", name, "cpu", unavailable());
   std::unique_ptr<CpuQuotaGroup> g(new CpuQuotaGroup(h.mount_point, path, h.version, period_us));
   if (h.version == 1) {
     write_file(path + "/cpu.cfs_period_us", std::to_string(period_us));
@@ -155,27 +196,31 @@ void CpuQuotaGroup::set_quota(int64_t quota_us) {
 
 void CpuQuotaGroup::add(pid_t pid) { write_file(path_ + "/cgroup.procs", std::to_string(pid)); }
 
-CpuQuotaGroup::~CpuQuotaGroup() {
-  // Tasks first (an exiting one may leave the group busy for a moment), then
-  // the directory; given up after about 5 s.
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  for (;;) {
-    std::ifstream procs(path_ + "/cgroup.procs");
-    std::string pid;
-    while (procs >> pid) {
-      try {
-        write_file(parent_ + "/cgroup.procs", pid);
-      } catch (const std::exception&) {
-        // The task may have exited in between: only the rmdir below decides.
-      }
-    }
-    if (::rmdir(path_.c_str()) == 0 || errno == ENOENT) return;
-    if (std::chrono::steady_clock::now() >= until) {
-      std::cerr << "CpuQuotaGroup: cannot remove " << path_ << ": " << std::strerror(errno) << "\n";
-      return;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+CpuQuotaGroup::~CpuQuotaGroup() { remove_group("CpuQuotaGroup", parent_, path_); }
+
+std::string MemoryLimitGroup::unavailable() {
+  return group_unavailable("memory", "memory.limit_in_bytes", "memory.max");
 }
+
+std::unique_ptr<MemoryLimitGroup> MemoryLimitGroup::create(const std::string& name,
+                                                           int64_t limit_bytes) {
+  const auto [h, path] = make_group("MemoryLimitGroup", name, "memory", unavailable());
+  std::unique_ptr<MemoryLimitGroup> g(new MemoryLimitGroup(h.mount_point, path, h.version));
+  g->set_limit(limit_bytes);  // throws; g's destructor removes the group then
+  return g;
+}
+
+std::string MemoryLimitGroup::limit_file() const {
+  return path_ + (version_ == 1 ? "/memory.limit_in_bytes" : "/memory.max");
+}
+
+void MemoryLimitGroup::set_limit(int64_t limit_bytes) {
+  write_file(limit_file(), limit_bytes < 0 ? std::string(version_ == 1 ? "-1" : "max")
+                                           : std::to_string(limit_bytes));
+}
+
+void MemoryLimitGroup::add(pid_t pid) { write_file(path_ + "/cgroup.procs", std::to_string(pid)); }
+
+MemoryLimitGroup::~MemoryLimitGroup() { remove_group("MemoryLimitGroup", parent_, path_); }
 
 }  // namespace weft::testing

@@ -18,7 +18,11 @@
 // `none` in equal parts. Each step's samples come from a shard queue
 // (weft/shard_queue.h), so every sample is trained exactly once per epoch
 // whatever the shares, and each worker's gradient is weighted by its share
-// so that the averaged gradient is that of the global batch.
+// so that the averaged gradient is that of the global batch. A worker below
+// 10% of the median rate is reported as a straggler; with --straggler drop
+// under `weft run --elastic MIN:MAX`, one that stays a straggler for three
+// exchanges leaves the job at the next commit (while at least MIN workers
+// remain) and the others go on without it from that commit.
 //
 // Checkpoints (weft/checkpoint.h): with --checkpoint-dir DIR, rank 0 writes
 // the training state (model, optimizer, RNG, step, epoch and the shard
@@ -121,8 +125,9 @@ struct Args {
   int64_t balance_every = 5;
   int64_t min_share = 0;  // 0: batch_size / 8, at least 1
   int64_t shard_samples = 64;
-  std::string checkpoint_dir;      // "": no checkpoints
-  int64_t checkpoint_every = 100;  // steps
+  std::string straggler = "report";  // or "drop" (elastic)
+  std::string checkpoint_dir;        // "": no checkpoints
+  int64_t checkpoint_every = 100;    // steps
   int checkpoint_keep = 3;
   int64_t commit_every = 1;  // steps between in-memory commits (elastic)
   std::string resume;        // "": resume from checkpoint_dir when it holds a checkpoint
@@ -365,6 +370,9 @@ std::optional<Resumed> resume(const Args& a, weft::Communicator& comm,
 // Thrown (and caught in run()) when workers joined at a commit: the
 // members go on from that commit in the new generation.
 struct MembershipChanged {};
+// Thrown (and caught in run()) on a worker that left the job (dropped as a
+// straggler): it ends with success, without finishing the job.
+struct LeftTheJob {};
 
 int run(const Args& a) {
   // Under `weft run --elastic MIN:MAX` the workers form generations (weft/elastic.h):
@@ -377,6 +385,11 @@ int run(const Args& a) {
     if (!comm) return 0;  // the job finished before this worker could join
   } else {
     comm = weft::init();
+  }
+  if (a.straggler == "drop" && !group) {
+    throw BadFlag(
+        "--straggler drop: a worker can only leave an elastic job; run it under `weft run "
+        "--elastic MIN:MAX`");
   }
   // A worker that joins a running elastic job gets its state from the
   // members (in the same calls as theirs after a change), not from a
@@ -740,6 +753,40 @@ int run(const Args& a) {
           if (writer && steps_done % a.checkpoint_every == 0) checkpoint(epoch, steps_done);
           if (group && steps_done % a.commit_every == 0) {
             commit(epoch);
+            // Persistent stragglers leave (--straggler drop), as long as
+            // MIN workers remain; the others go on from this commit.
+            const auto slow = a.straggler == "drop"
+                                  ? balancer->stragglers_to_drop(world - group->options().min)
+                                  : std::vector<int>{};
+            if (!slow.empty()) {
+              std::vector<std::string> who;
+              std::vector<double> rates;
+              for (int r : slow) {
+                who.push_back(group->members()[static_cast<size_t>(r)]);
+                rates.push_back(balancer->workers()[static_cast<size_t>(r)].rate);
+              }
+              const std::string why = fmt::format(
+                  "straggler(s) [{}] at [{:.1f}] samples/s, below {:.0f}% of the median rate "
+                  "for {} exchanges in a row",
+                  fmt::join(who, " "), fmt::join(rates, " "),
+                  balancer->options().straggler_floor * 100, balancer->options().drop_after);
+              if (lead) {
+                if (a.json) {
+                  fmt::print(
+                      "{{\"event\": \"straggler_drop\", \"step\": {}, \"ranks\": [{}], "
+                      "\"rates\": [{:.1f}], \"rates_all\": [{}]}}\n",
+                      steps_done, fmt::join(slow, ", "), fmt::join(rates, ", "),
+                      rates_json(*balancer));
+                } else {
+                  fmt::print("step {}: dropping {}\n", steps_done, why);
+                }
+                std::fflush(stdout);
+              }
+              comm = group->remove(slow, why);
+              if (!comm) throw LeftTheJob{};
+              regroup(false);
+              throw MembershipChanged{};  // the epoch goes on from the commit
+            }
             if (group->joins_pending()) {
               comm = group->admit();
               if (!comm)
@@ -841,6 +888,11 @@ int run(const Args& a) {
       }
       break;
     } catch (const MembershipChanged&) {
+    } catch (const LeftTheJob&) {
+      // Dropped: the others go on from the last commit and write the
+      // checkpoints; this worker's pending writes finish first.
+      if (writer) writer->flush();
+      return 0;
     } catch (const weft::Error& e) {
       if (!group || !weft::ElasticGroup::recoverable(e)) throw;
       failure = std::current_exception();
@@ -962,6 +1014,11 @@ int main(int argc, char** argv) {
                  "Smallest share of a worker, samples (0: --batch-size / 8, at least 1)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--straggler", a.straggler,
+                 "A worker below 10% of the median rate: report (log it) or drop (it leaves "
+                 "the job after three exchanges; needs weft run --elastic MIN:MAX)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"report", "drop"}));
   app.add_option("--shard-samples", a.shard_samples, "Samples per shard of the shard queue")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));

@@ -41,7 +41,10 @@
 //   re-plan), so that they settle instead of oscillating. Each decision is
 //   logged with the old and new shares and why.
 // * Stragglers: a worker below `straggler_floor` of the median rate is
-//   reported (logged, WorkerFigures::straggler).
+//   reported (logged, WorkerFigures::straggler); one that stays below it
+//   for `drop_after` exchanges in a row is named by stragglers_to_drop(),
+//   for a job that drops it (the main job's `--straggler drop` under
+//   `weft run --elastic`: ElasticGroup::remove).
 //
 // Every rank computes the same plan from the same exchanged figures, so the
 // shares are identical everywhere without further communication.
@@ -150,6 +153,9 @@ struct BalancerOptions {
   // A worker whose rate is below this fraction of the median rate is
   // reported as a straggler, in [0, 1).
   double straggler_floor = 0.1;
+  // stragglers_to_drop() names a worker once it has been a straggler in
+  // this many exchanges in a row (one slow window is not enough), >= 1.
+  int drop_after = 3;
 };
 
 // One worker's figures, as every rank sees them after an exchange.
@@ -170,6 +176,8 @@ struct WorkerFigures {
   // rate, so that its share falls.
   bool shedding = false;
   bool straggler = false;
+  // Exchanges in a row, up to this one, in which it was a straggler.
+  int straggler_exchanges = 0;
 };
 
 // One re-plan decision, as logged.
@@ -218,6 +226,10 @@ class Balancer {
   // Every worker's host facts (exchanged at construction).
   const std::vector<HostFacts>& hosts() const { return hosts_; }
   const std::vector<Decision>& decisions() const { return decisions_; }
+  // The workers that have been stragglers in the last drop_after exchanges,
+  // slowest first, at most `max` of them (none when max <= 0): the same on
+  // every rank, since every rank judges the same exchanged figures.
+  std::vector<int> stragglers_to_drop(int max) const;
   const BalancerOptions& options() const { return options_; }
   int64_t steps() const { return steps_; }
 

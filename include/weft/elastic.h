@@ -24,7 +24,8 @@
 // (weft/elastic/rdzv/g<k>/count, .../m<i>); it closes once every member of
 // generation k-1 not known to be dead has registered (a dead worker is one
 // its launcher recorded under weft/elastic/dead/<member>, one a survivor
-// evicted, weft/evict/<member>, or the one this worker's error names), or
+// evicted, weft/evict/<member>, one that left, weft/elastic/left/<member>,
+// or the one this worker's error names), or
 // when `max` have, or, with at least `min`, after `settle`. The first to see
 // the condition writes the membership (compare-and-set, so all agree); the
 // survivors of k-1 keep their order and come first, so rank 0 of every
@@ -105,6 +106,16 @@ class ElasticGroup {
   // Collective: forms the next generation with the current members and the
   // workers waiting to join.
   std::shared_ptr<Communicator> admit();
+  // Collective on the current communicator, at a step boundary: the members
+  // of rank `ranks` leave the job (a straggler the balancer named, for
+  // example); rank 0's list counts. Those members record their leaving
+  // under weft/elastic/left/<member> with `reason` and get null: they
+  // should exit with success, so that their launcher does not restart
+  // them. The others form the next generation without them (and with any
+  // worker waiting to join) and get its communicator. Throws
+  // InvalidArgument, on every member alike, when the list names a rank
+  // twice or one outside the generation, or would leave fewer than `min`.
+  std::shared_ptr<Communicator> remove(const std::vector<int>& ranks, const std::string& reason);
   // The job is done: workers still waiting to join give up (join() returns
   // null). Any member may call it, once training has finished.
   void finish();

@@ -217,7 +217,8 @@ bool ElasticGroup::recoverable(const std::exception& e) {
 bool ElasticGroup::known_dead(const std::string& member, const std::vector<std::string>& extra) {
   if (contains(extra, member)) return true;
   return store_->try_get(fmt::format("weft/elastic/dead/{}", member)).has_value() ||
-         store_->try_get(fmt::format("weft/evict/{}", member)).has_value();
+         store_->try_get(fmt::format("weft/evict/{}", member)).has_value() ||
+         store_->try_get(fmt::format("weft/elastic/left/{}", member)).has_value();
 }
 
 std::shared_ptr<Communicator> ElasticGroup::join() {
@@ -253,6 +254,51 @@ std::shared_ptr<Communicator> ElasticGroup::admit() {
   const auto since = Clock::now();
   comm_.reset();
   return form("join", since, {});
+}
+
+std::shared_ptr<Communicator> ElasticGroup::remove(const std::vector<int>& ranks,
+                                                   const std::string& reason) {
+  if (!comm_) throw InvalidArgument("ElasticGroup::remove: no generation joined yet");
+  const int size = comm_->size();
+  // Rank 0's list, on every member: its length first (bounded by the
+  // generation's size), then the ranks.
+  std::vector<int32_t> count{static_cast<int32_t>(std::min<size_t>(ranks.size(), INT32_MAX))};
+  comm_->broadcast(count, 0);
+  if (count[0] < 0 || count[0] > size) {
+    throw InvalidArgument(fmt::format(
+        "ElasticGroup::remove: {} ranks to remove from a generation of {}", count[0], size));
+  }
+  std::vector<int32_t> list(static_cast<size_t>(count[0]));
+  if (comm_->rank() == 0) std::copy_n(ranks.begin(), list.size(), list.begin());
+  comm_->broadcast(list, 0);
+  std::vector<std::string> leaving;
+  for (int32_t r : list) {
+    if (r < 0 || r >= size) {
+      throw InvalidArgument(
+          fmt::format("ElasticGroup::remove: rank {} is not in generation {} of {} members", r,
+                      generation_, size));
+    }
+    const std::string& m = members_[static_cast<size_t>(r)];
+    if (contains(leaving, m)) {
+      throw InvalidArgument(fmt::format("ElasticGroup::remove: rank {} is named twice", r));
+    }
+    leaving.push_back(m);
+  }
+  if (size - static_cast<int>(leaving.size()) < options_.min) {
+    throw InvalidArgument(fmt::format(
+        "ElasticGroup::remove: removing {} of {} members would leave fewer than the minimum {}",
+        leaving.size(), size, options_.min));
+  }
+  if (leaving.empty()) return comm_;
+  const auto since = Clock::now();
+  comm_.reset();
+  if (contains(leaving, options_.member)) {
+    store_->set(fmt::format("weft/elastic/left/{}", options_.member), reason.substr(0, 1000));
+    WEFT_WARN("elastic: {} leaves the job after generation {}: {}", options_.member, generation_,
+              reason);
+    return nullptr;
+  }
+  return form(fmt::format("removed [{}]: {}", fmt::join(leaving, " "), reason), since, leaving);
 }
 
 void ElasticGroup::finish() { store_->compare_set(kDoneKey, std::nullopt, options_.member); }
@@ -425,6 +471,7 @@ std::shared_ptr<Communicator> ElasticGroup::form(const std::string& cause, Clock
     }
     ch.cause = cause;
     ch.seconds = seconds_since(since);
+    const bool first = members_.empty() && cause == "start";
     members_ = list;
     generation_ = k;
     const std::string line = fmt::format(
@@ -433,7 +480,7 @@ std::shared_ptr<Communicator> ElasticGroup::form(const std::string& cause, Clock
         ch.left.empty() ? "" : fmt::format(", left [{}]", fmt::join(ch.left, " ")),
         ch.joined.empty() ? "" : fmt::format(", joined [{}]", fmt::join(ch.joined, " ")), rank);
     // A membership change is news; the first generation of a job is not.
-    if (members_.empty() && cause == "start") {
+    if (first) {
       WEFT_INFO("{}", line);
     } else {
       WEFT_WARN("{}", line);

@@ -106,6 +106,9 @@ void check_options(const BalancerOptions& o, int workers) {
   if (!(o.straggler_floor >= 0 && o.straggler_floor < 1)) {
     throw InvalidArgument(fmt::format("straggler_floor {} is not in [0, 1)", o.straggler_floor));
   }
+  if (o.drop_after < 1) {
+    throw InvalidArgument(fmt::format("drop_after {} is not >= 1", o.drop_after));
+  }
 }
 
 }  // namespace
@@ -148,22 +151,27 @@ Balancer::Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options)
   } catch (const InvalidArgument& e) {
     problem = e.what();
   }
-  const double mine[4] = {problem.empty() ? 0.0 : 1.0, static_cast<double>(options_.global_batch),
-                          static_cast<double>(options_.mode),
-                          static_cast<double>(options_.exchange_every)};
-  std::vector<double> all(static_cast<size_t>(4 * size_));
-  comm_->allgather(ConstBuffer(mine, 4, DType::Float64),
+  // (The straggler options too: every rank must name the same workers to
+  // drop.)
+  constexpr size_t kAgreed = 6;
+  const double mine[kAgreed] = {
+      problem.empty() ? 0.0 : 1.0,        static_cast<double>(options_.global_batch),
+      static_cast<double>(options_.mode), static_cast<double>(options_.exchange_every),
+      options_.straggler_floor,           static_cast<double>(options_.drop_after)};
+  std::vector<double> all(kAgreed * static_cast<size_t>(size_));
+  comm_->allgather(ConstBuffer(mine, kAgreed, DType::Float64),
                    Buffer(all.data(), all.size(), DType::Float64));
   if (!problem.empty()) throw InvalidArgument("Balancer: " + problem);
   for (int r = 0; r < size_; ++r) {
-    const double* o = &all[static_cast<size_t>(4 * r)];
+    const double* o = &all[kAgreed * static_cast<size_t>(r)];
     if (o[0] != 0) throw InvalidArgument(fmt::format("Balancer: rank {} has bad options", r));
-    if (o[1] != mine[1] || o[2] != mine[2] || o[3] != mine[3]) {
+    if (!std::equal(o + 1, o + kAgreed, mine + 1)) {
       throw InvalidArgument(fmt::format(
           "Balancer: rank {} has other options than rank {} (global batch {} vs {}, mode {} vs "
-          "{}, exchange every {} vs {} steps): every rank must pass the same",
+          "{}, exchange every {} vs {} steps, straggler floor {} vs {}, drop after {} vs {}): "
+          "every rank must pass the same",
           r, rank_, o[1], mine[1], mode_name(static_cast<Mode>(o[2])), mode_name(options_.mode),
-          o[3], mine[3]));
+          o[3], mine[3], o[4], mine[4], o[5], mine[5]));
     }
   }
   shares_ = equal_shares(options_.global_batch, size_);
@@ -291,6 +299,22 @@ bool Balancer::end_step(const StepTimes& t) {
   return shares_ != before;
 }
 
+std::vector<int> Balancer::stragglers_to_drop(int max) const {
+  std::vector<const WorkerFigures*> slow;
+  for (const auto& w : workers_) {
+    if (w.straggler && w.straggler_exchanges >= options_.drop_after) slow.push_back(&w);
+  }
+  std::stable_sort(slow.begin(), slow.end(), [](const WorkerFigures* a, const WorkerFigures* b) {
+    return a->rate < b->rate;
+  });
+  std::vector<int> out;
+  for (const auto* w : slow) {
+    if (static_cast<int>(out.size()) >= max) break;
+    out.push_back(w->rank);
+  }
+  return out;
+}
+
 void Balancer::exchange() {
   const ProcessSample now = sample_process();
   const Usage use = usage_between(window_->since, now);
@@ -350,6 +374,8 @@ void Balancer::exchange() {
     w.straggler = std::isfinite(med) && std::isfinite(w.rate) && w.rate > 0 &&
                   w.rate < options_.straggler_floor * med;
     const bool was = !workers_.empty() && workers_[static_cast<size_t>(w.rank)].straggler;
+    w.straggler_exchanges =
+        w.straggler ? (was ? workers_[static_cast<size_t>(w.rank)].straggler_exchanges : 0) + 1 : 0;
     if (rank_ == 0 && w.straggler != was) {
       if (w.straggler) {
         WEFT_WARN(

@@ -178,12 +178,44 @@ TEST(Balancer, StragglerIsReported) {
   });
 }
 
+// Of 6 workers, ranks 1 and 3 are slow from the first step, rank 3 the
+// slowest; rank 2 only from the third. A worker is named for dropping once
+// it has been a straggler in drop_after = 3 exchanges in a row, slowest
+// first, at most `max`: the same list on every rank.
+TEST(Balancer, PersistentStragglersAreNamedForDropping) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(6, [&](int r) {
+    Balancer b(make_comm(r, 6, store), {.mode = Mode::None,
+                                        .global_batch = 60,
+                                        .exchange_every = 1,
+                                        .warmup_steps = 0,
+                                        .straggler_floor = 0.1,
+                                        .drop_after = 3});
+    for (int step = 1; step <= 4; ++step) {
+      const bool slow = r == 1 || r == 3 || (r == 2 && step >= 3);
+      b.end_step({.compute_seconds = !slow ? 0.01 : r == 3 ? 20.0 : 10.0});
+      const auto& w = b.workers();
+      ASSERT_EQ(w.size(), 6u);
+      EXPECT_EQ(w[1].straggler_exchanges, step);
+      EXPECT_EQ(w[0].straggler_exchanges, 0);
+      EXPECT_EQ(w[2].straggler_exchanges, std::max(0, step - 2));
+      if (step < 3) {
+        EXPECT_TRUE(b.stragglers_to_drop(6).empty());
+      }
+    }
+    EXPECT_EQ(b.stragglers_to_drop(6), (std::vector<int>{3, 1}));
+    EXPECT_EQ(b.stragglers_to_drop(1), (std::vector<int>{3}));
+    EXPECT_TRUE(b.stragglers_to_drop(0).empty());
+  });
+}
+
 TEST(Balancer, BadOptionsAreRefusedOnEveryRank) {
   auto store = std::make_shared<MemoryStore>();
   for (BalancerOptions bad : {BalancerOptions{.global_batch = 2},  // smaller than 3 workers
                               BalancerOptions{.global_batch = 30, .exchange_every = 0},
                               BalancerOptions{.global_batch = 30, .warmup_steps = -1},
                               BalancerOptions{.global_batch = 30, .straggler_floor = 1},
+                              BalancerOptions{.global_batch = 30, .drop_after = 0},
                               BalancerOptions{.global_batch = 30, .planner = {.min_share = 11}}}) {
     auto errors = run_ranks(3, [&](int r) { Balancer b(make_comm(r, 3, store), bad); });
     for (auto& e : errors) {

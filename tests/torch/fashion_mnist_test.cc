@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "dataset.h"
+#include "testing/cgroup.h"
 #include "testing/testing.h"
 #include "weft/checkpoint.h"
 #include "weft/data.h"
@@ -179,6 +180,59 @@ TEST(FashionMnist, ElasticRunSurvivesAKilledWorker) {
   auto epochs = epochs_of(out);
   ASSERT_EQ(epochs.size(), 2u) << out;
   for (const auto& e : epochs) EXPECT_EQ(e["samples"], 12000) << out;  // each sample once
+  EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.7) << out;
+}
+
+// Elastic with --straggler drop: a worker held to 2% of a core by a cgroup
+// quota in the middle of the first epoch falls below 10% of the median rate
+// and, after three exchanges, leaves the job at a commit; it exits 0 and is
+// not restarted. The other two go on from that commit; every sample of
+// every epoch is trained exactly once and the job learns.
+TEST(FashionMnist, ElasticRunDropsAPersistentStraggler) {
+  if (!have_dataset()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  const std::string why = testing::CpuQuotaGroup::unavailable();
+  if (!why.empty()) GTEST_SKIP() << why;
+  auto slow =
+      testing::CpuQuotaGroup::create("weft-straggler-test-" + std::to_string(getpid()), 2000);
+  Process p({weft_bin(),
+             "run",
+             "-n",
+             "3",
+             "--elastic",
+             "2:3",
+             "--max-restarts",
+             "1",
+             "--",
+             job_bin(),
+             "--json",
+             "--straggler",
+             "drop",
+             "--train-samples",
+             "12000",
+             "--test-samples",
+             "2000",
+             "--epochs",
+             "2",
+             "--batch-size",
+             "32",
+             "--seed",
+             "5"});
+  ASSERT_TRUE(testing::wait_until(
+      [&] { return p.output().find("\"event\": \"replan\"") != std::string::npos; }, 300s))
+      << p.output();
+  const pid_t victim = worker_of(p.pid(), "n0.s2.r0");
+  ASSERT_GT(victim, 0) << p.output();
+  slow->add(victim);
+  ASSERT_TRUE(p.wait(420s)) << "training did not finish:\n" << p.output();
+  EXPECT_EQ(p.exit_code(), 0) << p.output();
+  const std::string out = p.output();
+  EXPECT_NE(out.find("\"event\": \"straggler_drop\""), std::string::npos) << out;
+  EXPECT_NE(out.find("left [n0.s2.r0]"), std::string::npos) << out;
+  EXPECT_EQ(out.find("restart 1 of 1"), std::string::npos) << out;  // it left; nothing failed
+  auto epochs = epochs_of(out);
+  ASSERT_EQ(epochs.size(), 2u) << out;
+  for (const auto& e : epochs) EXPECT_EQ(e["samples"], 12000) << out;  // each sample once
+  EXPECT_EQ(epochs[1]["workers"], 2) << out;
   EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.7) << out;
 }
 
@@ -372,7 +426,9 @@ TEST(FashionMnist, BadFlagsAreRefusedAtStartNamingTheFlag) {
       {"--balance-every", "0"},
       {"--min-share", "-1"},
       {"--shard-samples", "0"},
-      {"--min-share", "65"},  // above --batch-size 64
+      {"--straggler", "sometimes"},
+      {"--straggler", "drop"},  // not under `weft run --elastic`
+      {"--min-share", "65"},    // above --batch-size 64
       {"--checkpoint-every", "0"},
       {"--checkpoint-every", "-5"},
       {"--checkpoint-every", "10"},  // without --checkpoint-dir

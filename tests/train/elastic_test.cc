@@ -124,6 +124,66 @@ TEST(ElasticTest, SurvivorsRecoverAfterAMemberDies) {
   EXPECT_EQ(total, 3 * 6 + 7 * 3);
 }
 
+// At a step boundary after step 4 the members remove rank 1 (rank 0's list
+// counts: rank 2 passes another). Member b leaves with a null communicator
+// and its record in the store; a and c form generation 2 with dense ranks,
+// restore commit 4 and go on. A list that would leave fewer than MIN, or
+// names a rank outside the generation or twice, is refused on every member
+// before anyone leaves.
+TEST(ElasticTest, RemovedMemberLeavesAndTheOthersGoOn) {
+  auto store = std::make_shared<MemoryStore>();
+  const std::vector<std::string> names{"a", "b", "c"};
+  std::vector<Replica> reps(3);
+  std::vector<int64_t> restored(3, -2);
+  std::vector<int> sizes(3, 0);
+  std::vector<bool> left(3, false);
+  std::vector<std::vector<MembershipChange>> changes(3);
+  auto errors = run_ranks(3, [&](int i) {
+    ElasticGroup group(store, options(names[static_cast<size_t>(i)], 2, 3, 3));
+    Replica& r = reps[static_cast<size_t>(i)];
+    auto state = r.commits();
+    auto comm = group.join();
+    ASSERT_TRUE(comm);
+    while (r.step < 10) {
+      r.train_step(*comm);
+      state.commit(*comm, r.step);
+      if (r.step == 4) {
+        for (const std::vector<int>& bad :
+             {std::vector<int>{0, 1}, std::vector<int>{3}, std::vector<int>{-1},
+              std::vector<int>{1, 1}, std::vector<int>{0, 1, 2, 0}}) {
+          EXPECT_THROW(group.remove(bad, "bad list"), InvalidArgument);
+        }
+        comm = group.remove(i == 2 ? std::vector<int>{0} : std::vector<int>{1}, "too slow");
+        if (!comm) {
+          left[static_cast<size_t>(i)] = true;
+          return;
+        }
+        restored[static_cast<size_t>(i)] = state.restore(*comm);
+      }
+    }
+    sizes[static_cast<size_t>(i)] = comm->size();
+    changes[static_cast<size_t>(i)] = group.changes();
+  });
+  for (int i = 0; i < 3; ++i) EXPECT_FALSE(errors[static_cast<size_t>(i)]) << "member " << i;
+  EXPECT_EQ(left, (std::vector<bool>{false, true, false}));
+  EXPECT_EQ(store->try_get("weft/elastic/left/b"), std::optional<std::string>("too slow"));
+  for (int i : {0, 2}) {
+    EXPECT_EQ(sizes[static_cast<size_t>(i)], 2);
+    EXPECT_EQ(restored[static_cast<size_t>(i)], 4);
+    EXPECT_EQ(reps[static_cast<size_t>(i)].step, 10);
+    const auto& ch = changes[static_cast<size_t>(i)];
+    ASSERT_EQ(ch.size(), 2u);
+    EXPECT_EQ(ch[1].members, (std::vector<std::string>{"a", "c"}));
+    EXPECT_EQ(ch[1].left, (std::vector<std::string>{"b"}));
+    EXPECT_NE(ch[1].cause.find("too slow"), std::string::npos) << ch[1].cause;
+  }
+  // Steps 1..4 added 1+2+3 = 6 each, steps 5..10 added 1+2 = 3 each.
+  EXPECT_EQ(reps[0].w, reps[2].w);
+  float total = 0;
+  for (float x : reps[0].w) total += x;
+  EXPECT_EQ(total, 4 * 6 + 6 * 3);
+}
+
 // A worker that starts late waits; the members see it at a step boundary,
 // form the next generation with it, and it gets the state from rank 0.
 TEST(ElasticTest, JoinAtAStepBoundaryGetsTheState) {

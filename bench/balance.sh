@@ -51,12 +51,17 @@
 #
 # Usage: bench/balance.sh [--rounds N] [--steps S] [--quick] [--weft BUILD_DIR]
 #          [--anchors DIR] [--quiet-wait S] [--phases T1,T2,T3] [--only a,b,c,d]
-#          [--accuracy] [--acc-epochs E] [--acc-seeds "0 1 2"] [--legacy]
+#          [--accuracy] [--acc-epochs E] [--acc-seeds "0 1 2"] [--legacy] [--keep DIR]
+#          [--b-workers N]
 # Defaults: 3 rounds, 120 steps, phases 12,30,48 s, build/ of this checkout,
 # ../shared/anchors. About 20 minutes on 2 cores. --quick: one round of 40
 # steps, phases 6,14,22 (a smoke test). --legacy: the build's fashion_mnist
 # has no --balance flag (test this script only: every weft setting is then
-# equal-share BSP).
+# equal-share BSP). --keep DIR: copy the raw results (logs, per-run figures)
+# to DIR at the end, for bench/balance_report.py DIR to read again.
+# --b-workers N: workers of scenario b's job (default 4; its last rank is the
+# one whose quota changes). 2 gives each worker a core of a 2-core machine:
+# the planner without the noise of oversubscribed cores.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 rounds=3
@@ -71,6 +76,8 @@ acc_epochs=5
 acc_seeds="0 1 2"
 legacy=0
 quick=0
+keep=""
+b_workers=4
 usage_error() { echo "balance.sh: $*" >&2; echo "see bench/balance.sh --help" >&2; exit 2; }
 need_arg() { [ $# -ge 2 ] || usage_error "$1 needs a value"; }
 while [ $# -gt 0 ]; do
@@ -87,6 +94,8 @@ while [ $# -gt 0 ]; do
     --acc-epochs) need_arg "$@"; acc_epochs=$2; shift 2 ;;
     --acc-seeds) need_arg "$@"; acc_seeds=$2; shift 2 ;;
     --legacy) legacy=1; shift ;;
+    --keep) need_arg "$@"; keep=$2; shift 2 ;;
+    --b-workers) need_arg "$@"; b_workers=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) usage_error "unknown argument $1" ;;
   esac
@@ -98,6 +107,7 @@ posint() { [[ "$2" =~ ^[1-9][0-9]{0,5}$ ]] || usage_error "$1 must be a positive
 posint --rounds "$rounds"
 posint --steps "$steps"
 posint --acc-epochs "$acc_epochs"
+[[ "$b_workers" =~ ^([2-9]|[1-5][0-9]|6[0-4])$ ]] || usage_error "--b-workers must be 2..64"
 [[ "$quiet_wait" =~ ^[0-9]{1,5}$ ]] || usage_error "--quiet-wait must be a number of seconds"
 [[ "$phases" =~ ^[0-9]+(\.[0-9]+)?,[0-9]+(\.[0-9]+)?,[0-9]+(\.[0-9]+)?$ ]] ||
   usage_error "--phases must be T1,T2,T3 (seconds)"
@@ -116,7 +126,10 @@ drive="$root/bench/balance_drive.py"
 for f in "$weft" "$job"; do
   [ -x "$f" ] || { echo "balance.sh: $f is missing (build fashion_mnist with libtorch)" >&2; exit 1; }
 done
-if [ "$legacy" = 0 ] && ! "$job" --help 2>/dev/null | grep -q -- --balance; then
+# (The help is read whole first: grep -q stopping early would kill the job
+# with SIGPIPE, which pipefail reports as a missing flag.)
+job_help=$("$job" --help 2>/dev/null || true)
+if [ "$legacy" = 0 ] && ! grep -q -- --balance <<<"$job_help"; then
   echo "balance.sh: $job has no --balance flag (a build from before issue 12?);" \
     "--legacy runs the script with equal shares everywhere, to test it" >&2
   exit 1
@@ -164,6 +177,9 @@ cleanup() {
     done
     "$cq" remove "$g" 2>/dev/null || true
   done
+  if [ -n "$keep" ]; then
+    mkdir -p "$keep" && cp -r "$out"/. "$keep"/ && echo "balance.sh: raw results kept in $keep" >&2
+  fi
   rm -rf "$out"
 }
 trap cleanup EXIT
@@ -296,7 +312,7 @@ changing() {  # changing ROUND
   wait_quiet
   # shellcheck disable=SC2046
   waited python3 "$drive" "$log" "$cq" "$slow" "$t1" 25 "$t2" max "$t3" -- \
-    "$weft" run --no-prefix -n 4 -- "$cq" exec "$slow" --if-rank 3 -- "$job" \
+    "$weft" run --no-prefix -n "$b_workers" -- "$cq" exec "$slow" --if-rank $((b_workers - 1)) -- "$job" \
     --epochs 1000 --batch-size 64 --lr 0.05 --lr-schedule constant --warmup-epochs 0 \
     --momentum 0.9 --threads 1 --test-samples 1000 --json $(bal dynamic) ||
     fail "$log" "the changing-quota run (round $r)"
@@ -370,9 +386,9 @@ total_s=$(($(date +%s) - start_s))
 
 python3 -c '
 import json, sys
-k = ["rounds", "steps", "cores", "legacy", "total_s", "t1", "t2", "t3", "acc_epochs"]
-meta = dict(zip(k, map(float, sys.argv[1:10])))
-meta.update(cpu=sys.argv[10], build=sys.argv[11])
-json.dump(meta, open(sys.argv[12], "w"))' "$rounds" "$steps" "$cores" "$legacy" "$total_s" "$t1" "$t2" \
-  "$t3" "$acc_epochs" "$cpu_model" "$build" "$out/meta.json"
+k = ["rounds", "steps", "cores", "legacy", "total_s", "t1", "t2", "t3", "acc_epochs", "b_workers"]
+meta = dict(zip(k, map(float, sys.argv[1:11])))
+meta.update(cpu=sys.argv[11], build=sys.argv[12])
+json.dump(meta, open(sys.argv[13], "w"))' "$rounds" "$steps" "$cores" "$legacy" "$total_s" "$t1" "$t2" \
+  "$t3" "$acc_epochs" "$b_workers" "$cpu_model" "$build" "$out/meta.json"
 python3 "$root/bench/balance_report.py" "$out"

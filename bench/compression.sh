@@ -135,7 +135,10 @@ msg=$("$root/scripts/cluster.sh" check) || { echo "compression.sh: $msg" >&2; ex
 
 # Codecs need the job's --compress; without it only none, local SGD and DDP run.
 has_compress=1
-if [ "${BENCH_NO_COMPRESS:-0}" = 1 ] || ! "$job" --help 2>&1 | grep -q -- '--compress'; then
+# (The help is read whole first: grep -q stopping early would kill the job
+# with SIGPIPE, which pipefail reports as a missing flag.)
+job_help=$("$job" --help 2>&1 || true)
+if [ "${BENCH_NO_COMPRESS:-0}" = 1 ] || ! grep -q -- '--compress' <<<"$job_help"; then
   has_compress=0
   kept=""
   for s in $settings; do

@@ -34,7 +34,11 @@
 #    hog takes is its CPU time over (cores x the job's wall time); the job's
 #    slowdown is 1 - samples/s with the hog / samples/s of the same mode in
 #    (c) of the same round. Target (dynamic): slowdown no more than in
-#    proportion, slowdown / capacity taken <= 1. --balance none shown too.
+#    proportion, slowdown / capacity taken <= 1. --balance none shown too,
+#    and the same figures for the ideal (4 independent single-worker
+#    processes, the 4th beside the hog, against 4 with nothing beside them,
+#    both run in (c) and (d)): how far the machine itself is from
+#    "in proportion" when 4 workers and a hog share its cores.
 # --accuracy (long, off by default): test accuracy on the full test set after
 #    --acc-epochs (5) epochs of a throttled --balance dynamic job (worker 3 at
 #    25%) against an unthrottled one, seeds --acc-seeds ("0 1 2"), the two
@@ -146,6 +150,7 @@ common=(--epochs 1 --batch-size 64 --lr 0.05 --lr-schedule constant --warmup-epo
 bal() { [ "$legacy" = 1 ] || echo "--balance $1"; }  # word-split on purpose
 
 out=$(mktemp -d)
+autogroup_was=-  # set below, restored by cleanup
 slow="wb$$-slow"  # worker 3 at 25% (a), the changing quota (b), accuracy
 hog="wb$$-hog"    # worker 3 and the hog (d)
 # Every process below this script (launchers, their workers, DDP ranks, the
@@ -160,6 +165,7 @@ descendants() {
 cleanup() {
   local p g f left
   trap - INT TERM HUP
+  if [ "$autogroup_was" = 1 ]; then echo 1 >"$autogroup" 2>/dev/null || true; fi
   left=$(descendants $$)
   if [ -n "$left" ]; then
     # shellcheck disable=SC2086
@@ -184,6 +190,18 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'echo "balance.sh: interrupted" >&2; exit 130' INT TERM HUP
+
+# The kernel's autogroup (sched_autogroup_enabled) puts every process of a
+# session in one scheduling group: the job's workers, all in the launcher's
+# session, would then weigh as much together as the hog's cgroup alone, and
+# (d)'s hog would take half the machine instead of half of worker 3's
+# share. It is switched off while the script runs, and back on at the end.
+autogroup=/proc/sys/kernel/sched_autogroup_enabled
+autogroup_was=$(cat "$autogroup" 2>/dev/null || echo -)
+if [ "$autogroup_was" = 1 ]; then
+  echo 0 >"$autogroup" || { echo "balance.sh: cannot switch off $autogroup" >&2; exit 1; }
+  echo "balance.sh: sched_autogroup_enabled is 0 until the script ends" >&2
+fi
 
 "$cq" create "$slow" 25 >/dev/null
 "$cq" create "$hog" max >/dev/null
@@ -258,28 +276,52 @@ weft4() {  # weft4 KEY MODE GROUP ROUND
   record "$key $r $foreign $(weft_rate "$log") $(weft_shares "$log") $thr"
 }
 
-# (a) the ideal: 4 single-worker processes at once, the 4th throttled.
-ideal() {  # ideal ROUND
-  local r=$1 i ps=() wrap
-  wait_quiet; measure_start; thr_start
+# The ideal: 4 single-worker processes at once, the 4th in cgroup GROUP
+# ("" for none): (a) the 4th throttled; (c) none; (d) the 4th beside the hog
+# (HOG=1: a busy loop in GROUP while they run; the last field is then the
+# hog's share of the machine, as in hogged()).
+ideal() {  # ideal KEY ROUND GROUP HOG
+  local key=$1 r=$2 group=$3 with_hog=$4 i ps=() wrap hp="" h0 h1 hog_s=0 last
+  wait_quiet
+  if [ "$with_hog" = 1 ]; then
+    "$cq" exec "$group" -- bash -c 'while :; do :; done' &
+    hp=$!
+    sleep 0.2
+    h0=$(hog_ticks "$hp")
+  fi
+  measure_start; thr_start
   for i in 0 1 2 3; do
     wrap=()
-    [ "$i" = 3 ] && wrap=("$cq" exec "$slow" --)
+    [ "$i" = 3 ] && [ -n "$group" ] && wrap=("$cq" exec "$group" --)
     # shellcheck disable=SC2046
-    timed "$out/ru$i" "$out/ideal$i-$r.txt" "$weft" run -n 1 -- "${wrap[@]}" "$job" "${common[@]}" \
-      --seed "$i" $(bal none) &
+    # (--compress none: a single worker sends nothing, and auto->none at
+    # one worker trains about 2x slower here; see BENCHMARKS.md.)
+    timed "$out/ru$i" "$out/$key$i-$r.txt" "$weft" run -n 1 -- "${wrap[@]}" "$job" "${common[@]}" \
+      --seed "$i" $(bal none) --compress none &
     ps+=($!)
   done
   for i in 0 1 2 3; do
-    wait "${ps[$i]}" || fail "$out/ideal$i-$r.txt" "ideal process $i (round $r)"
+    wait "${ps[$i]}" || { [ -z "$hp" ] || kill "$hp"; fail "$out/$key$i-$r.txt" "$key process $i (round $r)"; }
   done
-  measure_end "$out/ru0" "$out/ru1" "$out/ru2" "$out/ru3"; thr_end
+  if [ -n "$hp" ]; then
+    h1=$(hog_ticks "$hp")
+    kill "$hp"; wait "$hp" 2>/dev/null || true
+    hog_s=$(python3 -c "print('%.2f' % (($h1 - $h0) / $hz))")
+  fi
+  measure_end "$out/ru0" "$out/ru1" "$out/ru2" "$out/ru3" "+$hog_s"; thr_end
+  if [ -n "$hp" ]; then
+    last=$(python3 -c "print('%.4f' % ($hog_s / ($wall * $cores)))")
+  elif [ "$group" = "$slow" ]; then
+    last=$thr
+  else
+    last=-
+  fi
   local rates=()
-  for i in 0 1 2 3; do rates+=("$(weft_rate "$out/ideal$i-$r.txt")"); done
-  record "a_ideal $r $foreign $(python3 -c '
+  for i in 0 1 2 3; do rates+=("$(weft_rate "$out/$key$i-$r.txt")"); done
+  record "$key $r $foreign $(python3 -c '
 import sys
 v = [tuple(map(float, s.split())) for s in sys.argv[1:]]
-print("%.1f %.1f %s" % (sum(a for a, _ in v), sum(b for _, b in v), "/".join("%.0f" % a for a, _ in v)))' "${rates[@]}") $thr"
+print("%.1f %.1f %s" % (sum(a for a, _ in v), sum(b for _, b in v), "/".join("%.0f" % a for a, _ in v)))' "${rates[@]}") $last"
 }
 
 # (a) PyTorch DDP, 4 processes, rank 3 throttled.
@@ -351,16 +393,18 @@ for r in $(seq 1 "$rounds"); do
     weft4 a_none none "$slow" "$r"
     weft4 a_static static "$slow" "$r"
     ddp "$r"
-    ideal "$r"
+    ideal a_ideal "$r" "$slow" 0
   fi
   want b && changing "$r"
   if want c; then
     weft4 c_dynamic dynamic "" "$r"
     weft4 c_none none "" "$r"
+    want d && ideal c_ideal "$r" "" 0
   fi
   if want d; then
     hogged d_dynamic dynamic "$r"
     hogged d_none none "$r"
+    ideal d_ideal "$r" "$hog" 1
   fi
 done
 
@@ -388,7 +432,7 @@ python3 -c '
 import json, sys
 k = ["rounds", "steps", "cores", "legacy", "total_s", "t1", "t2", "t3", "acc_epochs", "b_workers"]
 meta = dict(zip(k, map(float, sys.argv[1:11])))
-meta.update(cpu=sys.argv[11], build=sys.argv[12])
-json.dump(meta, open(sys.argv[13], "w"))' "$rounds" "$steps" "$cores" "$legacy" "$total_s" "$t1" "$t2" \
-  "$t3" "$acc_epochs" "$b_workers" "$cpu_model" "$build" "$out/meta.json"
+meta.update(cpu=sys.argv[11], build=sys.argv[12], autogroup=sys.argv[13])
+json.dump(meta, open(sys.argv[14], "w"))' "$rounds" "$steps" "$cores" "$legacy" "$total_s" "$t1" "$t2" \
+  "$t3" "$acc_epochs" "$b_workers" "$cpu_model" "$build" "$autogroup_was" "$out/meta.json"
 python3 "$root/bench/balance_report.py" "$out"

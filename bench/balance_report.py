@@ -33,7 +33,10 @@ print()
 print(f"{cores} x {cpu}; {rounds} round(s), settings alternating; each weft run {steps} steps of "
       f"batch 64 per worker (global 256), 1 intra-op thread per worker; samples/s after the first 20 "
       f"steps (whole run in brackets); medians over the rounds; foreign = CPU share other processes "
-      f"took during the run; {total_s} s in all.")
+      f"took during the run; {total_s} s in all." + {
+          "1": " The kernel's sched_autogroup was switched off while it ran (it was on).",
+          "0": " The kernel's sched_autogroup was off.",
+      }.get(str(meta.get("autogroup", "")), ""))
 if legacy:
     print()
     print("**--legacy: the build had no --balance flag, so every weft setting below is equal-share "
@@ -189,8 +192,10 @@ if "c_dynamic" in rows:
     print()
     print("| setting | samples/s, median | whole run | runs (foreign) |")
     print("| --- | ---: | ---: | --- |")
-    for k, name in [("c_dynamic", "weft --balance dynamic"), ("c_none", "weft --balance none")]:
-        print(f"| {name} | {med(k):.0f} | {med(k, 3):.0f} | {fmt_runs(k)} |")
+    for k, name in [("c_dynamic", "weft --balance dynamic"), ("c_none", "weft --balance none"),
+                    ("c_ideal", "ideal: 4 independent processes (for d)")]:
+        if k in rows:
+            print(f"| {name} | {med(k):.0f} | {med(k, 3):.0f} | {fmt_runs(k)} |")
     print()
     clean = med('c_dynamic', clean=True) / med('c_none', clean=True)
     print(f"dynamic / none: {med('c_dynamic') / med('c_none'):.3f} (target: >= 0.98; ratios within "
@@ -204,7 +209,8 @@ if "d_dynamic" in rows:
     print("| setting | samples/s with the hog, median | without (c) | slowdown | hog's share of the machine | slowdown / share | runs (foreign) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for k, base, name in [("d_dynamic", "c_dynamic", "weft --balance dynamic"),
-                          ("d_none", "c_none", "weft --balance none")]:
+                          ("d_none", "c_none", "weft --balance none"),
+                          ("d_ideal", "c_ideal", "ideal: 4 independent processes, the 4th beside the hog")]:
         if k not in rows:
             continue
         # per round: slowdown against the same round's run without the hog
@@ -215,7 +221,9 @@ if "d_dynamic" in rows:
         print(f"| {name} | {med(k):.0f} | {med(base):.0f} | {pct(s)} | {pct(c)} | {s / c:.2f} | {fmt_runs(k)} |")
     print()
     print("Slowdown per round against the same round's run without the hog, then the median. Target "
-          "(dynamic): slowdown / share <= 1 (no more than in proportion to the capacity taken).")
+          "(dynamic): slowdown / share <= 1 (no more than in proportion to the capacity taken). "
+          "The ideal's row is the machine's own figure: 4 independent processes, the 4th beside "
+          "the hog, against 4 with nothing beside them (c).")
 
 if "acc_throttled" in rows:
     print()

@@ -50,20 +50,16 @@ std::vector<nlohmann::json> epochs_of(const std::string& output) {
   return out;
 }
 
+// The job's command line for the short runs of these tests: 2 epochs of
+// 12000 samples, a 2000-sample test set, JSON lines.
+std::vector<std::string> short_run() {
+  return {job_bin(),        "--json", "--train-samples", "12000",
+          "--test-samples", "2000",   "--epochs",        "2"};
+}
+
 std::vector<nlohmann::json> train(int workers, std::vector<std::string> args) {
-  std::vector<std::string> argv = {weft_bin(),
-                                   "run",
-                                   "-n",
-                                   std::to_string(workers),
-                                   job_bin(),
-                                   "--json",
-                                   "--train-samples",
-                                   "12000",
-                                   "--test-samples",
-                                   "2000",
-                                   "--epochs",
-                                   "2"};
-  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<std::string> argv = {weft_bin(), "run", "-n", std::to_string(workers)};
+  for (const auto& part : {short_run(), args}) argv.insert(argv.end(), part.begin(), part.end());
   Process p(argv);
   EXPECT_TRUE(p.wait(420s)) << "training did not finish:\n" << p.output();
   EXPECT_EQ(p.exit_code(), 0) << p.output();
@@ -143,28 +139,12 @@ pid_t worker_of(pid_t launcher, const std::string& member) {
 // of 12000 samples with `extra` flags, returned once it trains (its first
 // re-plan printed).
 std::unique_ptr<Process> start_elastic_job(const std::vector<std::string>& extra) {
-  std::vector<std::string> argv = {weft_bin(),
-                                   "run",
-                                   "-n",
-                                   "3",
-                                   "--elastic",
-                                   "2:3",
-                                   "--max-restarts",
-                                   "1",
-                                   "--",
-                                   job_bin(),
-                                   "--json",
-                                   "--train-samples",
-                                   "12000",
-                                   "--test-samples",
-                                   "2000",
-                                   "--epochs",
-                                   "2",
-                                   "--batch-size",
-                                   "32",
-                                   "--seed",
-                                   "5"};
-  argv.insert(argv.end(), extra.begin(), extra.end());
+  std::vector<std::string> argv = {weft_bin(),       "run", "-n", "3", "--elastic", "2:3",
+                                   "--max-restarts", "1",   "--"};
+  const std::vector<std::string> seeded = {"--batch-size", "32", "--seed", "5"};
+  for (const auto& part : {short_run(), seeded, extra}) {
+    argv.insert(argv.end(), part.begin(), part.end());
+  }
   auto p = std::make_unique<Process>(argv);
   EXPECT_TRUE(testing::wait_until(
       [&] { return p->output().find("\"event\": \"replan\"") != std::string::npos; }, 300s))

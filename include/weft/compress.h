@@ -185,9 +185,14 @@ struct CodecTiming {
 
 // The automatic choice from measurements: candidates in order of fidelity
 // (none first). Picks the first one whose time is at most `slack` (1.10:
-// 10%) above the fastest candidate's, so that a codec is used only where it
-// clearly shortens the step and the most faithful of the near-fastest wins.
+// 10%) or `min_gain_seconds` (2 ms), whichever is more, above the fastest
+// candidate's, so that a codec is used only where it clearly shortens the
+// step and the most faithful of the near-fastest wins. The absolute margin
+// is for fast links, where every candidate takes a few milliseconds: there
+// a gain that small is within what a shared host's noise moves the
+// measurement, and a small part of any real step, not worth a lossy codec.
 // Pure: every rank given the same timings picks the same.
-size_t choose_codec(std::span<const CodecTiming> timings, double slack = 1.10);
+size_t choose_codec(std::span<const CodecTiming> timings, double slack = 1.10,
+                    double min_gain_seconds = 0.002);
 
 }  // namespace weft::train

@@ -235,12 +235,13 @@ void validate_compression(const CompressionOptions& options, std::span<const Cod
   }
 }
 
-size_t choose_codec(std::span<const CodecTiming> timings, double slack) {
+size_t choose_codec(std::span<const CodecTiming> timings, double slack, double min_gain_seconds) {
   if (timings.empty()) throw InvalidArgument("choose_codec: no candidate");
   double fastest = std::numeric_limits<double>::infinity();
   for (const CodecTiming& t : timings) fastest = std::min(fastest, t.seconds);
+  const double bound = std::max(fastest * slack, fastest + min_gain_seconds);
   for (size_t k = 0; k < timings.size(); ++k) {
-    if (timings[k].seconds <= fastest * slack) return k;
+    if (timings[k].seconds <= bound) return k;
   }
   return 0;
 }

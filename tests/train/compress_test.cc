@@ -152,6 +152,19 @@ TEST(CompressionOptions, ChoiceIsTheMostFaithfulOfTheNearFastest) {
   std::vector<CodecTiming> mid{t("none", 2.0), t("fp16", 1.0), t("int8", 0.95),
                                t("powersgd:4", 1.5)};
   EXPECT_EQ(choose_codec(mid), 1u);
+  // A fast link: milliseconds apart, more than 10% but less than 2 ms (as
+  // measured on an unshaped 2-host link under load): no codec.
+  std::vector<CodecTiming> fast_link{t("none", 3.8e-3), t("fp16", 26e-3), t("int8", 3.3e-3),
+                                     t("powersgd:4", 5.8e-3)};
+  EXPECT_EQ(choose_codec(fast_link), 0u);
+  // 1 Gbit/s: int8 saves 10 ms a step of 14.
+  std::vector<CodecTiming> gigabit{t("none", 14e-3), t("fp16", 8e-3), t("int8", 4e-3),
+                                   t("powersgd:4", 6e-3)};
+  EXPECT_EQ(choose_codec(gigabit), 2u);
+  // Either margin alone: 10% of a long time, or 2 ms of a short one.
+  EXPECT_EQ(choose_codec(fast_link, 1.10, 0.0), 2u);
+  std::vector<CodecTiming> long_close{t("none", 0.104), t("int8", 0.100)};
+  EXPECT_EQ(choose_codec(long_close, 1.10, 0.002), 0u);
   EXPECT_THROW(choose_codec({}), InvalidArgument);
 }
 

@@ -110,6 +110,13 @@ struct PlannerOptions {
   // A re-plan whose largest change is below this fraction of the mean share
   // keeps the current shares (no churn from noise), in [0, 1).
   double deadband = 0.03;
+  // When some worker's target is more than this fraction of the mean share
+  // away from its share, every share moves all the way (still within
+  // max_change) instead of `damping` of it: a gap that large is a change of
+  // speed (a quota, a program started beside a worker), which damping would
+  // only make the others wait out, while the noise of the rates stays below
+  // it. > 0; 1 or more damps every move.
+  double jump = 0.2;
 };
 // Checks the options for `workers` workers; throws weft::InvalidArgument
 // naming the field otherwise.
@@ -147,9 +154,12 @@ struct BalancerOptions {
   // Each worker's rate is its samples over its compute time in its most
   // recent steps that add up to at least this much compute (and at least
   // exchange_every steps): long enough to see the duty cycle of a cgroup CPU
-  // quota (periods of 100 ms), short enough to follow a change within about
-  // that time. In (0, 3600].
-  double rate_window_seconds = 1.0;
+  // quota (5 periods of 100 ms), short enough to follow a change of speed
+  // within about that time (a speed-up takes longest: the old slow steps
+  // hold more of the window's time). In (0, 3600]. Measured with a worker's
+  // quota halved and restored (bench/balance.sh b): 1 s followed in a median
+  // of 33-40 steps, 0.5 s (with `jump`) in 19.
+  double rate_window_seconds = 0.5;
   // A worker whose rate is below this fraction of the median rate is
   // reported as a straggler, in [0, 1).
   double straggler_floor = 0.1;

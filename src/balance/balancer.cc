@@ -151,27 +151,44 @@ Balancer::Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options)
   } catch (const InvalidArgument& e) {
     problem = e.what();
   }
-  // (The straggler options too: every rank must name the same workers to
-  // drop.)
-  constexpr size_t kAgreed = 6;
-  const double mine[kAgreed] = {
-      problem.empty() ? 0.0 : 1.0,        static_cast<double>(options_.global_batch),
-      static_cast<double>(options_.mode), static_cast<double>(options_.exchange_every),
-      options_.straggler_floor,           static_cast<double>(options_.drop_after)};
-  std::vector<double> all(kAgreed * static_cast<size_t>(size_));
-  comm_->allgather(ConstBuffer(mine, kAgreed, DType::Float64),
+  // (The planner's and the straggler options too: every rank must plan the
+  // same shares and name the same workers to drop.)
+  const PlannerOptions& po = options_.planner;
+  const std::vector<std::pair<const char*, double>> agreed = {
+      {"global batch", static_cast<double>(options_.global_batch)},
+      {"mode", static_cast<double>(options_.mode)},
+      {"exchange every", static_cast<double>(options_.exchange_every)},
+      {"straggler floor", options_.straggler_floor},
+      {"drop after", static_cast<double>(options_.drop_after)},
+      {"minimum share", static_cast<double>(po.min_share)},
+      {"damping", po.damping},
+      {"max change", po.max_change},
+      {"dead band", po.deadband},
+      {"jump", po.jump}};
+  const size_t fields = agreed.size() + 1;
+  std::vector<double> mine{problem.empty() ? 0.0 : 1.0};
+  for (const auto& [name, value] : agreed) mine.push_back(value);
+  std::vector<double> all(fields * static_cast<size_t>(size_));
+  comm_->allgather(ConstBuffer(mine.data(), fields, DType::Float64),
                    Buffer(all.data(), all.size(), DType::Float64));
   if (!problem.empty()) throw InvalidArgument("Balancer: " + problem);
   for (int r = 0; r < size_; ++r) {
-    const double* o = &all[kAgreed * static_cast<size_t>(r)];
+    const double* o = &all[fields * static_cast<size_t>(r)];
     if (o[0] != 0) throw InvalidArgument(fmt::format("Balancer: rank {} has bad options", r));
-    if (!std::equal(o + 1, o + kAgreed, mine + 1)) {
-      throw InvalidArgument(fmt::format(
-          "Balancer: rank {} has other options than rank {} (global batch {} vs {}, mode {} vs "
-          "{}, exchange every {} vs {} steps, straggler floor {} vs {}, drop after {} vs {}): "
-          "every rank must pass the same",
-          r, rank_, o[1], mine[1], mode_name(static_cast<Mode>(o[2])), mode_name(options_.mode),
-          o[3], mine[3], o[4], mine[4], o[5], mine[5]));
+    std::string differ;
+    for (size_t k = 0; k < agreed.size(); ++k) {
+      if (o[k + 1] == mine[k + 1]) continue;
+      const bool mode = k == 1;
+      differ += fmt::format(
+          "{}{} {} vs {}", differ.empty() ? "" : ", ", agreed[k].first,
+          mode ? std::string(mode_name(static_cast<Mode>(o[k + 1]))) : fmt::format("{}", o[k + 1]),
+          mode ? std::string(mode_name(options_.mode)) : fmt::format("{}", mine[k + 1]));
+    }
+    if (!differ.empty()) {
+      throw InvalidArgument(
+          fmt::format("Balancer: rank {} has other options than rank {} ({}): every rank must "
+                      "pass the same",
+                      r, rank_, differ));
     }
   }
   shares_ = equal_shares(options_.global_batch, size_);

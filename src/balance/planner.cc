@@ -176,6 +176,9 @@ void check_planner_options(const PlannerOptions& o, int workers) {
   if (!(o.deadband >= 0 && o.deadband < 1)) {
     throw InvalidArgument(fmt::format("deadband {} is not in [0, 1)", o.deadband));
   }
+  if (!(o.jump > 0) || std::isnan(o.jump)) {
+    throw InvalidArgument(fmt::format("jump {} is not > 0", o.jump));
+  }
 }
 
 Plan replan(std::span<const int64_t> current, std::span<const double> rates,
@@ -205,11 +208,17 @@ Plan replan(std::span<const int64_t> current, std::span<const double> rates,
   std::vector<double> want(current.size()), lo(current.size()), hi(current.size());
   double largest = 0;
   for (size_t i = 0; i < current.size(); ++i) {
+    largest = std::max(largest, std::abs(static_cast<double>(target[i] - current[i])));
+  }
+  // A change of speed moves every share all the way (the others' shares
+  // take up what the changed worker's gives or takes); noise is damped.
+  const bool jump = largest > o.jump * mean;
+  const double step = jump ? 1.0 : o.damping;
+  for (size_t i = 0; i < current.size(); ++i) {
     const double c = static_cast<double>(current[i]);
     lo[i] = std::max(static_cast<double>(o.min_share), c - bound);
     hi[i] = c + bound;
-    want[i] = std::clamp(c + o.damping * (static_cast<double>(target[i]) - c), lo[i], hi[i]);
-    largest = std::max(largest, std::abs(static_cast<double>(target[i]) - c));
+    want[i] = std::clamp(c + step * (static_cast<double>(target[i]) - c), lo[i], hi[i]);
   }
   Plan plan;
   std::string rates_text;
@@ -253,10 +262,16 @@ Plan replan(std::span<const int64_t> current, std::span<const double> rates,
   }
   plan.shares = round_shares(want, o.global_batch, o.min_share);
   plan.changed = !std::equal(plan.shares.begin(), plan.shares.end(), current.begin());
+  const std::string how =
+      jump ? fmt::format(
+                 "moved all the way (a gap over {:.0f}% of the mean share: a change of "
+                 "speed)",
+                 o.jump * 100)
+           : fmt::format("moved {:.0f}% of the way", o.damping * 100);
   plan.reason = fmt::format(
-      "rates [{}] samples/s give the target [{}]; moved {:.0f}% of the way (at most {:.0f} "
+      "rates [{}] samples/s give the target [{}]; {} (at most {:.0f} "
       "samples per worker){}",
-      rates_text, join_shares(target), o.damping * 100, bound, note);
+      rates_text, join_shares(target), how, bound, note);
   return plan;
 }
 

@@ -238,6 +238,54 @@ TEST(Balancer, OptionsThatDifferBetweenRanksAreRefused) {
       EXPECT_NE(std::string(x.what()).find("global batch"), std::string::npos) << x.what();
     }
   }
+  // A planner option too: ranks that damp differently would plan different
+  // shares.
+  store = std::make_shared<MemoryStore>();
+  errors = run_ranks(2, [&](int r) {
+    Balancer b(make_comm(r, 2, store),
+               {.global_batch = 64, .planner = {.damping = r == 0 ? 0.5 : 0.7}});
+  });
+  for (auto& e : errors) {
+    ASSERT_TRUE(e);
+    try {
+      std::rethrow_exception(e);
+    } catch (const InvalidArgument& x) {
+      const std::string what = x.what();
+      EXPECT_TRUE(what.find("damping 0.7 vs 0.5") != std::string::npos ||
+                  what.find("damping 0.5 vs 0.7") != std::string::npos)
+          << what;
+    }
+  }
+}
+
+// A worker that becomes 4x slower mid-run (a quota set), then fast again:
+// its reported rate shows the new speed once the rate window (here 0.5 s of
+// compute, at least 5 steps) holds only steps at that speed, and not before.
+TEST(Balancer, RateFollowsAChangeOfSpeedWithinTheWindow) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(2, [&](int r) {
+    // Steps of 40 ms at 64 samples (1600 samples/s).
+    Balancer b(make_comm(r, 2, store), {.mode = Mode::None,
+                                        .global_batch = 128,
+                                        .exchange_every = 5,
+                                        .warmup_steps = 0,
+                                        .rate_window_seconds = 0.5});
+    auto steps = [&](int count, double seconds) {
+      for (int s = 0; s < count; ++s) b.end_step({.compute_seconds = seconds, .samples = 64});
+    };
+    steps(40, 0.04);
+    EXPECT_NEAR(b.workers()[1].rate, 1600, 1);
+    // Slower: 5 steps of 160 ms are 0.8 s, the whole window.
+    steps(5, r == 1 ? 0.16 : 0.04);
+    EXPECT_NEAR(b.workers()[1].rate, 400, 1);
+    EXPECT_NEAR(b.workers()[0].rate, 1600, 1);
+    // Faster again: after 5 fast steps (0.2 s) the window still holds two
+    // slow ones (0.32 s); after 15 (0.6 s), none.
+    steps(5, 0.04);
+    EXPECT_NEAR(b.workers()[1].rate, 7 * 64 / (5 * 0.04 + 2 * 0.16), 1);
+    steps(10, 0.04);
+    EXPECT_NEAR(b.workers()[1].rate, 1600, 1);
+  });
 }
 
 }  // namespace

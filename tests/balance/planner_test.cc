@@ -219,6 +219,29 @@ TEST(Replan, RecordedTraceOfAThrottledWorker) {
   EXPECT_EQ(std::min_element(s.begin(), s.end()) - s.begin(), 3) << s[0] << " " << s[3];
 }
 
+// A gap over `jump` of the mean share (a change of speed) is closed at
+// once, within max_change; a smaller one is damped.
+TEST(Replan, LargeGapsMoveAllTheWaySmallOnesAreDamped) {
+  PlannerOptions o{.global_batch = 256, .max_change = 0.5};
+  const std::vector<int64_t> s = equal_shares(256, 4);
+  // Worker 3 at half the others' speed: target 73/73/73/37, a gap of 27
+  // (over 20% of 64): every share moves all the way at once.
+  Plan p = replan(s, std::vector<double>{4000, 4000, 4000, 2000}, o);
+  EXPECT_EQ(p.shares, (std::vector<int64_t>{73, 73, 73, 37})) << p.reason;
+  EXPECT_NE(p.reason.find("all the way"), std::string::npos) << p.reason;
+  // 10% slower: target 62/62/62/70 (gaps of 2 and 6, under 12.8): half-way.
+  p = replan(s, std::vector<double>{1000, 1000, 1000, 1130}, o);
+  EXPECT_EQ(p.shares[3], 67) << p.reason;
+  EXPECT_EQ(p.reason.find("all the way"), std::string::npos) << p.reason;
+  // With jump at 1 every move is damped.
+  o.jump = 1;
+  p = replan(s, std::vector<double>{4000, 4000, 4000, 2000}, o);
+  EXPECT_LT(p.shares[3], 64 - 10);
+  EXPECT_GT(p.shares[3], 37 + 10);
+  o.jump = 0;
+  EXPECT_THROW(replan(s, std::vector<double>{1, 1, 1, 1}, o), InvalidArgument);
+}
+
 TEST(Replan, NoiseInsideTheDeadBandChangesNothing) {
   PlannerOptions o{.global_batch = 256};
   const std::vector<int64_t> s = equal_shares(256, 4);

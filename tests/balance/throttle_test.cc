@@ -93,9 +93,15 @@ TEST(BalanceUnderWeftRun, WorkerNearItsMemoryLimitShedsWork) {
   EXPECT_LT(r["memory_pressure"][1].get<double>(), 1.0) << r.dump();
   const auto s0 = r["shares"][0].get<int64_t>(), s1 = r["shares"][1].get<int64_t>();
   EXPECT_EQ(s0 + s1, 64);
-  // Planned at half its rate: about a third of the batch against two
-  // thirds. Equal workers without shedding stay near half each.
-  EXPECT_LT(static_cast<double>(s1), 0.8 * static_cast<double>(s0)) << r.dump();
+  // Planned at half its rate: its share against rank 0's is about half
+  // the ratio of their rates (a third of the batch against two thirds when
+  // they run alike). Without shedding the shares follow the rates (the
+  // ratio of the shares near that of the rates). Compared with the rates
+  // measured, because a loaded machine can run one worker much faster than
+  // the other (seen: 26808 against 15298 samples/s).
+  const double r0 = r["rates"][0].get<double>(), r1 = r["rates"][1].get<double>();
+  ASSERT_GT(r0, 0) << r.dump();
+  EXPECT_LT(static_cast<double>(s1) / static_cast<double>(s0), 0.8 * r1 / r0) << r.dump();
   EXPECT_GE(r["decisions"].get<int>(), 1) << r.dump();
 }
 

@@ -176,7 +176,7 @@ void check_planner_options(const PlannerOptions& o, int workers) {
   if (!(o.deadband >= 0 && o.deadband < 1)) {
     throw InvalidArgument(fmt::format("deadband {} is not in [0, 1)", o.deadband));
   }
-  if (!(o.jump > 0) || std::isnan(o.jump)) {
+  if (!(o.jump > 0)) {  // NaN too
     throw InvalidArgument(fmt::format("jump {} is not > 0", o.jump));
   }
 }

@@ -158,7 +158,7 @@ struct BalancerOptions {
   // within about that time (a speed-up takes longest: the old slow steps
   // hold more of the window's time). In (0, 3600]. Measured with a worker's
   // quota halved and restored (bench/balance.sh b): 1 s followed in a median
-  // of 33-40 steps, 0.5 s (with `jump`) in 19.
+  // of 33-40 steps, 0.5 s (with `jump`) in 19-24.
   double rate_window_seconds = 0.5;
   // A worker whose rate is below this fraction of the median rate is
   // reported as a straggler, in [0, 1).

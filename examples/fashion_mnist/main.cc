@@ -289,11 +289,14 @@ std::string figures_json(const weft::balance::Balancer& b) {
         "{}{{\"rank\": {}, \"host\": \"{}\", \"share\": {}, \"rate\": {:.1f}, \"wait_s_per_step\": "
         "{:.4f}, \"cpu_utilization\": {:.3f}, \"rss_mb\": {:.1f}, \"throttled_fraction\": {:.3f}, "
         "\"gpu_utilization\": {:.3f}, \"memory_pressure\": {:.3f}, \"shedding\": {}, "
-        "\"straggler\": {}}}",
+        "\"cpu_quota\": {:.3f}, \"cpu_ms_per_sample\": {:.3f}, \"quota_rate\": {:.1f}, "
+        "\"quota_bound\": {}, \"straggler\": {}}}",
         out.size() > 1 ? ", " : "", w.rank, w.host, w.share, num(w.rate),
         num(w.wait_seconds_per_step), num(w.cpu_utilization),
         static_cast<double>(w.rss_bytes) / 1e6, num(w.throttled_fraction), num(w.gpu_utilization),
-        num(w.memory_pressure), w.shedding ? "true" : "false", w.straggler ? "true" : "false");
+        num(w.memory_pressure), w.shedding ? "true" : "false", num(w.cpu_quota_cores),
+        num(w.cpu_seconds_per_sample * 1e3), num(w.quota_rate), w.quota_bound ? "true" : "false",
+        w.straggler ? "true" : "false");
   }
   return out + "]";
 }

@@ -40,6 +40,9 @@
 //   way per re-plan) and bounded (a minimum share, a maximum change per
 //   re-plan), so that they settle instead of oscillating. Each decision is
 //   logged with the old and new shares and why.
+// * CPU quotas: a worker in a cgroup with a CPU quota is planned at no
+//   more than its quota sustains with headroom (quota_rate()), so that it
+//   is not stopped by the kernel in the middle of a collective.
 // * Stragglers: a worker below `straggler_floor` of the median rate is
 //   reported (logged, WorkerFigures::straggler); one that stays below it
 //   for `drop_after` exchanges in a row is named by stragglers_to_drop(),
@@ -133,6 +136,15 @@ struct Plan {
 Plan replan(std::span<const int64_t> current, std::span<const double> rates,
             const PlannerOptions& options);
 
+// The samples/s a worker with a CPU quota sustains while its whole step
+// (compute, its part of the collectives, the optimizer) uses at most
+// `headroom` of the quota: headroom * quota_cores / cpu_seconds_per_sample,
+// where cpu_seconds_per_sample is the process's CPU time over the samples it
+// trained in the same interval. +infinity where there is no quota
+// (quota_cores <= 0) or either figure is unknown (not finite, <= 0): no
+// bound. headroom in (0, 1], else weft::InvalidArgument.
+double quota_rate(double quota_cores, double cpu_seconds_per_sample, double headroom);
+
 // Equal shares of global_batch over `workers` (the first global_batch %
 // workers get one more).
 std::vector<int64_t> equal_shares(int64_t global_batch, int workers);
@@ -160,12 +172,24 @@ struct BalancerOptions {
   // quota halved and restored (bench/balance.sh b): 1 s followed in a median
   // of 33-40 steps, 0.5 s (with `jump`) in 19-24.
   double rate_window_seconds = 0.5;
+  // A worker with a cgroup CPU quota is planned at no more than quota_rate()
+  // with this headroom: the fraction of its quota its whole step may use,
+  // in (0, 1]. A worker planned to the edge of its quota runs out of it
+  // inside the step, the kernel stops it for the rest of the period (up to
+  // 75 ms of 100 at a quarter core), and every collective it takes part in
+  // waits that out on every rank; with room left, it finishes its compute
+  // and its part of the allreduce within its quota. The quota is read at
+  // every exchange, so the bound follows a quota changed while training.
+  double quota_headroom = 0.8;
   // A worker whose rate is below this fraction of the median rate is
   // reported as a straggler, in [0, 1).
   double straggler_floor = 0.1;
   // stragglers_to_drop() names a worker once it has been a straggler in
   // this many exchanges in a row (one slow window is not enough), >= 1.
   int drop_after = 3;
+  // Where the monitor reads the process's use (CPU time, quota, memory,
+  // throttling): sample_process() when empty. Tests pass their own.
+  std::function<ProcessSample()> process_sampler;
 };
 
 // One worker's figures, as every rank sees them after an exchange.
@@ -179,7 +203,15 @@ struct WorkerFigures {
   double cpu_utilization = 0;        // process CPU time / wall time (1 = one core)
   uint64_t rss_bytes = 0;
   double throttled_fraction = 0;  // of the window spent throttled by a cgroup quota
-  double gpu_utilization = -1;    // 0..1, -1 where no GPU is seen
+  double cpu_quota_cores = 0;     // its cgroup CPU quota now, 0: none
+  // Process CPU seconds per sample trained since the last exchange (all its
+  // threads: compute, communication, optimizer), 0 where unknown.
+  double cpu_seconds_per_sample = 0;
+  // What its quota sustains (quota_rate()), 0 where it has no quota.
+  double quota_rate = 0;
+  // Planned at quota_rate instead of its measured rate, which was higher.
+  bool quota_bound = false;
+  double gpu_utilization = -1;  // 0..1, -1 where no GPU is seen
   // Resident memory over the cgroup memory limit, 0 where there is none.
   double memory_pressure = 0;
   // Near its memory limit (memory_pressure >= 0.9): planned at half its

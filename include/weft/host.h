@@ -54,14 +54,20 @@ struct ProcessSample {
   // none has one). The group is resolved on the first sample and again by
   // every probe_host() (a process moved to another group is seen there).
   uint64_t throttled_ns = 0;
-  uint64_t memory_limit_bytes = 0;      // cgroup memory limit now, 0: none
+  uint64_t memory_limit_bytes = 0;  // cgroup memory limit now, 0: none
+  // The cgroup CPU quota now, in cores (the smallest from the process's own
+  // group up), 0: none. Read at every sample: a quota can change while the
+  // job runs.
+  double cpu_quota_cores = 0;
   std::vector<double> gpu_utilization;  // per GPU, 0..1 (NVML), empty where none
 };
 ProcessSample sample_process();
 
 struct Usage {
   double seconds = 0;             // wall time between the samples
+  double cpu_seconds = 0;         // CPU time the process used between the samples
   double cpu_utilization = 0;     // CPU seconds / wall seconds (1 = one core busy)
+  double cpu_quota_cores = 0;     // the quota at the later sample, 0: none
   uint64_t rss_bytes = 0;         // at the later sample
   double throttled_fraction = 0;  // throttled time / wall time, 0..1
   // rss / cgroup memory limit at the later sample, 0 where there is no limit.

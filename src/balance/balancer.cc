@@ -30,6 +30,8 @@ enum Field : size_t {
   kThrottled,
   kGpu,
   kMemoryPressure,
+  kQuota,
+  kCpuPerSample,
   kFields
 };
 
@@ -103,12 +105,19 @@ void check_options(const BalancerOptions& o, int workers) {
     throw InvalidArgument(
         fmt::format("rate_window_seconds {} is not in (0, 3600]", o.rate_window_seconds));
   }
+  if (!(o.quota_headroom > 0 && o.quota_headroom <= 1)) {
+    throw InvalidArgument(fmt::format("quota_headroom {} is not in (0, 1]", o.quota_headroom));
+  }
   if (!(o.straggler_floor >= 0 && o.straggler_floor < 1)) {
     throw InvalidArgument(fmt::format("straggler_floor {} is not in [0, 1)", o.straggler_floor));
   }
   if (o.drop_after < 1) {
     throw InvalidArgument(fmt::format("drop_after {} is not >= 1", o.drop_after));
   }
+}
+
+ProcessSample sample_of(const BalancerOptions& o) {
+  return o.process_sampler ? o.process_sampler() : sample_process();
 }
 
 }  // namespace
@@ -134,7 +143,10 @@ struct Balancer::Window {
   double compute_sum = 0;   // seconds
   double wait_sum = 0;
   int64_t steps = 0;
-  ProcessSample since = sample_process();
+  // Samples trained since `since` (every step, warm-up too), for the CPU
+  // time per sample over the same interval.
+  int64_t interval_samples = 0;
+  ProcessSample since;
 };
 
 Balancer::Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options)
@@ -159,6 +171,7 @@ Balancer::Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options)
       {"mode", static_cast<double>(options_.mode)},
       {"exchange every", static_cast<double>(options_.exchange_every)},
       {"straggler floor", options_.straggler_floor},
+      {"quota headroom", options_.quota_headroom},
       {"drop after", static_cast<double>(options_.drop_after)},
       {"minimum share", static_cast<double>(po.min_share)},
       {"damping", po.damping},
@@ -228,6 +241,7 @@ Balancer::Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options)
     }
   }
   window_ = std::make_unique<Window>();
+  window_->since = sample_of(options_);
 }
 
 Balancer::~Balancer() = default;
@@ -286,6 +300,9 @@ void Balancer::probe(const std::function<void(int64_t)>& step, int64_t batch, in
   }
   for (int r = 0; r < size_; ++r)
     workers_[static_cast<size_t>(r)].share = shares_[static_cast<size_t>(r)];
+  // The probe's own steps are no part of the first interval's CPU per sample.
+  window_->since = sample_of(options_);
+  window_->interval_samples = 0;
   if (rank_ == 0) WEFT_INFO("balance: initial shares [{}]: {}", shares_text(shares_), why);
 }
 
@@ -310,6 +327,7 @@ bool Balancer::end_step(const StepTimes& t) {
   }
   if (std::isfinite(t.wait_seconds) && t.wait_seconds > 0) window_->wait_sum += t.wait_seconds;
   window_->steps += 1;
+  if (samples > 0) window_->interval_samples += samples;
   if (steps_ % options_.exchange_every != 0) return false;
   const std::vector<int64_t> before = shares_;
   exchange();
@@ -333,7 +351,7 @@ std::vector<int> Balancer::stragglers_to_drop(int max) const {
 }
 
 void Balancer::exchange() {
-  const ProcessSample now = sample_process();
+  const ProcessSample now = sample_of(options_);
   const Usage use = usage_between(window_->since, now);
   std::vector<double> mine(kFields, 0.0);
   mine[kShare] = static_cast<double>(share());
@@ -346,17 +364,23 @@ void Balancer::exchange() {
   mine[kThrottled] = use.throttled_fraction;
   mine[kGpu] = use.gpu_utilization;
   mine[kMemoryPressure] = use.memory_pressure;
+  mine[kQuota] = use.cpu_quota_cores;
+  mine[kCpuPerSample] = window_->interval_samples > 0 && use.cpu_seconds > 0
+                            ? use.cpu_seconds / static_cast<double>(window_->interval_samples)
+                            : 0;
   std::vector<double> all(kFields * static_cast<size_t>(size_));
   comm_->allgather(ConstBuffer(mine.data(), mine.size(), DType::Float64),
                    Buffer(all.data(), all.size(), DType::Float64));
   window_->wait_sum = 0;
   window_->steps = 0;
+  window_->interval_samples = 0;
   window_->since = now;
 
   std::vector<double> rates(static_cast<size_t>(size_));
   std::vector<double> plan_rates(static_cast<size_t>(size_));
   std::vector<WorkerFigures> figures(static_cast<size_t>(size_));
   std::vector<int> shedding;
+  std::string quota_bound;  // for the log
   for (int r = 0; r < size_; ++r) {
     const double* f = &all[kFields * static_cast<size_t>(r)];
     auto& w = figures[static_cast<size_t>(r)];
@@ -377,6 +401,25 @@ void Balancer::exchange() {
     if (w.shedding) {
       plan_rates[static_cast<size_t>(r)] = f[kRate] / 2;
       shedding.push_back(r);
+    }
+    w.cpu_quota_cores = std::isfinite(f[kQuota]) && f[kQuota] > 0 ? f[kQuota] : 0;
+    w.cpu_seconds_per_sample =
+        std::isfinite(f[kCpuPerSample]) && f[kCpuPerSample] > 0 ? f[kCpuPerSample] : 0;
+    const double bound =
+        quota_rate(w.cpu_quota_cores, w.cpu_seconds_per_sample, options_.quota_headroom);
+    if (std::isfinite(bound)) {
+      w.quota_rate = bound;
+      // Only a measured rate is bounded: one absent from this window is
+      // taken at the median by the planner, as before.
+      double& plan = plan_rates[static_cast<size_t>(r)];
+      if (std::isfinite(plan) && plan > bound) {
+        plan = bound;
+        w.quota_bound = true;
+        quota_bound += fmt::format(
+            "{}rank {} at {:.1f} samples/s ({:.2f} cores x {:.0f}% / {:.2f} ms CPU per sample)",
+            quota_bound.empty() ? "" : ", ", r, bound, w.cpu_quota_cores,
+            options_.quota_headroom * 100, w.cpu_seconds_per_sample * 1e3);
+      }
     }
   }
   // Stragglers: below the floor of the median rate.
@@ -418,6 +461,9 @@ void Balancer::exchange() {
     return;
   }
   std::string why = plan.reason;
+  if (!quota_bound.empty()) {
+    why += fmt::format("; planned at what the CPU quota sustains: {}", quota_bound);
+  }
   if (!shedding.empty()) {
     why += fmt::format("; rank(s) {} shed work: resident memory at {:.0f}%+ of the cgroup limit",
                        fmt::join(shedding, ","), kMemoryPressureShed * 100);

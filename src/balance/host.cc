@@ -286,6 +286,7 @@ ProcessSample sample_process() {
     ensure_resolved(c);
     s.throttled_ns = hd::read_throttled_ns(c.paths);
     s.memory_limit_bytes = hd::read_memory_limit(c.paths);
+    s.cpu_quota_cores = hd::read_cpu_quota(c.paths);
   }
   const Nvml& n = nvml();
   if (!n.devices.empty()) {
@@ -298,6 +299,7 @@ ProcessSample sample_process() {
 Usage usage_between(const ProcessSample& earlier, const ProcessSample& later) {
   Usage u;
   u.rss_bytes = later.rss_bytes;
+  u.cpu_quota_cores = later.cpu_quota_cores;
   if (later.memory_limit_bytes > 0) {
     u.memory_pressure =
         static_cast<double>(later.rss_bytes) / static_cast<double>(later.memory_limit_bytes);
@@ -316,7 +318,10 @@ Usage usage_between(const ProcessSample& earlier, const ProcessSample& later) {
   if (!std::isfinite(wall) || wall <= 0) return u;  // no time between them: no rates
   u.seconds = wall;
   const double cpu = later.cpu_seconds - earlier.cpu_seconds;
-  if (std::isfinite(cpu) && cpu > 0) u.cpu_utilization = cpu / wall;
+  if (std::isfinite(cpu) && cpu > 0) {
+    u.cpu_seconds = cpu;
+    u.cpu_utilization = cpu / wall;
+  }
   // A counter that went back (the process changed group) gives no figure.
   if (later.throttled_ns > earlier.throttled_ns) {
     const double t = static_cast<double>(later.throttled_ns - earlier.throttled_ns) * 1e-9;

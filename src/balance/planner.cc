@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "balance/median.h"
@@ -38,6 +39,17 @@ double gradient_weight(int64_t share, int64_t total, int workers) {
         share, total, workers));
   }
   return static_cast<double>(workers) * static_cast<double>(share) / static_cast<double>(total);
+}
+
+double quota_rate(double quota_cores, double cpu_seconds_per_sample, double headroom) {
+  if (!(headroom > 0 && headroom <= 1)) {
+    throw InvalidArgument(fmt::format("quota headroom {} is not in (0, 1]", headroom));
+  }
+  if (!(std::isfinite(quota_cores) && quota_cores > 0) ||
+      !(std::isfinite(cpu_seconds_per_sample) && cpu_seconds_per_sample > 0)) {
+    return std::numeric_limits<double>::infinity();
+  }
+  return headroom * quota_cores / cpu_seconds_per_sample;
 }
 
 std::vector<int64_t> equal_shares(int64_t global_batch, int workers) {

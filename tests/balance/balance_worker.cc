@@ -5,7 +5,8 @@
 // rounds of arithmetic, timed; an allreduce (the gradient exchange); then
 // Balancer::end_step. Rank 0 prints one JSON line at the end:
 //   {"shares": [...], "rates": [...], "decisions": N, "throttled": [...],
-//    "memory_pressure": [...], "shedding": [...]}
+//    "memory_pressure": [...], "shedding": [...], "cpu_quota": [...],
+//    "quota_rate": [...], "quota_bound": [...]}
 //
 //   balance_worker [--steps N] [--global-batch B] [--work-per-sample K]
 //                  [--slow-rank R --cgroup DIR]
@@ -139,19 +140,24 @@ int main(int argc, char** argv) {
       (void)last;
     }
     if (comm->rank() == 0) {
-      std::vector<double> rates, throttled, pressure;
-      std::vector<std::string> shedding;
+      std::vector<double> rates, throttled, pressure, quota, quota_rate;
+      std::vector<std::string> shedding, quota_bound;
       for (const auto& w : b.workers()) {
         rates.push_back(w.rate);
         throttled.push_back(w.throttled_fraction);
         pressure.push_back(w.memory_pressure);
         shedding.emplace_back(w.shedding ? "true" : "false");
+        quota.push_back(w.cpu_quota_cores);
+        quota_rate.push_back(w.quota_rate);
+        quota_bound.emplace_back(w.quota_bound ? "true" : "false");
       }
       fmt::print(
           "{{\"shares\": [{}], \"rates\": [{:.1f}], \"decisions\": {}, \"throttled\": [{:.3f}], "
-          "\"memory_pressure\": [{:.3f}], \"shedding\": [{}]}}\n",
+          "\"memory_pressure\": [{:.3f}], \"shedding\": [{}], \"cpu_quota\": [{:.3f}], "
+          "\"quota_rate\": [{:.1f}], \"quota_bound\": [{}]}}\n",
           fmt::join(b.shares(), ", "), fmt::join(rates, ", "), b.decisions().size(),
-          fmt::join(throttled, ", "), fmt::join(pressure, ", "), fmt::join(shedding, ", "));
+          fmt::join(throttled, ", "), fmt::join(pressure, ", "), fmt::join(shedding, ", "),
+          fmt::join(quota, ", "), fmt::join(quota_rate, ", "), fmt::join(quota_bound, ", "));
       std::fflush(stdout);
     }
     return 0;

@@ -216,6 +216,8 @@ TEST(Balancer, BadOptionsAreRefusedOnEveryRank) {
                               BalancerOptions{.global_batch = 30, .exchange_every = 0},
                               BalancerOptions{.global_batch = 30, .warmup_steps = -1},
                               BalancerOptions{.global_batch = 30, .straggler_floor = 1},
+                              BalancerOptions{.global_batch = 30, .quota_headroom = 0},
+                              BalancerOptions{.global_batch = 30, .quota_headroom = 1.5},
                               BalancerOptions{.global_batch = 30, .drop_after = 0},
                               BalancerOptions{.global_batch = 30, .planner = {.min_share = 11}}}) {
     auto errors = run_ranks(3, [&](int r) { Balancer b(make_comm(r, 3, store), bad); });
@@ -241,7 +243,11 @@ TEST(Balancer, OptionsThatDifferBetweenRanksAreRefused) {
       {[](int r) {
          return BalancerOptions{.global_batch = 64, .planner = {.damping = r == 0 ? 0.5 : 0.7}};
        },
-       "damping 0.7 vs 0.5", "damping 0.5 vs 0.7"}};
+       "damping 0.7 vs 0.5", "damping 0.5 vs 0.7"},
+      {[](int r) {
+         return BalancerOptions{.global_batch = 64, .quota_headroom = r == 0 ? 0.8 : 0.6};
+       },
+       "quota headroom 0.6 vs 0.8", "quota headroom 0.8 vs 0.6"}};
   for (const Case& c : cases) {
     auto store = std::make_shared<MemoryStore>();
     auto errors = run_ranks(2, [&](int r) { Balancer b(make_comm(r, 2, store), c.options(r)); });
@@ -257,6 +263,66 @@ TEST(Balancer, OptionsThatDifferBetweenRanksAreRefused) {
       }
     }
   }
+}
+
+// Two workers computing equally fast; rank 1 has a quarter-core quota and
+// uses 1 ms of CPU per sample, so it sustains 0.25 x 80% / 1 ms = 200
+// samples/s within its quota's headroom, far below the 1600 it measures
+// while not throttled. It is planned at 200 (shares toward 1600:200 of
+// 128, about 114:14), every rank says so, and the decisions name the quota.
+// The other worker has no quota and no bound. Then the quota is lifted and
+// the shares go back toward equal.
+TEST(Balancer, AWorkerWithACpuQuotaIsPlannedAtWhatItSustains) {
+  auto store = std::make_shared<MemoryStore>();
+  std::vector<std::vector<int64_t>> seen(2);
+  run_ranks_ok(2, [&](int r) {
+    double cpu = 0, wall = 0, quota = r == 1 ? 0.25 : 0;
+    BalancerOptions o{.mode = Mode::Dynamic,
+                      .global_batch = 128,
+                      .exchange_every = 2,
+                      .warmup_steps = 0,
+                      .rate_window_seconds = 0.05};
+    o.process_sampler = [&] {
+      ProcessSample p;
+      p.wall_seconds = wall;
+      p.cpu_seconds = cpu;
+      p.cpu_quota_cores = quota;
+      return p;
+    };
+    Balancer b(make_comm(r, 2, store), o);
+    auto steps = [&](int count) {
+      for (int s = 0; s < count; ++s) {
+        const int64_t n = b.share();
+        cpu += 0.001 * static_cast<double>(n);
+        wall += 0.1;
+        b.end_step({.compute_seconds = static_cast<double>(n) / 1600.0});  // 1600 samples/s
+      }
+    };
+    steps(40);
+    ASSERT_EQ(b.workers().size(), 2u);
+    const WorkerFigures& slow = b.workers()[1];
+    EXPECT_DOUBLE_EQ(slow.cpu_quota_cores, 0.25);
+    EXPECT_NEAR(slow.cpu_seconds_per_sample, 0.001, 1e-9);
+    EXPECT_NEAR(slow.quota_rate, 200, 1e-6);
+    EXPECT_TRUE(slow.quota_bound);
+    EXPECT_NEAR(slow.rate, 1600, 1);  // what it measured is still reported
+    EXPECT_EQ(b.workers()[0].cpu_quota_cores, 0);
+    EXPECT_EQ(b.workers()[0].quota_rate, 0);
+    EXPECT_FALSE(b.workers()[0].quota_bound);
+    EXPECT_NEAR(static_cast<double>(b.shares()[1]), 128.0 * 200 / 1800, 2) << b.shares()[1];
+    ASSERT_FALSE(b.decisions().empty());
+    EXPECT_NE(b.decisions().back().reason.find("CPU quota sustains: rank 1 at 200.0"),
+              std::string::npos)
+        << b.decisions().back().reason;
+    seen[static_cast<size_t>(r)] = b.shares();
+
+    quota = 0;  // lifted: read at the next exchange
+    steps(40);
+    EXPECT_FALSE(b.workers()[1].quota_bound);
+    EXPECT_EQ(b.workers()[1].quota_rate, 0);
+    EXPECT_NEAR(static_cast<double>(b.shares()[1]), 64, 2) << b.shares()[1];
+  });
+  EXPECT_EQ(seen[0], seen[1]);
 }
 
 // A worker that becomes 4x slower mid-run (a quota set), then fast again:

@@ -194,9 +194,12 @@ TEST(UsageBetween, FiguresFromConstructedSamples) {
   b.rss_bytes = 256 << 20;
   b.memory_limit_bytes = 1024 << 20;  // a quarter
   b.gpu_utilization = {0.5, -1, 0.7};
+  b.cpu_quota_cores = 0.25;
   Usage u = usage_between(a, b);
   EXPECT_DOUBLE_EQ(u.seconds, 2);
+  EXPECT_DOUBLE_EQ(u.cpu_seconds, 3);
   EXPECT_DOUBLE_EQ(u.cpu_utilization, 1.5);
+  EXPECT_DOUBLE_EQ(u.cpu_quota_cores, 0.25);  // the later sample's
   EXPECT_DOUBLE_EQ(u.throttled_fraction, 0.25);
   EXPECT_DOUBLE_EQ(u.memory_pressure, 0.25);
   EXPECT_DOUBLE_EQ(u.gpu_utilization, 0.6);  // the unknown GPU left out
@@ -205,6 +208,7 @@ TEST(UsageBetween, FiguresFromConstructedSamples) {
   // Reversed (later before earlier): no rates, never negative.
   u = usage_between(b, a);
   EXPECT_EQ(u.seconds, 0);
+  EXPECT_EQ(u.cpu_seconds, 0);
   EXPECT_EQ(u.cpu_utilization, 0);
   EXPECT_EQ(u.throttled_fraction, 0);
 
@@ -494,11 +498,14 @@ struct ChildReport {
   uint64_t throttled_after = 0;
   double cpu_utilization = -1;
   double throttled_fraction = -1;
+  double sampled_quota = -1;          // sample_process()'s quota at 25 ms per 100 ms
+  double sampled_quota_changed = -1;  // and after the quota became 50 ms
 };
 
 // A child moves itself into a v1 (else v2) cpu group with a quota of 25 ms
 // per 100 ms and reports what the probe sees there; spinning for 0.3 s it
-// must also be throttled, and the sample must show it.
+// must also be throttled, and the sample must show it, and the quota, also
+// after it was changed.
 TEST(HostCgroup, ChildInAQuarterCoreGroupSeesTheQuota) {
   if (const std::string why = testing::CpuQuotaGroup::unavailable(); !why.empty()) {
     GTEST_SKIP() << why;
@@ -525,6 +532,9 @@ TEST(HostCgroup, ChildInAQuarterCoreGroupSeesTheQuota) {
       const Usage u = usage_between(a, b);
       r.cpu_utilization = u.cpu_utilization;
       r.throttled_fraction = u.throttled_fraction;
+      r.sampled_quota = b.cpu_quota_cores;
+      group->set_quota(50000);  // a quota changed while the process runs is seen at once
+      r.sampled_quota_changed = sample_process().cpu_quota_cores;
     } catch (const std::exception& e) {
       std::cerr << "child: " << e.what() << "\n";
     }
@@ -546,6 +556,8 @@ TEST(HostCgroup, ChildInAQuarterCoreGroupSeesTheQuota) {
   std::cout << "in " << group->path() << ": quota " << r.quota_cores << " cores, cpu_utilization "
             << r.cpu_utilization << ", throttled_fraction " << r.throttled_fraction << "\n";
   EXPECT_DOUBLE_EQ(r.quota_cores, 0.25);
+  EXPECT_DOUBLE_EQ(r.sampled_quota, 0.25);
+  EXPECT_DOUBLE_EQ(r.sampled_quota_changed, 0.5);
   EXPECT_GT(r.throttled_after, r.throttled_before);
   EXPECT_GT(r.throttled_fraction, 0);
   EXPECT_LE(r.throttled_fraction, 1);

@@ -252,6 +252,21 @@ TEST(Replan, NoiseInsideTheDeadBandChangesNothing) {
   EXPECT_NE(p.reason.find("kept"), std::string::npos);
 }
 
+// A quarter core at 1 ms of CPU per sample sustains 250 samples/s; with
+// 80% headroom, 200. No quota, or an unknown CPU time, bounds nothing.
+TEST(QuotaRate, WhatAQuotaSustainsWithHeadroom) {
+  EXPECT_DOUBLE_EQ(quota_rate(0.25, 0.001, 1.0), 250);
+  EXPECT_DOUBLE_EQ(quota_rate(0.25, 0.001, 0.8), 200);
+  EXPECT_DOUBLE_EQ(quota_rate(2.0, 0.004, 0.5), 250);
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::nan("");
+  for (double quota : {0.0, -1.0, nan, inf}) EXPECT_EQ(quota_rate(quota, 0.001, 0.8), inf);
+  for (double cpu : {0.0, -0.001, nan, inf}) EXPECT_EQ(quota_rate(0.25, cpu, 0.8), inf);
+  for (double headroom : {0.0, -0.5, 1.01, nan}) {
+    EXPECT_THROW(quota_rate(0.25, 0.001, headroom), InvalidArgument) << headroom;
+  }
+}
+
 TEST(Modes, ParseAndName) {
   EXPECT_EQ(parse_mode("none"), Mode::None);
   EXPECT_EQ(parse_mode("static"), Mode::Static);

@@ -56,6 +56,13 @@ TEST(BalanceUnderWeftRun, ThrottledWorkersShareFalls) {
   EXPECT_LT(static_cast<double>(s1), 0.7 * static_cast<double>(s0)) << r.dump();
   EXPECT_GE(r["decisions"].get<int>(), 1) << r.dump();
   EXPECT_LT(r["rates"][1].get<double>(), r["rates"][0].get<double>()) << r.dump();
+  // Every rank sees the throttled worker's quota, and the rate it sustains
+  // (a positive bound); the other worker has none.
+  EXPECT_NEAR(r["cpu_quota"][1].get<double>(), 0.1, 1e-9) << r.dump();
+  EXPECT_GT(r["quota_rate"][1].get<double>(), 0) << r.dump();
+  EXPECT_EQ(r["cpu_quota"][0].get<double>(), 0) << r.dump();
+  EXPECT_EQ(r["quota_rate"][0].get<double>(), 0) << r.dump();
+  EXPECT_FALSE(r["quota_bound"][0].get<bool>()) << r.dump();
 }
 
 TEST(BalanceUnderWeftRun, WorkerNearItsMemoryLimitShedsWork) {

@@ -105,6 +105,8 @@ TEST(FashionMnist, BalancedRunTrainsEverySampleOnceAndLearns) {
     for (const auto& w : e["worker_figures"]) {
       EXPECT_GT(w["rate"].get<double>(), 0.0);
       EXPECT_GT(w["rss_mb"].get<double>(), 0.0);
+      EXPECT_GT(w["cpu_ms_per_sample"].get<double>(), 0.0);
+      EXPECT_TRUE(w.contains("quota_rate") && w.contains("quota_bound")) << w.dump();
     }
   }
   EXPECT_GE(epochs[1]["test_accuracy"].get<double>(), 0.75);

@@ -31,8 +31,9 @@
 // survivors of k-1 keep their order and come first, so rank 0 of every
 // generation after the first holds the committed state. A worker that
 // registered too late registers for k+1, which the members admit at their
-// next step boundary. Below `min` the workers wait `min_wait` for joins,
-// then fail saying how many are there and who died.
+// next step boundary, or it gives up after `join_wait`. Below `min` the
+// workers wait `min_wait` for joins, then fail saying how many are there
+// and who died.
 #pragma once
 
 #include <chrono>
@@ -63,6 +64,13 @@ struct ElasticOptions {
   Timeout settle = std::chrono::seconds(30);
   // How long the workers wait for joins below `min` (WEFT_ELASTIC_MIN_WAIT).
   Timeout min_wait = std::chrono::seconds(120);
+  // How long a worker waits to be admitted to a running job
+  // (WEFT_ELASTIC_JOIN_WAIT): the members admit joins at their step
+  // boundaries (joins_pending()); one that never asks, or asks too seldom,
+  // would otherwise keep the newcomer waiting until the job ends. Then
+  // join() records that the worker left and throws weft::Error naming the
+  // members that did not admit it.
+  Timeout join_wait = std::chrono::seconds(600);
   // Options of every generation's communicator (name and generation are
   // set by the group).
   CommOptions comm;

@@ -190,6 +190,7 @@ std::shared_ptr<ElasticGroup> ElasticGroup::from_env(CommOptions comm) {
   o.initial = env.size;
   o.settle = settings::get(settings::kElasticSettle);
   o.min_wait = settings::get(settings::kElasticMinWait);
+  o.join_wait = settings::get(settings::kElasticJoinWait);
   std::shared_ptr<TcpStoreServer> server;  // weft run serves the store: stays null
   auto store = connect_launch_store(env, comm, &server);
   o.comm = std::move(comm);
@@ -353,6 +354,19 @@ std::shared_ptr<Communicator> ElasticGroup::form(const std::string& cause, Clock
       const bool all_there = std::all_of(expected.begin(), expected.end(),
                                          [&](const auto& p) { return contains(registered, p); });
       const auto waited = Clock::now() - since;
+      if (!may_close && waited >= options_.join_wait) {
+        // The members of the running generation have not admitted this
+        // worker: leave (so that no generation counts on it) and say why.
+        store_->set(fmt::format("weft/elastic/left/{}", options_.member),
+                    "gave up waiting to be admitted (WEFT_ELASTIC_JOIN_WAIT)");
+        throw Error(fmt::format(
+            "elastic: {} was not admitted to the running job within {:.0f} s "
+            "(WEFT_ELASTIC_JOIN_WAIT): the members of generation {} ({}) admit joins at their "
+            "step boundaries (ElasticGroup::joins_pending) and have not since it registered for "
+            "generation {}",
+            options_.member, std::chrono::duration<double>(waited).count(), k - 1,
+            fmt::join(expected, ", "), k));
+      }
       bool close = false;
       if (may_close && n >= static_cast<size_t>(options_.min)) {
         if (n >= static_cast<size_t>(options_.max)) {
@@ -373,7 +387,9 @@ std::shared_ptr<Communicator> ElasticGroup::form(const std::string& cause, Clock
         }
         const size_t survivors = order.size();
         for (const auto& r : registered) {
-          if (!contains(order, r)) order.push_back(r);
+          // (Not one that registered and then left or died: a joiner that
+          // gave up waiting, one killed while it waited.)
+          if (!contains(order, r) && !known_dead(r, dead)) order.push_back(r);
         }
         if (prev.empty()) {
           std::sort(order.begin() + static_cast<std::ptrdiff_t>(survivors), order.end(),

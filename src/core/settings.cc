@@ -21,7 +21,7 @@ namespace weft::settings {
 namespace {
 
 // The table of every setting, in documentation order (`weft config`).
-constexpr std::array<const Setting*, 53> kAll = {
+constexpr std::array<const Setting*, 54> kAll = {
     &kRank,
     &kWorldSize,
     &kLocalRank,
@@ -35,6 +35,7 @@ constexpr std::array<const Setting*, 53> kAll = {
     &kStorePort,
     &kElasticSettle,
     &kElasticMinWait,
+    &kElasticJoinWait,
     &kStoreMaxBytes,
     &kJobToken,
     &kAllowUnauthenticated,

@@ -131,6 +131,10 @@ inline constexpr SecondsSetting kElasticSettle{
 inline constexpr SecondsSetting kElasticMinWait{
     "WEFT_ELASTIC_MIN_WAIT", 120,
     "elastic: how long the workers wait for joins when fewer than MIN are left, seconds"};
+inline constexpr SecondsSetting kElasticJoinWait{
+    "WEFT_ELASTIC_JOIN_WAIT", 600,
+    "elastic: how long a worker waits to be admitted to a running job (members admit joins at "
+    "their commits), seconds"};
 inline constexpr BytesSetting kStoreMaxBytes{
     "WEFT_STORE_MAX_BYTES", int64_t{1} << 30, 1 << 20, int64_t{1} << 40,
     "total bytes of keys and values the store server holds; a write above it is refused"};

@@ -235,6 +235,59 @@ TEST(ElasticTest, JoinAtAStepBoundaryGetsTheState) {
   EXPECT_EQ(reps[0].w, reps[2].w);
 }
 
+// A worker that waits to join a running job whose members do not admit it
+// gives up after join_wait, naming them, and records that it left; when the
+// members do look for joins later, they form the next generation without it.
+TEST(ElasticTest, JoinerThatIsNeverAdmittedGivesUpAfterJoinWait) {
+  auto store = std::make_shared<MemoryStore>();
+  const std::vector<std::string> names{"a", "b", "c"};
+  std::atomic<bool> formed{false}, gave_up{false};
+  std::string message;
+  std::vector<int> sizes(2, 0);
+  auto errors = run_ranks(3, [&](int i) {
+    auto o = options(names[static_cast<size_t>(i)], 1, 3, 2);
+    o.join_wait = 300ms;
+    ElasticGroup group(store, o);
+    if (i == 2) {
+      ASSERT_TRUE(wait_until([&] { return formed.load(); }));
+      try {
+        group.join();
+        ADD_FAILURE() << "joined without being admitted";
+      } catch (const Error& e) {
+        message = e.what();
+      }
+      gave_up = true;
+      return;
+    }
+    Replica r;
+    auto comm = group.join();
+    ASSERT_TRUE(comm);
+    EXPECT_EQ(group.generation(), 1u);
+    formed = true;
+    // Train without looking for joins until the newcomer has given up (the
+    // members agree on when they stop: the same calls on both).
+    for (;;) {
+      r.train_step(*comm);
+      std::vector<int32_t> stop{gave_up ? 1 : 0};
+      comm->allreduce(stop, ReduceOp::Max);
+      if (stop[0] != 0) break;
+    }
+    ASSERT_TRUE(group.joins_pending());  // it registered, then left
+    comm = group.admit();
+    ASSERT_TRUE(comm);
+    EXPECT_EQ(group.generation(), 2u);
+    EXPECT_EQ(group.members(), (std::vector<std::string>{"a", "b"}));
+    r.train_step(*comm);
+    sizes[static_cast<size_t>(i)] = comm->size();
+  });
+  for (auto& e : errors) EXPECT_FALSE(e);
+  EXPECT_EQ(sizes, (std::vector<int>{2, 2}));
+  EXPECT_NE(message.find("c was not admitted"), std::string::npos) << message;
+  EXPECT_NE(message.find("WEFT_ELASTIC_JOIN_WAIT"), std::string::npos) << message;
+  EXPECT_NE(message.find("generation 1 (a, b)"), std::string::npos) << message;
+  EXPECT_TRUE(store->try_get("weft/elastic/left/c").has_value());
+}
+
 // Below MIN the survivor waits for joins for min_wait, then fails saying why.
 TEST(ElasticTest, BelowMinFailsAfterWaitingForJoins) {
   auto store = std::make_shared<MemoryStore>();

@@ -60,7 +60,7 @@ def one_run(args, seed, fault):
            "--max-restarts", str(args.max_restarts), "--",
            f"{args.bin}/elastic_worker", "--epochs", str(args.epochs), "--samples",
            str(args.samples), "--global-batch", str(args.global_batch), "--step-ms",
-           str(args.step_ms)]
+           str(args.step_ms), "--busy-ms", str(args.busy_ms)]
     env = dict(os.environ)
     at_step = rng.randrange(5, max(6, total_steps // 2))
     victims = rng.sample(range(w), 2)
@@ -168,6 +168,9 @@ def main():
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--global-batch", type=int, default=48)
     ap.add_argument("--step-ms", type=float, default=10)
+    ap.add_argument("--busy-ms", type=float, default=0,
+                    help="CPU time each worker spins per step (the slow fault then holds "
+                         "a busy worker at 10%% of a CPU, not a sleeping one)")
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--bin", default="build/bin")

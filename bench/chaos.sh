@@ -5,6 +5,7 @@
 # so a failing run can be repeated alone (--runs 1 --seed S).
 #
 #   bench/chaos.sh [--runs 20] [--seed 1] [--workers 4] [--faults kill,stop]
+#                  [--epochs 3] [--busy-ms 0]   (CPU time each worker spins per step)
 #
 # Needs root for the 10% CPU cgroup (the "slow" fault); builds what it runs.
 set -euo pipefail

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstring>
+#include <ctime>
 #include <thread>
 
 #include "weft/elastic.h"
@@ -42,6 +43,7 @@ struct Args {
   int64_t commit_every = 1;
   double lr = 0.05;
   double step_ms = 0;  // extra compute time per step (to make steps last)
+  double busy_ms = 0;  // CPU time spun per step (a worker held by a CPU quota takes longer)
   std::vector<std::string> die_members;
   std::string stop_member;
   int64_t die_at = -1, stop_at = -1;
@@ -55,6 +57,21 @@ float target(int64_t i) {
   float y = 0;
   for (int j = 0; j < kDim; ++j) y += static_cast<float>(j + 1) * 0.1f * feature(i, j);
   return y;
+}
+
+// Spins until this thread has used `ms` of CPU time (not wall time: under a
+// CPU quota it takes as long as the quota makes it).
+void spin_cpu(double ms) {
+  auto cpu = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
+  };
+  const double until = cpu() + ms;
+  volatile uint64_t x = 0;
+  while (cpu() < until) {
+    for (int i = 0; i < 1000; ++i) x = x + 1;
+  }
 }
 
 template <typename T>
@@ -153,6 +170,7 @@ int run(const Args& a) {
           }
           if (a.step_ms > 0)
             std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(a.step_ms));
+          if (a.busy_ms > 0) spin_cpu(a.busy_ms);
           // Weighted so that the average is the gradient of the whole step.
           engine.set_gradient_weight(total > 0 ? static_cast<double>(mine.size()) * world /
                                                      static_cast<double>(total)
@@ -226,6 +244,7 @@ int main(int argc, char** argv) {
   app.add_option("--commit-every", a.commit_every)->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   app.add_option("--lr", a.lr);
   app.add_option("--step-ms", a.step_ms)->check(CLI::Range(0.0, 60000.0));
+  app.add_option("--busy-ms", a.busy_ms, "CPU time spun per step")->check(CLI::Range(0.0, 60000.0));
   app.add_option("--die-member", a.die_members, "Member(s) that kill themselves at --die-at-step");
   app.add_option("--die-at-step", a.die_at);
   app.add_option("--stop-member", a.stop_member);

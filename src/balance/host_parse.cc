@@ -296,6 +296,12 @@ CgroupPaths resolve_cgroups(std::string_view proc_self_cgroup, std::string_view 
     p.memory_limit_files.push_back(
         d + (p.memory_version == 1 ? "/memory.limit_in_bytes" : "/memory.max"));
   }
+  for (const auto& d : p.cpu_dirs) {
+    p.cpu_quota_files.push_back(
+        p.cpu_version == 1
+            ? CgroupPaths::QuotaFiles{d + "/cpu.cfs_quota_us", d + "/cpu.cfs_period_us"}
+            : CgroupPaths::QuotaFiles{d + "/cpu.max", ""});
+  }
   return p;
 }
 
@@ -324,16 +330,16 @@ double cpu_quota_v1(std::string_view quota_us, std::string_view period_us) {
   return quota_cores(parse_u64(quota_us), parse_u64(period_us));
 }
 
-double read_cpu_quota(int version, const std::string& dir) {
+double read_cpu_quota(int version, const CgroupPaths::QuotaFiles& files) {
   char a[128];
   char b[128];
   if (version == 1) {
-    if (read_small((dir + "/cpu.cfs_quota_us").c_str(), a, sizeof a) < 0) return 0;
-    if (read_small((dir + "/cpu.cfs_period_us").c_str(), b, sizeof b) < 0) return 0;
+    if (read_small(files.quota.c_str(), a, sizeof a) < 0) return 0;
+    if (read_small(files.period.c_str(), b, sizeof b) < 0) return 0;
     return cpu_quota_v1(a, b);
   }
   if (version == 2) {
-    if (read_small((dir + "/cpu.max").c_str(), a, sizeof a) < 0) return 0;
+    if (read_small(files.quota.c_str(), a, sizeof a) < 0) return 0;
     return parse_cpu_max(a);
   }
   return 0;
@@ -341,8 +347,8 @@ double read_cpu_quota(int version, const std::string& dir) {
 
 double read_cpu_quota(const CgroupPaths& paths) {
   double best = 0;
-  for (const auto& d : paths.cpu_dirs) {
-    const double q = read_cpu_quota(paths.cpu_version, d);
+  for (const auto& f : paths.cpu_quota_files) {
+    const double q = read_cpu_quota(paths.cpu_version, f);
     if (q > 0 && (best == 0 || q < best)) best = q;
   }
   return best;
@@ -394,11 +400,11 @@ void resolve_cpu_stat(CgroupPaths& paths) {
   if (paths.cpu_dirs.empty()) return;
   const std::string* dir = &paths.cpu_dirs.front();
   double best = 0;
-  for (const auto& d : paths.cpu_dirs) {
-    const double q = read_cpu_quota(paths.cpu_version, d);
+  for (size_t i = 0; i < paths.cpu_dirs.size() && i < paths.cpu_quota_files.size(); ++i) {
+    const double q = read_cpu_quota(paths.cpu_version, paths.cpu_quota_files[i]);
     if (q > 0 && (best == 0 || q < best)) {
       best = q;
-      dir = &d;
+      dir = &paths.cpu_dirs[i];
     }
   }
   paths.cpu_stat = *dir + "/cpu.stat";

@@ -71,6 +71,12 @@ struct CgroupPaths {
   // The limit file of each of memory_dirs (memory.limit_in_bytes or
   // memory.max), made once so that reading them allocates nothing.
   std::vector<std::string> memory_limit_files;
+  // The quota file(s) of each of cpu_dirs, made once likewise: v1
+  // cpu.cfs_quota_us and cpu.cfs_period_us, v2 cpu.max (period "").
+  struct QuotaFiles {
+    std::string quota, period;
+  };
+  std::vector<QuotaFiles> cpu_quota_files;
   // The cpu.stat whose throttled time sample_process() reports: the one of
   // the group whose quota binds (the smallest on the way up), else the
   // process's own group. Set by resolve_cpu_stat(); "" when none.
@@ -86,8 +92,8 @@ CgroupPaths resolve_cgroups(std::string_view proc_self_cgroup, std::string_view 
 // ("max 100000" = none, "25000 100000" = 0.25).
 double parse_cpu_max(std::string_view cpu_max);
 double cpu_quota_v1(std::string_view quota_us, std::string_view period_us);
-double read_cpu_quota(int version, const std::string& dir);
-// The smallest quota over the groups (0: none anywhere).
+double read_cpu_quota(int version, const CgroupPaths::QuotaFiles& files);
+// The smallest quota over the groups (0: none anywhere); no allocation.
 double read_cpu_quota(const CgroupPaths& paths);
 
 // The memory limit of one group in bytes, 0 where none (v1: a huge value;

@@ -302,6 +302,9 @@ TEST(HostParse, ResolvesV1BeforeV2OnAHybridHost) {
                                                      "/sys/fs/cgroup/memory"}));
   EXPECT_EQ(p.memory_limit_files.front(),
             "/sys/fs/cgroup/memory/process_api/c3d6/memory.limit_in_bytes");
+  ASSERT_EQ(p.cpu_quota_files.size(), 1u);
+  EXPECT_EQ(p.cpu_quota_files[0].quota, "/sys/fs/cgroup/cpu/cpu.cfs_quota_us");
+  EXPECT_EQ(p.cpu_quota_files[0].period, "/sys/fs/cgroup/cpu/cpu.cfs_period_us");
 }
 
 TEST(HostParse, ResolvesV2AndContainerViews) {
@@ -313,6 +316,9 @@ TEST(HostParse, ResolvesV2AndContainerViews) {
             (std::vector<std::string>{"/sys/fs/cgroup/system.slice/job.service",
                                       "/sys/fs/cgroup/system.slice", "/sys/fs/cgroup"}));
   EXPECT_EQ(p.memory_limit_files.back(), "/sys/fs/cgroup/memory.max");
+  ASSERT_EQ(p.cpu_quota_files.size(), 3u);
+  EXPECT_EQ(p.cpu_quota_files.front().quota, "/sys/fs/cgroup/system.slice/job.service/cpu.max");
+  EXPECT_EQ(p.cpu_quota_files.front().period, "");
   // A container that sees its own group mounted as the root of the hierarchy.
   p = hd::resolve_cgroups("0::/docker/abc\n",
                           "40 30 0:37 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");

@@ -36,9 +36,11 @@
 //   exchanged with one small allgather, so that every rank sees every
 //   worker (Balancer::workers()).
 // * The planner (replan(), a pure function): the new shares move from the
-//   current ones toward the proportional target, damped (a fraction of the
-//   way per re-plan) and bounded (a minimum share, a maximum change per
-//   re-plan), so that they settle instead of oscillating. Each decision is
+//   current ones toward the proportional target, all the way after a change
+//   of speed and while the target moves on in that direction, damped
+//   otherwise (less and less while the moves turn back and forth), and
+//   bounded (a minimum share, a maximum change per re-plan), so that they
+//   follow a change quickly and settle instead of oscillating. Each decision is
 //   logged with the old and new shares and why.
 // * CPU quotas: a worker in a cgroup with a CPU quota is planned at no
 //   more than its quota sustains with headroom (quota_rate()), so that it
@@ -103,13 +105,17 @@ std::vector<double> sanitize_rates(std::span<const double> rates,
 struct PlannerOptions {
   int64_t global_batch = 0;  // samples per step over all workers, >= workers * min_share
   int64_t min_share = 1;     // no worker gets less (>= 1)
-  // Fraction of the way from the current share to the target taken per
-  // re-plan, in (0, 1]: 1 jumps at once, smaller values damp noise.
+  // Fraction of the way from the current share to the target taken by the
+  // first damped re-plan, in (0, 1]: 1 jumps at once, smaller values damp
+  // noise. Later ones adapt it (replan(), PlannerState::gain) between a
+  // quarter of it and 1.
   double damping = 0.5;
   // A share changes by at most this fraction of the mean share
   // (global_batch / workers), at least 1 sample, per re-plan (plus one
-  // sample from rounding to whole samples), in (0, 1].
-  double max_change = 0.25;
+  // sample from rounding to whole samples), in (0, 1]. 0.4 covers the
+  // move of a worker cut to a quarter of its speed (4 workers: 64 -> 16 of
+  // 256) in two re-plans; 0.25 took three, and the follow missed 20 steps.
+  double max_change = 0.4;
   // A re-plan whose largest change is below this fraction of the mean share
   // keeps the current shares (no churn from noise), in [0, 1).
   double deadband = 0.03;
@@ -125,16 +131,30 @@ struct PlannerOptions {
 // naming the field otherwise.
 void check_planner_options(const PlannerOptions& options, int workers);
 
+// What one re-plan passes to the next (Plan::next); the default is the
+// state before the first.
+struct PlannerState {
+  // The last re-plan that changed the shares: each share's change (empty:
+  // none yet).
+  std::vector<int64_t> last_move;
+  // The fraction of the way that re-plan moved, in [0, 1]; 0: none yet
+  // (PlannerOptions::damping).
+  double gain = 0;
+};
+
 struct Plan {
   std::vector<int64_t> shares;  // sums to global_batch
   bool changed = false;         // differs from the current shares
+  PlannerState next;            // to pass to the next replan()
   std::string reason;           // why (for the log): the rates and targets, or why kept
 };
 // One re-plan from `current` shares (one per worker, summing to the global
 // batch, each >= min_share) toward proportional_shares(sanitize_rates(rates))
-// as PlannerOptions says.
+// as PlannerOptions says, adapting how far to move from `state` (the
+// previous re-plan's Plan::next): further while the target moves on in the
+// same direction, less when it turns back (planner.cc says how).
 Plan replan(std::span<const int64_t> current, std::span<const double> rates,
-            const PlannerOptions& options);
+            const PlannerOptions& options, const PlannerState& state = {});
 
 // The samples/s a worker with a CPU quota sustains while its whole step
 // (compute, its part of the collectives, the optimizer) uses at most
@@ -164,13 +184,12 @@ struct BalancerOptions {
   // slower), >= 0.
   int64_t warmup_steps = 5;
   // Each worker's rate is its samples over its compute time in its most
-  // recent steps that add up to at least this much compute (and at least
-  // exchange_every steps): long enough to see the duty cycle of a cgroup CPU
-  // quota (5 periods of 100 ms), short enough to follow a change of speed
-  // within about that time (a speed-up takes longest: the old slow steps
-  // hold more of the window's time). In (0, 3600]. Measured with a worker's
-  // quota halved and restored (bench/balance.sh b): 1 s followed in a median
-  // of 33-40 steps, 0.5 s (with `jump`) in 19-24.
+  // recent steps that add up to at least this much of the job's wall time
+  // (and at least exchange_every steps), the same steps on every worker:
+  // long enough to see the duty cycle of a cgroup CPU quota (5 periods of
+  // 100 ms), short enough to follow a change of speed within about that
+  // time. In (0, 3600]. Measured with a worker's quota cut to a quarter and
+  // restored (bench/balance.sh b): see BENCHMARKS.md, "Following a change".
   double rate_window_seconds = 0.5;
   // A worker with a cgroup CPU quota is planned at no more than quota_rate()
   // with this headroom: the fraction of its quota its whole step may use,
@@ -287,6 +306,7 @@ class Balancer {
   std::vector<HostFacts> hosts_;
   std::vector<WorkerFigures> workers_;
   std::vector<Decision> decisions_;
+  PlannerState planner_state_;  // carried from one re-plan to the next
   std::unique_ptr<Window> window_;
   int64_t steps_ = 0;
   int64_t measured_steps_ = 0;

@@ -126,21 +126,28 @@ ProcessSample sample_of(const BalancerOptions& o) {
 // recent measured steps the rate is computed from.
 //
 // The rate is samples over compute time summed over the recent steps that
-// make up at least rate_window_seconds of compute, not a median of per-step
-// rates nor the last few steps alone: a CPU quota (CFS) lets a process run
-// at full speed for its quota and then stops it for the rest of the period
-// (100 ms by default), so with steps shorter than that most steps look
-// fast and a few very slow; only sums over several periods see the duty
-// cycle. The window slides, so a change of speed shows within about
-// rate_window_seconds.
+// make up at least rate_window_seconds of the job's time (wall time per
+// step), not a median of per-step rates nor the last few steps alone: a CPU
+// quota (CFS) lets a process run at full speed for its quota and then stops
+// it for the rest of the period (100 ms by default), so with steps shorter
+// than that most steps look fast and a few very slow; only sums over
+// several periods see the duty cycle. The window is measured in wall time,
+// not in the worker's own compute time, so that it holds the same steps on
+// every worker: a worker with a small share computes for a small part of
+// each step, and a window of its compute time would reach back over many
+// exchanges, slow steps from before a speed-up included. The window slides,
+// so a change of speed shows within about rate_window_seconds.
 struct Balancer::Window {
   struct Step {
     int64_t samples;
     double compute;
+    double wall;
   };
   std::deque<Step> recent;  // measured steps, oldest first
   int64_t samples = 0;      // sums over `recent`
   double compute_sum = 0;   // seconds
+  double wall_sum = 0;
+  Clock::time_point last_end{};  // end of the previous step (or of the probe)
   double wait_sum = 0;
   int64_t steps = 0;
   // Samples trained since `since` (every step, warm-up too), for the CPU
@@ -242,6 +249,7 @@ Balancer::Balancer(std::shared_ptr<Communicator> comm, BalancerOptions options)
   }
   window_ = std::make_unique<Window>();
   window_->since = sample_of(options_);
+  window_->last_end = Clock::now();
 }
 
 Balancer::~Balancer() = default;
@@ -303,29 +311,41 @@ void Balancer::probe(const std::function<void(int64_t)>& step, int64_t batch, in
   // The probe's own steps are no part of the first interval's CPU per sample.
   window_->since = sample_of(options_);
   window_->interval_samples = 0;
+  window_->last_end = Clock::now();
   if (rank_ == 0) WEFT_INFO("balance: initial shares [{}]: {}", shares_text(shares_), why);
 }
 
 bool Balancer::end_step(const StepTimes& t) {
   ++steps_;
   const int64_t samples = t.samples >= 0 ? t.samples : share();
+  // The step's wall time: from the end of the previous one, and at least
+  // its compute and wait (which a caller that measures them has timed).
+  const auto end = Clock::now();
+  double wall = std::chrono::duration<double>(end - window_->last_end).count();
+  window_->last_end = end;
+  const double wait = std::isfinite(t.wait_seconds) && t.wait_seconds > 0 ? t.wait_seconds : 0;
+  if (std::isfinite(t.compute_seconds) && t.compute_seconds > 0) {
+    wall = std::max(wall, t.compute_seconds + wait);
+  }
   if (steps_ > options_.warmup_steps && samples > 0 && t.compute_seconds > 0 &&
       std::isfinite(t.compute_seconds)) {
     Window& w = *window_;
-    w.recent.push_back({samples, t.compute_seconds});
+    w.recent.push_back({samples, t.compute_seconds, wall});
     w.samples += samples;
     w.compute_sum += t.compute_seconds;
+    w.wall_sum += wall;
     // Drop the oldest steps while the rest still cover the rate window and
     // at least one exchange interval.
     while (w.recent.size() > static_cast<size_t>(options_.exchange_every) &&
-           w.compute_sum - w.recent.front().compute >= options_.rate_window_seconds) {
+           w.wall_sum - w.recent.front().wall >= options_.rate_window_seconds) {
       w.samples -= w.recent.front().samples;
       w.compute_sum -= w.recent.front().compute;
+      w.wall_sum -= w.recent.front().wall;
       w.recent.pop_front();
     }
     ++measured_steps_;
   }
-  if (std::isfinite(t.wait_seconds) && t.wait_seconds > 0) window_->wait_sum += t.wait_seconds;
+  window_->wait_sum += wait;
   window_->steps += 1;
   if (samples > 0) window_->interval_samples += samples;
   if (steps_ % options_.exchange_every != 0) return false;
@@ -455,7 +475,8 @@ void Balancer::exchange() {
   // Every rank plans from the same exchanged figures, so all get the same
   // shares. A worker that measured nothing in the window (NaN) is taken at
   // the median (sanitize_rates inside replan).
-  const Plan plan = replan(shares_, plan_rates, options_.planner);
+  const Plan plan = replan(shares_, plan_rates, options_.planner, planner_state_);
+  planner_state_ = plan.next;
   if (!plan.changed) {
     WEFT_DEBUG("balance: step {}: {}", steps_, plan.reason);
     return;

@@ -194,11 +194,18 @@ void check_planner_options(const PlannerOptions& o, int workers) {
 }
 
 Plan replan(std::span<const int64_t> current, std::span<const double> rates,
-            const PlannerOptions& o) {
+            const PlannerOptions& o, const PlannerState& state) {
   const int n = static_cast<int>(current.size());
   check_planner_options(o, n);
   if (rates.size() != current.size()) {
     throw InvalidArgument(fmt::format("replan: {} rates for {} workers", rates.size(), n));
+  }
+  const std::vector<int64_t>& last_move = state.last_move;
+  if (!last_move.empty() && last_move.size() != current.size()) {
+    throw InvalidArgument(fmt::format("replan: {} last moves for {} workers", last_move.size(), n));
+  }
+  if (!(state.gain >= 0 && state.gain <= 1)) {  // NaN too
+    throw InvalidArgument(fmt::format("replan: gain {} is not in [0, 1]", state.gain));
   }
   int64_t sum = 0;
   for (int64_t s : current) {
@@ -224,8 +231,47 @@ Plan replan(std::span<const int64_t> current, std::span<const double> rates,
   }
   // A change of speed moves every share all the way (the others' shares
   // take up what the changed worker's gives or takes); noise is damped.
+  // Between those, the fraction of the way a move takes (the gain) adapts
+  // to how the gaps to the targets (all workers', as one vector) lie against
+  // the last move:
+  // * further on in the same direction (cosine >= 0.8): the gain grows by
+  //   half, to 1 at most, and after a move all the way it stays 1. The
+  //   target often moves on for a few re-plans after a change of speed (the
+  //   rates settle as the shares change: per-step costs spread over another
+  //   share, CPUs shared with the others); that is still the same change.
+  // * back against it (cosine < 0): the gain halves, down to a quarter of
+  //   `damping`. Noise turns back and forth, so under steady speeds the
+  //   moves shrink and die out instead of dithering.
+  // * another direction: at most `damping`.
   const bool jump = largest > o.jump * mean;
-  const double step = jump ? 1.0 : o.damping;
+  double dot = 0, gap_norm = 0, last_norm = 0;
+  if (!last_move.empty()) {
+    for (size_t i = 0; i < current.size(); ++i) {
+      const auto g = static_cast<double>(target[i] - current[i]);
+      const auto m = static_cast<double>(last_move[i]);
+      dot += g * m;
+      gap_norm += g * g;
+      last_norm += m * m;
+    }
+  }
+  const double gain = state.gain > 0 ? state.gain : o.damping;
+  double step = gain;
+  const char* how_gain = "";
+  if (jump) {
+    step = 1.0;
+  } else if (gap_norm > 0 && last_norm > 0) {
+    const double cosine = dot / std::sqrt(gap_norm * last_norm);
+    if (cosine >= 0.8) {
+      step = std::min(1.0, gain * 1.5);
+      how_gain = "the targets lie on in the direction of the last move";
+    } else if (cosine < 0) {
+      step = std::max(o.damping / 4, gain / 2);
+      how_gain = "the targets lie back against the last move";
+    } else {
+      step = std::min(gain, o.damping);
+      how_gain = "the targets lie across the last move";
+    }
+  }
   for (size_t i = 0; i < current.size(); ++i) {
     const double c = static_cast<double>(current[i]);
     lo[i] = std::max(static_cast<double>(o.min_share), c - bound);
@@ -244,6 +290,7 @@ Plan replan(std::span<const int64_t> current, std::span<const double> rates,
   }
   if (largest < o.deadband * mean) {
     plan.shares.assign(current.begin(), current.end());
+    plan.next = state;  // a kept plan is no move: the next one judges the last move
     plan.reason = fmt::format(
         "kept: target [{}] from rates [{}] samples/s is within the dead band ({:.0f}% of the "
         "mean share){}",
@@ -274,12 +321,21 @@ Plan replan(std::span<const int64_t> current, std::span<const double> rates,
   }
   plan.shares = round_shares(want, o.global_batch, o.min_share);
   plan.changed = !std::equal(plan.shares.begin(), plan.shares.end(), current.begin());
+  plan.next.gain = step;
+  plan.next.last_move = last_move;
+  if (plan.changed) {
+    plan.next.last_move.resize(current.size());
+    for (size_t i = 0; i < current.size(); ++i) {
+      plan.next.last_move[i] = plan.shares[i] - current[i];
+    }
+  }
   const std::string how =
       jump ? fmt::format(
                  "moved all the way (a gap over {:.0f}% of the mean share: a change of "
                  "speed)",
                  o.jump * 100)
-           : fmt::format("moved {:.0f}% of the way", o.damping * 100);
+      : *how_gain != 0 ? fmt::format("moved {:.0f}% of the way ({})", step * 100, how_gain)
+                       : fmt::format("moved {:.0f}% of the way", step * 100);
   plan.reason = fmt::format(
       "rates [{}] samples/s give the target [{}]; {} (at most {:.0f} "
       "samples per worker){}",

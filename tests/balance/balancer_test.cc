@@ -327,7 +327,8 @@ TEST(Balancer, AWorkerWithACpuQuotaIsPlannedAtWhatItSustains) {
 
 // A worker that becomes 4x slower mid-run (a quota set), then fast again:
 // its reported rate shows the new speed once the rate window (here 0.5 s of
-// compute, at least 5 steps) holds only steps at that speed, and not before.
+// steps, at least 5 of them; a step's time is at least its compute and
+// wait) holds only steps at that speed, and not before.
 TEST(Balancer, RateFollowsAChangeOfSpeedWithinTheWindow) {
   auto store = std::make_shared<MemoryStore>();
   run_ranks_ok(2, [&](int r) {
@@ -352,6 +353,43 @@ TEST(Balancer, RateFollowsAChangeOfSpeedWithinTheWindow) {
     EXPECT_NEAR(b.workers()[1].rate, 7 * 64 / (5 * 0.04 + 2 * 0.16), 1);
     steps(10, 0.04);
     EXPECT_NEAR(b.workers()[1].rate, 1600, 1);
+  });
+}
+
+// A worker with a small share computes for a small part of each step. Its
+// rate window holds the job's last 0.5 s of steps, the same steps as every
+// other worker's, and not 0.5 s of its own compute, which would reach back
+// over many exchanges: a speed-up shows in full at the first exchange whose
+// window holds only fast steps.
+TEST(Balancer, RateWindowOfASmallShareHoldsTheSameStepsAsTheOthers) {
+  auto store = std::make_shared<MemoryStore>();
+  run_ranks_ok(2, [&](int r) {
+    Balancer b(make_comm(r, 2, store), {.mode = Mode::None,
+                                        .global_batch = 80,
+                                        .exchange_every = 5,
+                                        .warmup_steps = 0,
+                                        .rate_window_seconds = 0.5});
+    // Steps of 110 ms: rank 0 computes 64 samples all the while; rank 1
+    // computes 16, in 80 ms (200 samples/s), then in 20 ms (800 samples/s),
+    // and waits for rank 0 in the rest of the step.
+    auto steps = [&](int count, double rank1_compute) {
+      for (int s = 0; s < count; ++s) {
+        if (r == 0) {
+          b.end_step({.compute_seconds = 0.11, .wait_seconds = 0, .samples = 64});
+        } else {
+          b.end_step({.compute_seconds = rank1_compute,
+                      .wait_seconds = 0.11 - rank1_compute,
+                      .samples = 16});
+        }
+      }
+    };
+    steps(40, 0.08);
+    EXPECT_NEAR(b.workers()[1].rate, 200, 1);
+    // 5 fast steps are 0.55 s of the job: the whole window. (A window of
+    // 0.5 s of rank 1's own compute would still hold 5 slow steps: 320.)
+    steps(5, 0.02);
+    EXPECT_NEAR(b.workers()[1].rate, 800, 1);
+    EXPECT_NEAR(b.workers()[0].rate, 64 / 0.11, 1);
   });
 }
 

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -55,7 +56,14 @@ TEST(BalanceUnderWeftRun, ThrottledWorkersShareFalls) {
   // the unthrottled rank got no more CPU than that.)
   EXPECT_LT(static_cast<double>(s1), 0.7 * static_cast<double>(s0)) << r.dump();
   EXPECT_GE(r["decisions"].get<int>(), 1) << r.dump();
-  EXPECT_LT(r["rates"][1].get<double>(), r["rates"][0].get<double>()) << r.dump();
+  // What the planner used for it (its measured rate, bounded by what its
+  // quota sustains) is below the other's rate. The measured rate alone need
+  // not be: with a share of a few samples, its compute fits in the part of
+  // each quota period in which it runs, and it is stopped in the rest of
+  // the step instead.
+  EXPECT_LT(std::min(r["rates"][1].get<double>(), r["quota_rate"][1].get<double>()),
+            r["rates"][0].get<double>())
+      << r.dump();
   // Every rank sees the throttled worker's quota, and the rate it sustains
   // (a positive bound); the other worker has none.
   EXPECT_NEAR(r["cpu_quota"][1].get<double>(), 0.1, 1e-9) << r.dump();

@@ -12,6 +12,8 @@
 #   cluster.sh up PREFIX K [RATE]         build (replacing a cluster of that prefix)
 #   cluster.sh down PREFIX                kill what runs in its hosts, remove it
 #   cluster.sh exec PREFIX I CMD [ARG...] run CMD on host I
+#   cluster.sh kill PREFIX I              SIGKILL everything on host I (the host dies)
+#   cluster.sh link PREFIX I down|up      take host I's link down (both ends) or up
 #   cluster.sh addr I                     address of host I (10.77.0.I)
 #   cluster.sh gc                         remove clusters whose creator process is gone
 #   cluster.sh run [--prefix P] [--rate RATE] K -- CMD [ARG...]
@@ -131,6 +133,19 @@ exec)
   ns="$1-h$2"
   shift 2
   exec ip netns exec "$ns" "$@"
+  ;;
+kill)
+  [ $# -eq 2 ] || usage
+  valid_prefix "$1"
+  pids=$(ip netns pids "$1-h$2" 2>/dev/null || true)
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+  ;;
+link)
+  [ $# -eq 3 ] || usage
+  valid_prefix "$1"
+  case "$3" in up | down) ;; *) usage ;; esac
+  ip -n "$1-h$2" link set eth0 "$3"
+  ip -n "$1-sw" link set "p$2" "$3"
   ;;
 addr)
   [ $# -eq 1 ] || usage

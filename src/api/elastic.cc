@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "api/launch_store.h"
+#include "comm/world.h"
 #include "core/launcher_watch.h"
 #include "core/log.h"
 #include "core/settings.h"
@@ -193,6 +194,10 @@ std::shared_ptr<ElasticGroup> ElasticGroup::from_env(CommOptions comm) {
   o.join_wait = settings::get(settings::kElasticJoinWait);
   std::shared_ptr<TcpStoreServer> server;  // weft run serves the store: stays null
   auto store = connect_launch_store(env, comm, &server);
+  // Every generation's communicator listens on and advertises the address
+  // that routes to the store's host, as weft::init()'s does (on several
+  // hosts, not loopback).
+  comm.address = comm::advertised_address(comm, env.store_host);
   o.comm = std::move(comm);
   return std::make_shared<ElasticGroup>(std::move(store), std::move(o));
 }

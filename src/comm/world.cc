@@ -169,9 +169,9 @@ std::shared_ptr<World> World::create(int rank, int size, std::shared_ptr<Store> 
   return w;
 }
 
-void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
-  std::string ip = options_.address;
-  if (ip.empty() && !options_.ifname.empty()) ip = net::interface_address(options_.ifname);
+std::string advertised_address(const CommOptions& options, const std::string& store_host) {
+  std::string ip = options.address;
+  if (ip.empty() && !options.ifname.empty()) ip = net::interface_address(options.ifname);
   if (ip.empty()) {
     ip = "127.0.0.1";
     if (!store_host.empty()) {
@@ -182,6 +182,11 @@ void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
         ip = "::1";
     }
   }
+  return ip;
+}
+
+void World::bootstrap(const std::string& store_host, const Deadline& deadline) {
+  const std::string ip = advertised_address(options_, store_host);
 
   // Liveness first: the transports' events may reach it as soon as they exist.
   if (size_ > 1 && options_.heartbeat_timeout.count() > 0) {

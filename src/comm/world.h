@@ -50,6 +50,11 @@ struct RankInfo {
 // the boot id plus the network namespace inode (emulated hosts differ).
 std::string default_host_id();
 
+// The address a rank listens on and advertises: options.address, else
+// that of options.ifname, else the local address that routes to
+// `store_host` (the store's host; loopback when it is empty or loopback).
+std::string advertised_address(const CommOptions& options, const std::string& store_host);
+
 class World : public std::enable_shared_from_this<World> {
  public:
   // Rendezvous through the store and connect the full mesh. `store_host`

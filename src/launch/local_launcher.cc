@@ -446,7 +446,10 @@ struct LocalLauncher::Impl {
     set["WEFT_NNODES"] = std::to_string(job.nnodes);
     set["WEFT_NODE_RANK"] = std::to_string(job.node_rank);
     set["WEFT_MEMBER"] = w.member;
-    if (elastic()) set["WEFT_ELASTIC"] = fmt::format("{}:{}", opts.elastic_min, opts.nproc);
+    if (elastic()) {
+      set["WEFT_ELASTIC"] = fmt::format("{}:{}", opts.elastic_min,
+                                        opts.elastic_max > 0 ? opts.elastic_max : opts.nproc);
+    }
     if (!job.store.empty()) set["WEFT_STORE"] = job.store;
     set["WEFT_JOB_TOKEN"] = job.job_token;
     std::vector<std::string> env;
@@ -621,7 +624,9 @@ struct LocalLauncher::Impl {
       int alive = running() + pending_restarts();
       text += fmt::format("; no restarts left ({} of {} used): slot {} stays down, {} alive",
                           restarts_used, opts.max_restarts, w.local_rank, plural(alive, "worker"));
-      if (alive < opts.elastic_min) {
+      // (Under --nnodes MIN:MAX the other nodes' workers count too: only
+      // the workers know.)
+      if (opts.elastic_max <= opts.nproc && alive < opts.elastic_min) {
         text += fmt::format(
             " (below --elastic minimum {}: the workers wait for joins and fail "
             "on their own deadline)",

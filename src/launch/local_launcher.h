@@ -85,7 +85,10 @@ struct WorkerOptions {
   // otherwise; more workers than CPUs gives a warning unless this is set).
   bool oversubscribe = false;
   // Elastic mode when elastic_min > 0: --elastic MIN:MAX, nproc == MAX.
+  // Under --nnodes MIN:MAX, the job's bounds over all nodes: elastic_min =
+  // MIN x L and elastic_max = MAX x L (0: nproc, one node).
   int elastic_min = 0;
+  int elastic_max = 0;
   int max_restarts = 0;
   std::chrono::milliseconds restart_backoff = std::chrono::seconds(1);
   std::chrono::milliseconds max_backoff = std::chrono::seconds(30);

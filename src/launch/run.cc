@@ -84,6 +84,64 @@ std::vector<std::string> wait_keys(Store& store, const std::vector<std::string>&
   return missing;
 }
 
+// Elastic (--nnodes MIN:MAX): waits until every node has joined, or at
+// least `min` have and WEFT_ELASTIC_SETTLE has passed since (a node that
+// comes later joins through the workers' rendezvous), or the deadline.
+// Returns the keys still missing.
+std::vector<std::string> wait_elastic_nodes(Store& store, const std::vector<std::string>& keys,
+                                            int min, const Deadline& deadline, int* signal_out) {
+  const auto settle = settings::get(settings::kElasticSettle);
+  std::optional<Deadline> settled;
+  std::vector<std::string> missing = keys;
+  while (!missing.empty() && !deadline.expired()) {
+    if (int sig = take_stop_signal()) {
+      *signal_out = sig;
+      break;
+    }
+    try {
+      std::vector<std::string> still;
+      for (const auto& k : missing) {
+        if (!store.try_get(k, left(deadline, kPoll))) still.push_back(k);
+      }
+      missing = std::move(still);
+    } catch (const StoreError&) {
+    }
+    if (static_cast<int>(keys.size() - missing.size()) >= min) {
+      if (!settled) settled = Deadline::after(settle);
+      if (settled->expired()) break;
+    }
+    if (!missing.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return missing;
+}
+
+// The nodes (n<I> of the member ids) with members in the newest generation
+// of an elastic job (weft::ElasticGroup's keys); empty when none formed or
+// the store cannot say.
+std::set<int> nodes_of_newest_generation(Store& store) {
+  std::set<int> nodes;
+  try {
+    constexpr Timeout kShort = std::chrono::seconds(2);
+    const auto gen = store.try_get("weft/elastic/gen", kShort);
+    if (!gen || gen->size() > 20) return nodes;
+    const auto list = store.try_get(fmt::format("weft/elastic/rdzv/g{}/closed", *gen), kShort);
+    if (!list) return nodes;
+    size_t at = 0;
+    while (at < list->size()) {
+      size_t end = list->find('\n', at);
+      if (end == std::string::npos) end = list->size();
+      int n = -1;
+      if (std::sscanf(list->substr(at, end - at).c_str(), "n%d.", &n) == 1 && n >= 0) {
+        nodes.insert(n);
+      }
+      at = end + 1;
+    }
+  } catch (const Error& e) {
+    WEFT_DEBUG("launcher: cannot read the newest generation: {}", e.what());
+  }
+  return nodes;
+}
+
 // A launcher's client of the job's store: the etcd cluster of an etcd://
 // URL, or the TcpStore at host:port.
 std::unique_ptr<Store> store_client(const std::string& url, const std::string& host, uint16_t port,
@@ -298,7 +356,17 @@ namespace weft::launch {
 
 int run_node(WorkerOptions options, NodeOptions node) {
   const int nproc = options.nproc;
+  const bool elastic = node.nnodes_min > 0;
   if (node.nnodes < 1) throw LaunchError("--nnodes must be at least 1", 2);
+  if (elastic && (node.nnodes_min > node.nnodes || options.elastic_min < 1 ||
+                  options.elastic_max < options.elastic_min)) {
+    throw LaunchError(fmt::format("--nnodes {}:{}: need 1 <= MIN <= MAX, and elastic workers",
+                                  node.nnodes_min, node.nnodes),
+                      2);
+  }
+  // What every node must have been started with.
+  const std::string shape =
+      elastic ? fmt::format("{}:{}", node.nnodes_min, node.nnodes) : std::to_string(node.nnodes);
   if (node.node_rank < 0 || node.node_rank >= node.nnodes) {
     throw LaunchError(
         fmt::format("--node-rank {} is out of range for --nnodes {}", node.node_rank, node.nnodes),
@@ -374,12 +442,12 @@ int run_node(WorkerOptions options, NodeOptions node) {
         }
       }
     }
-    auto nn = store.compare_set(fmt::format("{}nnodes", kLaunchPrefix), std::nullopt,
-                                std::to_string(node.nnodes), call_timeout());
-    if (!nn.swapped && nn.current != std::to_string(node.nnodes)) {
+    auto nn = store.compare_set(fmt::format("{}nnodes", kLaunchPrefix), std::nullopt, shape,
+                                call_timeout());
+    if (!nn.swapped && nn.current != shape) {
       throw LaunchError(fmt::format("this node was started with --nnodes {} but another with "
                                     "--nnodes {}",
-                                    node.nnodes, nn.current.value_or("?")),
+                                    shape, nn.current.value_or("?")),
                         2);
     }
     std::string mine = fmt::format("{} {} {}", nproc, ::getpid(), me);
@@ -389,12 +457,19 @@ int run_node(WorkerOptions options, NodeOptions node) {
                                     reg.current.value_or("?")),
                         2);
     }
-    auto missing = wait_keys(store, keys, deadline, &sig);
+    auto missing = elastic ? wait_elastic_nodes(store, keys, node.nnodes_min, deadline, &sig)
+                           : wait_keys(store, keys, deadline, &sig);
     if (sig != 0) {
       say(fmt::format("received {} while waiting for the other nodes", signal_name(sig)));
       return 128 + sig;
     }
-    if (!missing.empty()) {
+    if (elastic && static_cast<int>(keys.size() - missing.size()) < node.nnodes_min) {
+      throw LaunchError(
+          fmt::format("only {} of at least {} nodes joined within {}", keys.size() - missing.size(),
+                      node.nnodes_min, format_timeout(node.rendezvous_timeout)),
+          1);
+    }
+    if (!missing.empty() && !elastic) {
       std::string which;
       for (auto& k : missing) which += (which.empty() ? "" : ", ") + k.substr(k.rfind('/') + 1);
       throw LaunchError(fmt::format("node(s) {} did not join within {}", which,
@@ -414,7 +489,12 @@ int run_node(WorkerOptions options, NodeOptions node) {
   job.job_token = node.job_token;
   job.world_size = 0;
   for (int i = 0; i < node.nnodes; ++i) {
-    std::string v = store.get(keys[static_cast<size_t>(i)], call_timeout());
+    // (Elastic: the nodes that have joined; a later one joins the job
+    // through the workers' rendezvous.)
+    std::optional<std::string> record = store.try_get(keys[static_cast<size_t>(i)], call_timeout());
+    if (!record && elastic) continue;
+    if (!record) throw LaunchError(fmt::format("the record of node {} is gone", i), 1);
+    const std::string& v = *record;
     int n = 0;
     if (std::sscanf(v.c_str(), "%d", &n) != 1 || n < 1) {
       throw LaunchError(fmt::format("invalid record of node {}: '{}'", i, v.substr(0, 80)), 1);
@@ -425,7 +505,17 @@ int run_node(WorkerOptions options, NodeOptions node) {
   WEFT_DEBUG("launcher: node {} of {}: ranks {}..{} of {}", node.node_rank, node.nnodes,
              job.first_rank, job.first_rank + nproc - 1, job.world_size);
 
-  // The first failure anywhere is the job's.
+  if (elastic) {
+    // A failed worker is recorded dead (the others form a generation
+    // without it) and restarted here; nothing stops the other nodes.
+    launcher.on_member_failed([&](const WorkerExit& e) {
+      TcpStoreOptions client_options = so;
+      client_options.timeout = kAbortRecordTimeout;
+      auto client = store_client(node.store, master.first, master.second, client_options);
+      client->set(std::string(kDeadPrefix) + e.member, e.death());
+    });
+  }
+  // The first failure anywhere is the job's (not elastic).
   std::atomic<bool> recorded{false};
   // A worker that exits with an error code is often failing because a peer
   // on another node died (PeerError): that node's launcher records the cause
@@ -450,6 +540,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
   // client are serialized).
   std::atomic<bool> done{false};
   std::thread watcher([&] {
+    if (elastic) return;  // nodes leave an elastic job on their own
     auto w = store_client(node.store, master.first, master.second, so);
     while (!done) {
       try {
@@ -478,7 +569,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
 
   constexpr Timeout kShort = std::chrono::seconds(5);
   try {
-    if (code != 0 && !recorded) {
+    if (code != 0 && !recorded && !elastic) {
       // Stopped by a signal, or by another node's failure (then the record
       // exists and stays).
       store.compare_set(kAbortKey, std::nullopt,
@@ -488,7 +579,7 @@ int run_node(WorkerOptions options, NodeOptions node) {
     }
     // Always the last word on a failed job: the stop message above may not
     // have named the cause (a local worker's error exit can come first).
-    if (code != 0) {
+    if (code != 0 && !elastic) {
       if (auto rec = store.try_get(kAbortKey, kShort)) say("job failed: " + *rec);
     }
     store.set(done_key(node.node_rank), std::to_string(code), kShort);
@@ -497,8 +588,13 @@ int run_node(WorkerOptions options, NodeOptions node) {
   }
   if (server) {
     // Serve the store until the other nodes' workers are done with it.
+    // Elastic: only the nodes with members in the newest generation (one
+    // that failed or left will not say it is done).
     std::vector<std::string> others;
-    for (int i = 1; i < node.nnodes; ++i) others.push_back(done_key(i));
+    const std::set<int> active = elastic ? nodes_of_newest_generation(store) : std::set<int>{};
+    for (int i = 1; i < node.nnodes; ++i) {
+      if (!elastic || active.count(i) != 0) others.push_back(done_key(i));
+    }
     auto linger = Deadline::after(std::chrono::seconds(60));
     auto missing = wait_keys(store, others, Deadline::after(std::chrono::seconds(2)), &sig);
     if (!missing.empty() && sig == 0) {

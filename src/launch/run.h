@@ -44,6 +44,13 @@ int run_local(WorkerOptions options, const std::string& store = {});
 struct NodeOptions {
   int nnodes = 1;
   int node_rank = 0;  // 0..nnodes-1; node 0 serves the store
+  // Elastic (--nnodes MIN:MAX) when > 0: nnodes is MAX, and the job starts
+  // once MIN nodes have joined (all MAX, or MIN and then
+  // WEFT_ELASTIC_SETTLE). The workers are elastic (WorkerOptions::
+  // elastic_min/elastic_max over all nodes); a node that fails or stops
+  // leaves the job without stopping the others (no abort record); a failed
+  // worker is restarted by its own node's launcher.
+  int nnodes_min = 0;
   // "host:port" of the store: node 0 binds it, every node connects to it.
   std::string master;
   // "etcd://HOST:PORT[,...]/PREFIX": the store is that etcd cluster (the same

@@ -4,8 +4,9 @@
 //    rank numbering, tokens, rendezvous errors, failure propagation.
 //  * EmulatedCluster: 2 hosts as network namespaces on a bridge with 1 Gbit/s
 //    links (scripts/cluster.sh; root), the collective case matrix across
-//    them, even and uneven, and a worker killed on one host. Skipped, with
-//    the reason, where namespaces cannot be made.
+//    them, even and uneven, and a worker killed on one host; elastic jobs
+//    (--nnodes 1:2) that lose a whole host, or gain one. Skipped, with the
+//    reason, where namespaces cannot be made.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
@@ -53,17 +54,19 @@ std::vector<std::vector<std::string>> matches(const std::string& text, const std
 
 // One node's launcher, started with `prefix` (e.g. {"ip", "netns", "exec",
 // NS}) in front of `weft run`.
-std::unique_ptr<Process> start_node(const std::vector<std::string>& prefix, int nnodes, int node,
-                                    int nproc, const std::string& master,
+// `nnodes`: K, or MIN:MAX (elastic).
+std::unique_ptr<Process> start_node(const std::vector<std::string>& prefix,
+                                    const std::string& nnodes, int node, int nproc,
+                                    const std::string& master,
                                     const std::vector<std::string>& worker,
                                     std::map<std::string, std::string> env = {},
                                     std::vector<std::string> extra = {}) {
   std::vector<std::string> argv = prefix;
   for (const std::string& a :
-       {weft_bin(), std::string("run"), std::string("--nnodes"), std::to_string(nnodes),
-        std::string("--node-rank"), std::to_string(node), std::string("--master"), master,
-        std::string("--nproc-per-node"), std::to_string(nproc), std::string("--timeout"),
-        std::string("60"), std::string("--grace"), std::string("2")})
+       {weft_bin(), std::string("run"), std::string("--nnodes"), nnodes, std::string("--node-rank"),
+        std::to_string(node), std::string("--master"), master, std::string("--nproc-per-node"),
+        std::to_string(nproc), std::string("--timeout"), std::string("60"), std::string("--grace"),
+        std::string("2")})
     argv.push_back(a);
   if (std::find(extra.begin(), extra.end(), "--rdzv-timeout") == extra.end()) {
     argv.push_back("--rdzv-timeout");
@@ -73,6 +76,14 @@ std::unique_ptr<Process> start_node(const std::vector<std::string>& prefix, int 
   argv.insert(argv.end(), worker.begin(), worker.end());
   if (!env.count("WEFT_JOB_TOKEN")) env["WEFT_JOB_TOKEN"] = kToken;
   return std::make_unique<Process>(argv, env);
+}
+std::unique_ptr<Process> start_node(const std::vector<std::string>& prefix, int nnodes, int node,
+                                    int nproc, const std::string& master,
+                                    const std::vector<std::string>& worker,
+                                    std::map<std::string, std::string> env = {},
+                                    std::vector<std::string> extra = {}) {
+  return start_node(prefix, std::to_string(nnodes), node, nproc, master, worker, std::move(env),
+                    std::move(extra));
 }
 
 // Waits until pred(output) or the process ends.
@@ -219,6 +230,33 @@ TEST(MultiNodeLaunch, AWorkerKilledOnOneNodeStopsEveryNode) {
   }
 }
 
+// --nnodes MIN:MAX: bad bounds, a node rank beyond MAX, --elastic beside
+// it, and nodes started with different shapes are refused, naming what is
+// wrong.
+TEST(MultiNodeLaunch, ElasticNodeOptionsThatCannotWork) {
+  const std::vector<std::string> probe = {bin_dir() + "/launch_probe", "env"};
+  const std::string master = loopback_master();
+  auto refused = [&](const std::string& nnodes, int node, std::vector<std::string> extra,
+                     const std::string& expect) {
+    auto p = start_node({}, nnodes, node, 1, master, probe, {}, std::move(extra));
+    ASSERT_TRUE(p->wait(30s)) << p->output();
+    EXPECT_EQ(p->exit_code(), 2) << p->output();
+    EXPECT_NE(p->output().find(expect), std::string::npos) << p->output();
+  };
+  refused("3:2", 0, {}, "the minimum is above the maximum");
+  refused("0:2", 0, {}, "the minimum must be at least 1");
+  refused("1:2", 2, {}, "--node-rank 2 is out of range for --nnodes 1:2");
+  refused("1:2", 0, {"--elastic", "2:4"}, "an elastic multi-node job is --nnodes MIN:MAX");
+  refused("1:2", 0, {"--max-restarts", "-1"}, "must be 0 or more");
+  // Node 0 elastic, node 1 not: node 1 is refused, naming both shapes.
+  auto n0 = start_node({}, "1:2", 0, 1, master, {bin_dir() + "/launch_probe", "sleep"},
+                       {{"WEFT_ELASTIC_SETTLE", "60"}});
+  std::this_thread::sleep_for(500ms);
+  refused("2", 1, {}, "this node was started with --nnodes 2 but another with --nnodes 1:2");
+  n0->signal(SIGTERM);
+  ASSERT_TRUE(n0->wait(30s)) << n0->output();
+}
+
 TEST(MultiNodeLaunch, SingleNodeOptionsStayAsTheyWere) {
   auto [code, out] = run_cmd(
       {weft_bin(), "run", "-n", "2", "--nproc-per-node", "2", bin_dir() + "/launch_probe", "env"});
@@ -344,6 +382,87 @@ TEST_F(EmulatedCluster, AWorkerKilledOnOneHostFailsTheJobOnBoth) {
     EXPECT_NE(p->output().find("was killed by signal 9 (SIGKILL)"), std::string::npos)
         << p->output();
   }
+}
+
+// ---- elastic jobs over the emulated hosts ------------------------------
+
+// The elastic test job (tests/train/elastic_worker.cc): a ledger line per
+// epoch from rank 0 ("exactly_once"), a membership event per generation.
+std::vector<std::string> elastic_job(int epochs) {
+  return {bin_dir() + "/elastic_worker",
+          "--epochs",
+          std::to_string(epochs),
+          "--samples",
+          "2400",
+          "--global-batch",
+          "48",
+          "--step-ms",
+          "20"};
+}
+
+int count(const std::string& text, const std::string& what) {
+  int n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// --nnodes 1:2, 2 workers per host; host 2 dies in the middle of training
+// (every process on it SIGKILLed at once, launcher and workers, as in a
+// power loss): host 1's workers name the silent ones, form a generation of
+// their own from the last commit and finish, every sample trained exactly
+// once per epoch; host 1's launcher exits 0.
+TEST_F(EmulatedCluster, ElasticJobGoesOnWhenAHostDies) {
+  const int epochs = 4;
+  const std::string m = master();
+  const std::map<std::string, std::string> env = {{"WEFT_ELASTIC_SETTLE", "5"}};
+  auto a = start_node(on(1), "1:2", 0, 2, m, elastic_job(epochs), env);
+  auto b = start_node(on(2), "1:2", 1, 2, m, elastic_job(epochs), env);
+  ASSERT_TRUE(wait_output(*a, [](const std::string& o) {
+    return o.find("\"ledger_epoch\": 0") != std::string::npos;
+  })) << a->output();
+  EXPECT_NE(a->output().find("\"workers\": 4"), std::string::npos) << a->output();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto [code, out] = run_cmd({cluster_script(), "kill", prefix_, "2"});
+  ASSERT_EQ(code, 0) << out;
+  ASSERT_TRUE(b->wait(30s)) << b->output();
+  EXPECT_EQ(b->exit_code(), 128 + SIGKILL) << b->output();
+  ASSERT_TRUE(a->wait(180s)) << a->output();
+  const std::string o = a->output();
+  EXPECT_EQ(a->exit_code(), 0) << o;
+  EXPECT_EQ(count(o, "\"exactly_once\": true"), epochs) << o;
+  EXPECT_EQ(count(o, "\"exactly_once\": false"), 0) << o;
+  EXPECT_NE(o.find("\"done\": true"), std::string::npos) << o;
+  // The survivors formed a generation of their own after the failure.
+  EXPECT_TRUE(std::regex_search(o, std::regex(R"(generation \d+ formed in [0-9.]+ s \(failure)")))
+      << o;
+  EXPECT_NE(o.find("\"workers\": 2"), std::string::npos) << o;
+  // Not a stall until a timeout (WEFT_TIMEOUT is 60 s here).
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 60s);
+}
+
+// --nnodes 1:2: host 1 starts alone (MIN is one node) and trains; host 2
+// comes later and its workers join at a step boundary; both finish, every
+// sample trained exactly once per epoch.
+TEST_F(EmulatedCluster, ElasticNodeThatComesLaterJoinsTheJob) {
+  const int epochs = 6;
+  const std::string m = master();
+  const std::map<std::string, std::string> env = {{"WEFT_ELASTIC_SETTLE", "1"}};
+  auto a = start_node(on(1), "1:2", 0, 2, m, elastic_job(epochs), env);
+  ASSERT_TRUE(wait_output(*a, [](const std::string& o) {
+    return o.find("\"event\": \"membership\"") != std::string::npos;
+  })) << a->output();
+  EXPECT_NE(a->output().find("\"workers\": 2"), std::string::npos) << a->output();
+  auto b = start_node(on(2), "1:2", 1, 2, m, elastic_job(epochs), env);
+  ASSERT_TRUE(a->wait(180s)) << a->output();
+  ASSERT_TRUE(b->wait(60s)) << b->output();
+  const std::string o = a->output();
+  EXPECT_EQ(a->exit_code(), 0) << o;
+  EXPECT_EQ(b->exit_code(), 0) << b->output();
+  EXPECT_EQ(count(o, "\"exactly_once\": true"), epochs) << o;
+  EXPECT_EQ(count(o, "\"exactly_once\": false"), 0) << o;
+  EXPECT_NE(o.find("\"workers\": 4"), std::string::npos) << o << b->output();
+  EXPECT_TRUE(std::regex_search(o, std::regex(R"(generation \d+ formed in [0-9.]+ s \(join)")))
+      << o;
 }
 
 }  // namespace

@@ -908,8 +908,10 @@ TEST(Elastic, BadFlagsAreUsageErrors) {
            {{"-n", "3", "--elastic", "1:2"}, "-n 3 and --elastic 1:2 disagree"},
            {{"--nnodes", "3:1", "--master", "127.0.0.1:1", "--nproc-per-node", "1"},
             "--nnodes 3:1: the minimum is above the maximum"},
-           {{"--nnodes", "1:2", "--master", "127.0.0.1:1", "--nproc-per-node", "1"},
-            "not supported yet"},
+           {{"--nnodes", "1:2", "--master", "127.0.0.1:1", "-n", "1"},
+            "give each node's number of workers with --nproc-per-node"},
+           {{"--nnodes", "1:2", "--master", "127.0.0.1:1", "--elastic", "1:2"},
+            "an elastic multi-node job is --nnodes MIN:MAX"},
        }) {
     std::vector<std::string> argv = {"run"};
     argv.insert(argv.end(), args.begin(), args.end());

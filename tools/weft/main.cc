@@ -67,6 +67,18 @@ WEFT_MEMBER after a back-off (1 s, doubling, at most 30 s; a slot that failed
 than R restarts (default 3). Workers that exit 0 are not restarted; weft run
 exits when all have exited: 0 if every slot's last run exited 0.
 
+Elastic (several nodes): `weft run --nnodes MIN:MAX --node-rank I --master
+ADDR:PORT --nproc-per-node L [--max-restarts R] PROG` on each node, I in
+0..MAX-1 (each used once). The job starts when all MAX nodes have joined,
+or MIN and then WEFT_ELASTIC_SETTLE (30 s); a node that comes later joins at
+the workers' next step boundary. The workers are elastic over all nodes
+(WEFT_ELASTIC is MIN*L:MAX*L); each node's launcher restarts its own failed
+workers as above (R restarts per node). A node that fails or is stopped
+leaves the job: nothing is recorded as the job's failure, and the others
+form a generation without its workers (liveness names them within 5 s).
+Node 0 serves the store: losing it ends the job on every node, unless the
+store is an etcd cluster (--store etcd://...).
+
 -n beyond the open-file limit (about 4 descriptors per worker) or above 64
 workers per CPU (without --oversubscribe) is refused; more workers than CPUs
 gives a warning. The embedded store holds at most WEFT_STORE_MAX_BYTES
@@ -136,8 +148,10 @@ void add_run_options(CLI::App* run, RunArgs& a) {
       ->type_name("L")
       ->check(CLI::Range(1, 1 << 20));
   run->add_option("--nnodes", a.nnodes,
-                  "Multi-node: number of nodes (one weft run on each); MIN:MAX (elastic) is "
-                  "parsed but not supported yet")
+                  "Multi-node: number of nodes (one weft run on each); MIN:MAX: an elastic job "
+                  "of --node-rank 0..MAX-1, started once MIN have joined, that goes on while "
+                  "nodes fail, leave and join (workers restarted by their node's launcher, "
+                  "--max-restarts per node)")
       ->type_name("K|MIN:MAX");
   run->add_option("--elastic", a.elastic,
                   "Single node: elastic job of MIN..MAX workers: MAX start, a failed worker is "
@@ -262,23 +276,20 @@ int do_run(RunArgs& a, const CLI::App* run) {
       throw weft::launch::LaunchError(
           "--max-restarts " + std::to_string(a.max_restarts) + ": must be 0 or more", 2);
     }
-    if (has_restarts && !has_elastic && nodes_min == nodes_max) {
-      throw weft::launch::LaunchError("--max-restarts needs --elastic MIN:MAX", 2);
-    }
-    if (nodes_min != nodes_max) {
+    const bool elastic_nodes = a.nnodes.find(':') != std::string::npos;
+    if (has_restarts && !has_elastic && !elastic_nodes) {
       throw weft::launch::LaunchError(
-          "--nnodes " + a.nnodes +
-              ": elastic multi-node jobs are not supported yet (use --elastic MIN:MAX on a "
-              "single node, or a fixed --nnodes K)",
-          2);
+          "--max-restarts needs --elastic MIN:MAX (or --nnodes MIN:MAX)", 2);
     }
     const int nnodes = nodes_max;
-    const bool multi = nnodes > 1 || !a.master.empty();
+    const bool multi = nnodes > 1 || !a.master.empty() || elastic_nodes;
     const bool has_n = run->count("--nproc") > 0;
     if (has_elastic) {
       if (multi) {
         throw weft::launch::LaunchError(
-            "--elastic is for single-node jobs; elastic multi-node jobs are not supported yet", 2);
+            "--elastic is for single-node jobs; an elastic multi-node job is --nnodes MIN:MAX "
+            "with --nproc-per-node L",
+            2);
       }
       auto [lo, hi] = parse_range("--elastic", a.elastic, false, 1 << 20);
       if (has_n && w.nproc != hi) {
@@ -321,6 +332,18 @@ int do_run(RunArgs& a, const CLI::App* run) {
     w.nproc = a.nproc_per_node;
     weft::launch::NodeOptions node;
     node.nnodes = nnodes;
+    if (elastic_nodes) {
+      if (a.node_rank >= nnodes) {
+        throw weft::launch::LaunchError("--node-rank " + std::to_string(a.node_rank) +
+                                            " is out of range for --nnodes " + a.nnodes + " (0.." +
+                                            std::to_string(nnodes - 1) + ")",
+                                        2);
+      }
+      node.nnodes_min = nodes_min;
+      w.elastic_min = nodes_min * w.nproc;
+      w.elastic_max = nodes_max * w.nproc;
+      w.max_restarts = a.max_restarts;
+    }
     node.node_rank = a.node_rank;
     node.master = a.master;
     node.store = a.store;

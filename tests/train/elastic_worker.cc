@@ -14,6 +14,9 @@
 // Faults on request, for tests: --die-member M --die-at-step S makes the
 // worker(s) whose WEFT_MEMBER is M (repeatable) kill themselves (SIGKILL) at
 // global step S; --stop-member/--stop-at-step stops one (SIGSTOP) instead.
+// Load: --step-ms sleeps and --busy-ms spins per step; --ballast-floats N
+// adds a parameter of N floats whose (zero) gradient is allreduced with every
+// step, as a larger model's would be, and never trained or committed.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <unistd.h>
@@ -42,8 +45,9 @@ struct Args {
   int epochs = 3;
   int64_t commit_every = 1;
   double lr = 0.05;
-  double step_ms = 0;  // extra compute time per step (to make steps last)
-  double busy_ms = 0;  // CPU time spun per step (a worker held by a CPU quota takes longer)
+  double step_ms = 0;          // extra compute time per step (to make steps last)
+  double busy_ms = 0;          // CPU time spun per step (a worker held by a CPU quota takes longer)
+  int64_t ballast_floats = 0;  // a second parameter, allreduced every step, never trained
   std::vector<std::string> die_members;
   std::string stop_member;
   int64_t die_at = -1, stop_at = -1;
@@ -97,8 +101,16 @@ int run(const Args& a) {
   std::vector<int32_t> counts(static_cast<size_t>(a.samples), 0);
   weft::data::ShardQueue queue(a.samples, comm->size(), {.shard_samples = 16, .seed = 3});
 
-  weft::train::Parameter p{"w", weft::DType::Float32, {kDim}, w.data(), g.data()};
-  weft::train::DataParallel engine(comm, {p});
+  std::vector<weft::train::Parameter> params{
+      {"w", weft::DType::Float32, {kDim}, w.data(), g.data()}};
+  // Ballast: gradient traffic of a larger model (zeros), to load the links.
+  std::vector<float> ballast(static_cast<size_t>(a.ballast_floats), 0.0f);
+  std::vector<float> ballast_grad(ballast.size(), 0.0f);
+  if (a.ballast_floats > 0) {
+    params.push_back(
+        {"ballast", weft::DType::Float32, {a.ballast_floats}, ballast.data(), ballast_grad.data()});
+  }
+  weft::train::DataParallel engine(comm, params);
 
   auto save = [&] {
     std::vector<std::byte> out;
@@ -176,6 +188,7 @@ int run(const Args& a) {
                                                      static_cast<double>(total)
                                                : 0.0);
           engine.grad_ready(0);
+          if (a.ballast_floats > 0) engine.grad_ready(1);
           engine.end_step();
           for (int j = 0; j < kDim; ++j) {
             w[static_cast<size_t>(j)] -= static_cast<float>(a.lr) * g[static_cast<size_t>(j)];
@@ -245,6 +258,9 @@ int main(int argc, char** argv) {
   app.add_option("--lr", a.lr);
   app.add_option("--step-ms", a.step_ms)->check(CLI::Range(0.0, 60000.0));
   app.add_option("--busy-ms", a.busy_ms, "CPU time spun per step")->check(CLI::Range(0.0, 60000.0));
+  app.add_option("--ballast-floats", a.ballast_floats,
+                 "A second parameter of this many floats, allreduced every step (link load)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 26));
   app.add_option("--die-member", a.die_members, "Member(s) that kill themselves at --die-at-step");
   app.add_option("--die-at-step", a.die_at);
   app.add_option("--stop-member", a.stop_member);

@@ -184,7 +184,7 @@ def one_cluster_run(args, seed, fault):
     elif fault == "quiet":
         detail = f"{args.link_ballast * 4 / 2**20:g} MiB of gradient per step"
     port = 29500 + seed % 400
-    env = dict(os.environ, WEFT_JOB_TOKEN=TOKEN, WEFT_ELASTIC_SETTLE="5")
+    env = dict(os.environ, WEFT_JOB_TOKEN=TOKEN)
     procs = []
     t0 = time.monotonic()
     for n in range(h):

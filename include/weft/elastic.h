@@ -149,10 +149,16 @@ class ElasticGroup {
                                      std::chrono::steady_clock::time_point since,
                                      const std::vector<std::string>& known_dead);
   bool known_dead(const std::string& member, const std::vector<std::string>& extra);
+  // In a recovery: `member` of the failed generation has been silent to
+  // this member's liveness for longer than the heartbeat timeout.
+  bool fell_silent(const std::string& member) const;
 
   std::shared_ptr<Store> store_;
   ElasticOptions options_;
   std::shared_ptr<Communicator> comm_;
+  // The failed generation's communicator, kept while recover() forms the
+  // next (its liveness thread keeps listening).
+  std::shared_ptr<Communicator> failed_;
   uint32_t generation_ = 0;
   std::vector<std::string> members_;
   std::vector<std::string> survivors_;

@@ -9,7 +9,9 @@
 #include <charconv>
 #include <thread>
 
+#include "api/access.h"
 #include "api/launch_store.h"
+#include "comm/group.h"
 #include "comm/world.h"
 #include "core/launcher_watch.h"
 #include "core/log.h"
@@ -238,8 +240,25 @@ std::shared_ptr<Communicator> ElasticGroup::recover(std::exception_ptr cause) {
   if (std::string c = culprit_of(cause, members_); !c.empty() && c != options_.member) {
     dead.push_back(c);
   }
-  comm_.reset();
+  // The failed generation's communicator stays alive while the next one
+  // forms: its liveness thread keeps listening, so members that fell
+  // silent (a dead host takes all of its workers, and the failure names
+  // one) are not waited for (form()).
+  failed_ = std::move(comm_);
+  struct Clear {
+    std::shared_ptr<Communicator>& c;
+    ~Clear() { c.reset(); }
+  } clear{failed_};
   return form(fmt::format("failure: {}", what_of(cause)), since, dead);
+}
+
+bool ElasticGroup::fell_silent(const std::string& member) const {
+  if (!failed_) return false;
+  const auto it = std::find(members_.begin(), members_.end(), member);
+  if (it == members_.end()) return false;
+  const comm::World& world = api::CommunicatorAccess::group(*failed_)->world();
+  const auto silent = world.silent_for(static_cast<int>(it - members_.begin()));
+  return silent && *silent > world.options().heartbeat_timeout;
 }
 
 bool ElasticGroup::joins_pending() {
@@ -323,6 +342,7 @@ std::shared_ptr<Communicator> ElasticGroup::form(const std::string& cause, Clock
     }
   }
   std::vector<std::string> dead = extra_dead;
+  std::vector<std::string> silent;  // logged as not waited for (fell_silent)
   for (;;) {
     // Register for generation k.
     const int64_t index = store_->add(rdzv_key(k, "count"), 1) - 1;
@@ -351,9 +371,22 @@ std::shared_ptr<Communicator> ElasticGroup::form(const std::string& cause, Clock
       const size_t n = registered.size();
       // Who may close: a member of the last generation, or anyone when the
       // last generation is gone (every member dead) or this is the first.
+      // The members of the last generation to wait for: not known dead,
+      // and, in a recovery, not silent to this member's liveness for longer
+      // than the heartbeat timeout (every live member of a failed
+      // generation registers within moments of the abort; one that was only
+      // slow registers for the next generation and joins then).
       std::vector<std::string> expected;
       for (const auto& p : prev) {
-        if (!known_dead(p, dead)) expected.push_back(p);
+        if (known_dead(p, dead)) continue;
+        if (!contains(registered, p) && fell_silent(p)) {
+          if (!contains(silent, p)) {
+            WEFT_WARN("elastic: {} is silent since the failure (heartbeats): not waited for", p);
+            silent.push_back(p);
+          }
+          continue;
+        }
+        expected.push_back(p);
       }
       const bool may_close = prev.empty() || contains(prev, options_.member) || expected.empty();
       const bool all_there = std::all_of(expected.begin(), expected.end(),

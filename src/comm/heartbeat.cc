@@ -20,6 +20,10 @@ namespace weft::comm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+int64_t nanos(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
 using namespace std::chrono_literals;
 
 constexpr uint32_t kMagic = 0x42484657;  // "WFHB"
@@ -90,7 +94,22 @@ void Heartbeat::start(const std::vector<std::string>& addresses) {
     watched_[r] = true;
   }
   last_heard_.assign(n, Clock::now());
+  heard_ns_ = std::make_unique<std::atomic<int64_t>[]>(n);
+  for (size_t r = 0; r < n; ++r) heard_ns_[r].store(nanos(last_heard_[r]));
+  started_.store(true);
   thread_ = std::thread([this] { loop(); });
+}
+
+std::optional<Timeout> Heartbeat::silent_for(int peer) const {
+  if (!started_.load() || peer < 0 || peer >= options_.size) return std::nullopt;
+  const auto r = static_cast<size_t>(peer);
+  if (!watched_[r]) return std::nullopt;
+  {
+    MutexLock lk(&mu_);
+    if (stop_ || departed_[r]) return std::nullopt;
+  }
+  const int64_t heard = heard_ns_[r].load(std::memory_order_relaxed);
+  return std::chrono::duration_cast<Timeout>(std::chrono::nanoseconds(nanos(Clock::now()) - heard));
 }
 
 void Heartbeat::departed(int peer) {
@@ -216,6 +235,7 @@ void Heartbeat::drain(Clock::time_point now) {
     const auto s = static_cast<size_t>(src);
     last_seq_[s] = seq;
     last_heard_[s] = now;
+    heard_ns_[s].store(nanos(now), std::memory_order_relaxed);
     if (type == Type::Goodbye) {
       WEFT_DEBUG("rank {}: rank {} said goodbye on the heartbeat socket", options_.rank, src);
       departed(src);
@@ -243,7 +263,10 @@ void Heartbeat::loop() {
           "rank {}: the heartbeat thread did not run for {:.1f} s (this process was stopped or "
           "starved of CPU); the peers' clocks start again",
           options_.rank, seconds(now - last_round));
-      for (auto& t : last_heard_) t = std::max(t, now);
+      for (size_t r = 0; r < last_heard_.size(); ++r) {
+        last_heard_[r] = std::max(last_heard_[r], now);
+        heard_ns_[r].store(nanos(last_heard_[r]), std::memory_order_relaxed);
+      }
     }
     last_round = now;
     if (now >= next_send) {

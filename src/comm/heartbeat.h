@@ -12,6 +12,8 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -74,6 +76,13 @@ class Heartbeat {
 
   HeartbeatStats stats() const;
 
+  // How long `peer` has been silent: since its last heartbeat (or since
+  // start()); nothing where it is not watched (this rank, no heartbeat,
+  // departed) or before start() and after stop(). Any thread. The thread
+  // keeps sending and listening after the World aborted, until stop(), so
+  // during a recovery a live peer stays heard and a dead one falls silent.
+  std::optional<Timeout> silent_for(int peer) const;
+
  private:
   enum class Type : uint16_t { Beat = 1, Goodbye = 2 };
   void loop();
@@ -94,6 +103,10 @@ class Heartbeat {
   std::vector<net::SocketAddress> peers_;
   std::vector<bool> watched_;
   std::vector<std::chrono::steady_clock::time_point> last_heard_;
+  // last_heard_ as steady-clock nanoseconds, for silent_for() (made by
+  // start(), then written by the thread).
+  std::unique_ptr<std::atomic<int64_t>[]> heard_ns_;
+  std::atomic<bool> started_{false};
   std::vector<uint64_t> last_seq_;
   uint64_t seq_ = 0;
 

@@ -545,6 +545,10 @@ HeartbeatStats World::heartbeat_stats() const {
   return heartbeat_ ? heartbeat_->stats() : HeartbeatStats{};
 }
 
+std::optional<Timeout> World::silent_for(int peer) const {
+  return heartbeat_ ? heartbeat_->silent_for(peer) : std::nullopt;
+}
+
 void World::declare_silent(const std::vector<std::pair<int, Timeout>>& silent) {
   const auto secs = [](Timeout t) { return static_cast<double>(t.count()) / 1000.0; };
   const int peer = silent.front().first;

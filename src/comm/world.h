@@ -109,6 +109,10 @@ class World : public std::enable_shared_from_this<World> {
   [[noreturn]] void fail_timeout(const std::string& op, int peer, Timeout waited);
   // What the heartbeat thread saw (zeros when it does not run).
   HeartbeatStats heartbeat_stats() const;
+  // How long rank `peer` has been silent to this rank's liveness
+  // (Heartbeat::silent_for: it keeps listening after an abort, until
+  // shutdown); nothing without liveness or for a peer it does not watch.
+  std::optional<Timeout> silent_for(int peer) const;
 
   // Fails what is still in flight (AbortedError), says goodbye to the peers,
   // stops the threads and closes the connections. Idempotent; the

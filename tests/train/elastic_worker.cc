@@ -28,6 +28,7 @@
 #include <cstring>
 #include <ctime>
 #include <thread>
+#include <utility>
 
 #include "weft/elastic.h"
 #include "weft/elastic_state.h"
@@ -153,8 +154,16 @@ int run(const Args& a) {
   resync();
   if (state.last_id() < 0) state.commit(*comm, 0);
 
+  // A failure during the recovery itself (the next generation fails while
+  // it restores) is recovered from like any other.
+  std::exception_ptr failure;
   for (;;) {
     try {
+      if (failure) {
+        comm = group->recover(std::exchange(failure, nullptr));
+        if (!comm) throw weft::Error("elastic_worker: no generation could be formed");
+        resync();
+      }
       while (epoch < a.epochs) {
         if (queue.epoch() != epoch) queue.start_epoch(epoch);
         while (!queue.epoch_done()) {
@@ -223,9 +232,7 @@ int run(const Args& a) {
       break;
     } catch (const weft::Error& e) {
       if (!weft::ElasticGroup::recoverable(e)) throw;
-      comm = group->recover(std::current_exception());
-      if (!comm) throw weft::Error("elastic_worker: no generation could be formed");
-      resync();
+      failure = std::current_exception();
     }
   }
   double loss = 0;

@@ -12,6 +12,7 @@
 #include <climits>
 #include <condition_variable>
 #include <cstdio>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -52,6 +53,7 @@ int take_stop_signal() {
 }
 
 constexpr Timeout kPoll = std::chrono::milliseconds(500);
+using Clock = std::chrono::steady_clock;
 
 // Time left before d, at least 1 ms, at most `cap`.
 Timeout left(const Deadline& d, Timeout cap = Timeout::max()) {
@@ -61,6 +63,8 @@ Timeout left(const Deadline& d, Timeout cap = Timeout::max()) {
 
 std::string node_key(int node) { return fmt::format("{}node/{}", kLaunchPrefix, node); }
 std::string done_key(int node) { return fmt::format("{}done/{}", kLaunchPrefix, node); }
+// Elastic: a node's lease, a counter its launcher bumps every second.
+std::string alive_key(int node) { return fmt::format("{}alive/{}", kLaunchPrefix, node); }
 
 // Waits until every key exists, in short slices so that a stop signal ends
 // the wait. Returns the keys still missing (empty: all there).
@@ -115,31 +119,62 @@ std::vector<std::string> wait_elastic_nodes(Store& store, const std::vector<std:
   return missing;
 }
 
-// The nodes (n<I> of the member ids) with members in the newest generation
-// of an elastic job (weft::ElasticGroup's keys); empty when none formed or
-// the store cannot say.
-std::set<int> nodes_of_newest_generation(Store& store) {
-  std::set<int> nodes;
+// Node 0 of an elastic job, after its own workers: serves the store until
+// every other node that joined has said it is done, or its lease has not
+// moved for 3 s (the node died, or cannot reach the store), at most 60 s.
+void linger_elastic(Store& store, int nnodes, int* signal_out) {
+  constexpr Timeout kCall = std::chrono::seconds(2);
+  constexpr auto kLapsed = std::chrono::seconds(3);
+  struct Lease {
+    std::string value;
+    Clock::time_point moved;
+  };
+  std::map<int, Lease> waiting;
+  const auto start = Clock::now();
   try {
-    constexpr Timeout kShort = std::chrono::seconds(2);
-    const auto gen = store.try_get("weft/elastic/gen", kShort);
-    if (!gen || gen->size() > 20) return nodes;
-    const auto list = store.try_get(fmt::format("weft/elastic/rdzv/g{}/closed", *gen), kShort);
-    if (!list) return nodes;
-    size_t at = 0;
-    while (at < list->size()) {
-      size_t end = list->find('\n', at);
-      if (end == std::string::npos) end = list->size();
-      int n = -1;
-      if (std::sscanf(list->substr(at, end - at).c_str(), "n%d.", &n) == 1 && n >= 0) {
-        nodes.insert(n);
-      }
-      at = end + 1;
+    for (int i = 1; i < nnodes; ++i) {
+      if (store.try_get(node_key(i), kCall)) waiting[i] = {"", start};
     }
   } catch (const Error& e) {
-    WEFT_DEBUG("launcher: cannot read the newest generation: {}", e.what());
+    WEFT_DEBUG("launcher: store unreachable after the job: {}", e.what());
+    return;
   }
-  return nodes;
+  const Deadline deadline = Deadline::after(std::chrono::seconds(60));
+  bool said = false;
+  while (!waiting.empty() && !deadline.expired()) {
+    if (int sig = take_stop_signal()) {
+      *signal_out = sig;
+      return;
+    }
+    const auto now = Clock::now();
+    for (auto it = waiting.begin(); it != waiting.end();) {
+      try {
+        if (store.try_get(done_key(it->first), kCall)) {
+          it = waiting.erase(it);
+          continue;
+        }
+        std::string v = store.try_get(alive_key(it->first), kCall).value_or("");
+        if (v != it->second.value) {
+          it->second = {std::move(v), now};
+        } else if (now - it->second.moved > kLapsed) {
+          WEFT_DEBUG("launcher: node {}'s lease lapsed: not waited for", it->first);
+          it = waiting.erase(it);
+          continue;
+        }
+      } catch (const Error&) {
+      }
+      ++it;
+    }
+    if (!waiting.empty() && !said && now - start > std::chrono::seconds(2)) {
+      say(fmt::format("waiting for {} other node(s) to finish (node 0 serves the store)",
+                      waiting.size()));
+      said = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  if (!waiting.empty() && deadline.expired()) {
+    say(fmt::format("{} node(s) did not finish within 60 s; closing the store", waiting.size()));
+  }
 }
 
 // A launcher's client of the job's store: the etcd cluster of an etcd://
@@ -540,7 +575,25 @@ int run_node(WorkerOptions options, NodeOptions node) {
   // client are serialized).
   std::atomic<bool> done{false};
   std::thread watcher([&] {
-    if (elastic) return;  // nodes leave an elastic job on their own
+    if (elastic) {
+      // Nodes leave an elastic job on their own: no abort to watch for.
+      // The lease instead, so that node 0 serves the store at the end for
+      // as long as this node runs (its workers may still be joining).
+      TcpStoreOptions lo = so;
+      lo.timeout = kEvictCallTimeout;
+      auto w = store_client(node.store, master.first, master.second, lo);
+      for (uint64_t n = 1; !done; ++n) {
+        try {
+          w->set(alive_key(node.node_rank), std::to_string(n));
+        } catch (const Error&) {
+          // Unreachable for now (a link down): the lease lapses meanwhile.
+        }
+        for (int i = 0; i < 10 && !done; ++i) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+      }
+      return;
+    }
     auto w = store_client(node.store, master.first, master.second, so);
     while (!done) {
       try {
@@ -586,15 +639,12 @@ int run_node(WorkerOptions options, NodeOptions node) {
   } catch (const Error& e) {
     WEFT_DEBUG("launcher: store unreachable after the job: {}", e.what());
   }
-  if (server) {
+  if (server && elastic) {
+    linger_elastic(store, node.nnodes, &sig);
+  } else if (server) {
     // Serve the store until the other nodes' workers are done with it.
-    // Elastic: only the nodes with members in the newest generation (one
-    // that failed or left will not say it is done).
     std::vector<std::string> others;
-    const std::set<int> active = elastic ? nodes_of_newest_generation(store) : std::set<int>{};
-    for (int i = 1; i < node.nnodes; ++i) {
-      if (!elastic || active.count(i) != 0) others.push_back(done_key(i));
-    }
+    for (int i = 1; i < node.nnodes; ++i) others.push_back(done_key(i));
     auto linger = Deadline::after(std::chrono::seconds(60));
     auto missing = wait_keys(store, others, Deadline::after(std::chrono::seconds(2)), &sig);
     if (!missing.empty() && sig == 0) {

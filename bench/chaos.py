@@ -24,6 +24,11 @@ recovery and stop as above (members n<node>.s<slot>), and:
   linkdown    the last host's link down for 3 s at a random time, then up
   quiet       no fault, the links full of gradient traffic (--link-ballast
               floats per step): nobody may be declared dead
+  storehost   with --etcd: the store is an etcd cluster with a member on
+              each of hosts 1-3 (no launcher serves one); host 1, which runs
+              node 0 and an etcd member, is killed at a random time (the
+              host that serves the store dies; the job goes on on the
+              others: needs --hosts 3 or more)
 
 It reports, per run: the seed, the fault, the exit code, whether the
 ledger says every sample was trained exactly once in every epoch, the
@@ -43,7 +48,7 @@ import threading
 import time
 
 FAULTS = ["kill", "kill2", "recovery", "stop", "slow"]
-HOST_FAULTS = ["kill", "kill2", "recovery", "stop", "host", "linkdown", "quiet"]
+HOST_FAULTS = ["kill", "kill2", "recovery", "stop", "host", "linkdown", "quiet", "storehost"]
 NO_FAULT = ("slow", "quiet")  # any membership change is a false detection
 # Without --faults (quiet, which is slow, is asked for by name).
 DEFAULT_HOST_FAULTS = ["kill", "kill2", "recovery", "stop", "host", "linkdown"]
@@ -183,13 +188,17 @@ def one_cluster_run(args, seed, fault):
         detail = f"host {h}'s link down for 3 s, {at_s:.1f} s into training"
     elif fault == "quiet":
         detail = f"{args.link_ballast * 4 / 2**20:g} MiB of gradient per step"
+    if fault == "storehost":
+        detail = f"host 1 (node 0 and an etcd member) killed {at_s:.1f} s into training"
     port = 29500 + seed % 400
     env = dict(os.environ, WEFT_JOB_TOKEN=TOKEN)
+    etcd = start_etcd(args, seed) if args.etcd else None
+    where = ["--store", etcd["url"]] if etcd else ["--master", f"10.77.0.1:{port}"]
     procs = []
     t0 = time.monotonic()
     for n in range(h):
         cmd = [CLUSTER, "exec", args.prefix, str(n + 1), f"{args.bin}/weft", "run", "--nnodes",
-               f"1:{h}", "--node-rank", str(n), "--master", f"10.77.0.1:{port}",
+               f"1:{h}", "--node-rank", str(n)] + where + [
                "--nproc-per-node", str(per), "--max-restarts", str(args.max_restarts), "--"] + job
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, env=env, start_new_session=True))
@@ -200,7 +209,7 @@ def one_cluster_run(args, seed, fault):
                for i, p in enumerate(procs)]
     for r in readers:
         r.start()
-    if fault in ("host", "linkdown"):
+    if fault in ("host", "linkdown", "storehost"):
         # Training has started when node 0's rank 0 reports the membership.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any('"event": "membership"' in x
@@ -209,6 +218,8 @@ def one_cluster_run(args, seed, fault):
         time.sleep(at_s)
         if fault == "host":
             subprocess.run([CLUSTER, "kill", args.prefix, str(h)], capture_output=True)
+        elif fault == "storehost":
+            subprocess.run([CLUSTER, "kill", args.prefix, "1"], capture_output=True)
         else:
             subprocess.run([CLUSTER, "link", args.prefix, str(h), "down"], capture_output=True)
             time.sleep(3)
@@ -224,13 +235,13 @@ def one_cluster_run(args, seed, fault):
     for r in readers:
         r.join(timeout=5)
     seconds = time.monotonic() - t0
+    if etcd:
+        stop_etcd(etcd)
     # Rank 0 prints the ledger, on whichever node it is (after node 0's
     # workers fail, one of another node's); a killed host's launcher is
     # expected to have died with it.
-    code = codes[0]
-    if any(c != 0 for i, c in enumerate(codes) if not (fault == "host" and i == h - 1)):
-        code = next(c for i, c in enumerate(codes)
-                    if c != 0 and not (fault == "host" and i == h - 1))
+    killed = {"host": h - 1, "storehost": 0}.get(fault, -1)
+    code = next((c for i, c in enumerate(codes) if c != 0 and i != killed), 0)
     r = verdict(args, seed, fault, detail, code, "".join("".join(o) for o in outs), seconds)
     r["exits"] = codes
     if code != 0:
@@ -285,6 +296,9 @@ def main():
                     help="run every job over this many emulated hosts (0: one host)")
     ap.add_argument("--prefix", default=f"wch{os.getpid() % 100000}",
                     help="the emulated cluster's name prefix (--hosts)")
+    ap.add_argument("--etcd", action="store_true",
+                    help="the store is a 3-member etcd cluster on hosts 1-3 (--hosts 3+)")
+    ap.add_argument("--etcd-bin", default="/usr/bin/etcd")
     ap.add_argument("--faults", default="")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--bin", default="build/bin")
@@ -298,6 +312,10 @@ def main():
             ap.error(f"--faults: unknown fault '{f}' (known: {', '.join(known)})")
     if args.hosts == 1 or (args.hosts >= 2 and args.workers % args.hosts != 0):
         ap.error("--hosts: 2 or more, dividing --workers")
+    if args.etcd and args.hosts < 3:
+        ap.error("--etcd needs --hosts 3 or more (an etcd member on each of hosts 1-3)")
+    if "storehost" in faults and not args.etcd:
+        ap.error("the storehost fault needs --etcd (the embedded store dies with its host)")
     if args.hosts >= 2:
         rate = f"{args.link_mbit:g}mbit"
         r = subprocess.run([CLUSTER, "up", args.prefix, str(args.hosts), rate],
@@ -310,6 +328,51 @@ def main():
     finally:
         if args.hosts >= 2:
             subprocess.run([CLUSTER, "down", args.prefix], capture_output=True)
+
+
+def start_etcd(args, seed):
+    """A 3-member etcd cluster, a member on each of hosts 1-3 (fresh data)."""
+    base = f"/tmp/weft-chaos-etcd-{os.getpid()}-{seed}"
+    subprocess.run(["rm", "-rf", base])
+    initial = ",".join(f"e{i}=http://10.77.0.{i}:2380" for i in (1, 2, 3))
+    procs = []
+    for i in (1, 2, 3):
+        os.makedirs(f"{base}/e{i}")
+        ip = f"10.77.0.{i}"
+        log = open(f"{base}/e{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [CLUSTER, "exec", args.prefix, str(i), args.etcd_bin, f"--name=e{i}",
+             f"--data-dir={base}/e{i}", f"--listen-client-urls=http://{ip}:2379",
+             f"--advertise-client-urls=http://{ip}:2379", f"--listen-peer-urls=http://{ip}:2380",
+             f"--initial-advertise-peer-urls=http://{ip}:2380", f"--initial-cluster={initial}",
+             "--initial-cluster-state=new", f"--initial-cluster-token=chaos-{seed}",
+             "--heartbeat-interval=50", "--election-timeout=500", "--log-level=warn"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    url = f"etcd://10.77.0.1:2379,10.77.0.2:2379,10.77.0.3:2379/chaos-{seed}"
+    # Up when every member answers.
+    deadline = time.monotonic() + 30
+    for i in (1, 2, 3):
+        while True:
+            r = subprocess.run([CLUSTER, "exec", args.prefix, str(i), "etcdctl",
+                                f"--endpoints=http://10.77.0.{i}:2379", "endpoint", "health"],
+                               capture_output=True, text=True, env=dict(os.environ,
+                                                                       ETCDCTL_API="3"))
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                sys.exit(f"chaos: etcd member {i} did not come up: {r.stdout}{r.stderr}")
+            time.sleep(0.2)
+    return {"procs": procs, "dir": base, "url": url}
+
+
+def stop_etcd(etcd):
+    for p in etcd["procs"]:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+    subprocess.run(["rm", "-rf", etcd["dir"]])
 
 
 def run_all(args, faults):

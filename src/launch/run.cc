@@ -192,6 +192,16 @@ void connect_store(Store& store, Timeout timeout) {
   if (auto* etcd = dynamic_cast<EtcdStore*>(&store)) etcd->connect(timeout);
 }
 
+// Elastic: a worker that fails is recorded dead (kDeadPrefix + member), so
+// that the others form a generation without it at once.
+void record_member_deaths(LocalLauncher& launcher, const std::string& url, const std::string& host,
+                          uint16_t port, TcpStoreOptions so) {
+  so.timeout = kAbortRecordTimeout;
+  launcher.on_member_failed([=](const WorkerExit& e) {
+    store_client(url, host, port, so)->set(std::string(kDeadPrefix) + e.member, e.death());
+  });
+}
+
 // On a node that does not serve the store: polls weft/evict/<member> for
 // the live workers of `launcher` every kEvictPoll, in a thread of its own,
 // and evicts those that have one.
@@ -364,14 +374,7 @@ int run_local(WorkerOptions options, const std::string& store_url) {
         kAbortKey, std::nullopt,
         fmt::format("rank {} (host {}, pid {}) {}", e.rank, hostname(), e.pid, e.describe()));
   });
-  if (elastic) {
-    launcher.on_member_failed([&](const WorkerExit& e) {
-      TcpStoreOptions client_options = store_options;
-      client_options.timeout = kAbortRecordTimeout;
-      auto store = store_client(job.store, host, port, client_options);
-      store->set(std::string(kDeadPrefix) + e.member, e.death());
-    });
-  }
+  if (elastic) record_member_deaths(launcher, job.store, host, port, store_options);
   const int code = launcher.run(job);
   if (etcd) {
     // The job's keys in etcd are of no use after it (best effort).
@@ -540,16 +543,8 @@ int run_node(WorkerOptions options, NodeOptions node) {
   WEFT_DEBUG("launcher: node {} of {}: ranks {}..{} of {}", node.node_rank, node.nnodes,
              job.first_rank, job.first_rank + nproc - 1, job.world_size);
 
-  if (elastic) {
-    // A failed worker is recorded dead (the others form a generation
-    // without it) and restarted here; nothing stops the other nodes.
-    launcher.on_member_failed([&](const WorkerExit& e) {
-      TcpStoreOptions client_options = so;
-      client_options.timeout = kAbortRecordTimeout;
-      auto client = store_client(node.store, master.first, master.second, client_options);
-      client->set(std::string(kDeadPrefix) + e.member, e.death());
-    });
-  }
+  // Elastic: a failed worker is restarted here; nothing stops the other nodes.
+  if (elastic) record_member_deaths(launcher, node.store, master.first, master.second, so);
   // The first failure anywhere is the job's (not elastic).
   std::atomic<bool> recorded{false};
   // A worker that exits with an error code is often failing because a peer

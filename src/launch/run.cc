@@ -108,7 +108,9 @@ std::vector<std::string> wait_elastic_nodes(Store& store, const std::vector<std:
         if (!store.try_get(k, left(deadline, kPoll))) still.push_back(k);
       }
       missing = std::move(still);
-    } catch (const StoreError&) {
+    } catch (const Error&) {
+      // Not reachable, or slow to answer (a TimeoutError is no StoreError):
+      // asked again within the deadline, as wait_keys does.
     }
     if (static_cast<int>(keys.size() - missing.size()) >= min) {
       if (!settled) settled = Deadline::after(settle);
